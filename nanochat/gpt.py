@@ -100,8 +100,11 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        # QK-norm (bounded logits without a learned scale), then rotate. Norm first so a Gaussian-damped
+        # rotary (megacontext.positional: a gist's uncertain position) keeps its damping; for ordinary
+        # RoPE a rotation preserves norms, so the order does not matter there.
+        q, k = norm(q), norm(k)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded without a learned scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
