@@ -1,0 +1,276 @@
+"""Inference: a KV cache and batched, streaming sampling from a GPT.
+
+Prefill runs the prompts through the model once and caches every layer's keys/values; each decode
+step then feeds one token per row and attends over the cache, so a step costs O(context) instead of
+O(context²).
+
+Ragged prompts share one batch by left-padding: row b has pad_len[b] junk tokens in front. Each row
+gets its own rotary positions (index - pad_len, so its first real token is at position 0, exactly as
+if it ran alone) and an attention mask that hides pad keys, at prefill and at every decode step. The
+cache records the pad lengths, so it can build both for any step.
+
+Tool use (the python calculator) plugs into `Engine.on_token`: a row's forced tokens (e.g. a tool's
+output) are fed in place of sampled ones and marked 0 in the masks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.gpt import rotary_cos_sin
+
+
+class KVCache:
+    """Keys/values of every layer, pre-allocated as [L, 2, B, H_kv, T_max, D] (grown if outrun).
+
+    The model calls insert_kv(layer, k, v) for each layer, then advance(T_new) once. truncate(pos)
+    forgets everything from pos on (an edit upstream invalidates the suffix). dtype=None takes the
+    dtype of the first inserted keys, which is what autocast produces (bf16 on CUDA).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_heads: int,
+        seq_len: int,
+        head_dim: int,
+        num_layers: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        pad_lens: torch.Tensor | None = None,
+    ):
+        self.batch_size, self.num_heads, self.head_dim, self.num_layers = (
+            batch_size,
+            num_heads,
+            head_dim,
+            num_layers,
+        )
+        self.capacity = seq_len
+        self.device, self.dtype = torch.device(device), dtype
+        self.kv: torch.Tensor | None = None  # allocated on first insert
+        self.pos = 0
+        if pad_lens is not None:
+            pad_lens = torch.as_tensor(pad_lens, dtype=torch.long, device=self.device)
+            assert pad_lens.shape == (batch_size,), "one pad length per row"
+        self.pad_lens = pad_lens
+
+    def get_pos(self) -> int:
+        return self.pos
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def truncate(self, pos: int) -> None:
+        """Drop the cached positions >= pos; the next insert writes at pos."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot truncate a cache of {self.pos} positions to {pos}")
+        self.pos = pos
+
+    def advance(self, T_new: int) -> None:
+        self.pos += T_new
+
+    def insert_kv(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H_kv, T_new, D] at the current position; return views of all cached so far."""
+        B, H, T_new, D = k.shape
+        assert (B, H, D) == (self.batch_size, self.num_heads, self.head_dim), f"kv of shape {tuple(k.shape)}"
+        end = self.pos + T_new
+        if self.kv is None:
+            dtype = self.dtype or k.dtype
+            shape = (self.num_layers, 2, B, H, max(self.capacity, end), D)
+            self.kv = torch.empty(shape, dtype=dtype, device=self.device)
+        elif end > self.kv.size(4):  # outrun: grow (doubling keeps the copies amortised O(1) per token)
+            grown = torch.empty(
+                (*self.kv.shape[:4], max(end, 2 * self.kv.size(4)), D),
+                dtype=self.kv.dtype,
+                device=self.device,
+            )
+            grown[..., : self.pos, :] = self.kv[..., : self.pos, :]
+            self.kv = grown
+        self.kv[layer_idx, 0, :, :, self.pos : end] = k
+        self.kv[layer_idx, 1, :, :, self.pos : end] = v
+        return self.kv[layer_idx, 0, :, :, :end], self.kv[layer_idx, 1, :, :, :end]
+
+    def has_padding(self) -> bool:
+        return self.pad_lens is not None and bool((self.pad_lens > 0).any())
+
+    def positions(self, T_new: int) -> torch.Tensor:
+        """Rotary positions [B, T_new] of the next T_new tokens: index - pad_len (pads clamp to 0)."""
+        index = self.pos + torch.arange(T_new, device=self.device)
+        pad = self.pad_lens if self.pad_lens is not None else torch.zeros(self.batch_size, device=self.device)
+        return (index[None, :] - pad[:, None]).clamp(min=0).float()
+
+    def attn_mask(self, T_new: int) -> torch.Tensor:
+        """Bool [B, 1, T_new, pos + T_new]: causal, and no row attends to its pad keys.
+
+        A pad query still sees itself: a fully masked softmax row gives NaN, and NaN keys/values in
+        later layers would leak into real rows through their zero attention weights (0 · NaN = NaN).
+        """
+        q_index = self.pos + torch.arange(T_new, device=self.device)
+        k_index = torch.arange(self.pos + T_new, device=self.device)
+        causal = k_index[None, :] <= q_index[:, None]  # [Tq, Tk]
+        if self.pad_lens is None:
+            return causal[None, None].expand(self.batch_size, 1, -1, -1)
+        real_key = k_index[None, :] >= self.pad_lens[:, None]  # [B, Tk]
+        own_key = k_index[None, :] == q_index[:, None]  # [Tq, Tk]
+        return (causal[None] & (real_key[:, None, :] | own_key[None]))[:, None]
+
+    def repeat_interleave(self, n: int) -> KVCache:
+        """A cache with every row repeated n times (several samples from one prefill)."""
+        out = KVCache(
+            self.batch_size * n, self.num_heads, self.capacity, self.head_dim, self.num_layers, self.device
+        )
+        out.dtype, out.pos = self.dtype, self.pos
+        if self.kv is not None:
+            out.kv = self.kv.repeat_interleave(n, dim=2)
+        if self.pad_lens is not None:
+            out.pad_lens = self.pad_lens.repeat_interleave(n)
+        return out
+
+
+def sample_next_token(
+    logits: torch.Tensor, rng: torch.Generator, temperature: float = 1.0, top_k: int | None = None
+) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 = greedy argmax; top_k keeps the k most likely."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        probs = torch.softmax(values / temperature, dim=-1)
+        choice = torch.multinomial(probs, 1, generator=rng)
+        return indices.gather(-1, choice).squeeze(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+@dataclass
+class RowState:
+    """Per-row generation state. forced_tokens are fed next instead of sampling (tool output)."""
+
+    tokens: list[int]
+    forced_tokens: deque = field(default_factory=deque)
+    completed: bool = False
+
+
+class Engine:
+    """Batched sampling from `model` with a KV cache; stops a row on <|assistant_end|> or <|bos|>."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.bos = tokenizer.get_bos_token_id()
+        self.stop_tokens = {self.bos, tokenizer.encode_special("<|assistant_end|>")}
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.wte.weight.device
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] at the last position of ids [B, T], appended to the cache."""
+        if not cache.has_padding():  # plain causal path: the model's defaults, and the fast SDPA kernel
+            return self.model(ids, kv_cache=cache)[:, -1]
+        rotary = rotary_cos_sin(cache.positions(ids.size(1)), self.model.config.head_dim)
+        return self.model(ids, kv_cache=cache, rotary=rotary, attn_mask=cache.attn_mask(ids.size(1)))[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], seq_len: int) -> tuple[KVCache, torch.Tensor]:
+        """Left-pad ragged prompts, run them once; returns the cache and next-token logits [B, V]."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        T = max(len(p) for p in prompts)
+        pad_lens = [T - len(p) for p in prompts]
+        ids = torch.tensor([[self.bos] * n + list(p) for n, p in zip(pad_lens, prompts)], device=self.device)
+        c = self.model.config
+        cache = KVCache(
+            len(prompts), c.n_kv_head, seq_len, c.head_dim, c.n_layer, self.device, pad_lens=pad_lens
+        )
+        return cache, self._forward(ids, cache)
+
+    @torch.no_grad()
+    def decode_step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (tokens [B]); returns next-token logits [B, V]."""
+        return self._forward(tokens.view(-1, 1).to(self.device), cache)
+
+    def on_token(self, row: RowState, token: int) -> None:
+        """Called after each token a live row emits. Tool use hooks in here by appending to
+        row.forced_tokens (e.g. the calculator's output after <|python_end|>). Plain sampling: nothing."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: list[int] | list[list[int]],
+        num_samples: int = 1,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (token_column, mask_column) per step, one entry per row.
+
+        tokens: one prompt, or a list of prompts of any lengths; each prompt gives num_samples rows
+        (prompt-major order). mask 1 = sampled, 0 = forced. Rows that already stopped keep getting
+        tokens (ignore them; generate_batch does). Ends when every row has stopped or after
+        max_tokens steps; max_tokens=None runs until the longest row fills the model's sequence_len.
+        """
+        prompts = [tokens] if tokens and isinstance(tokens[0], int) else tokens
+        longest = max((len(p) for p in prompts), default=0)
+        if max_tokens is None:
+            max_tokens = self.model.config.sequence_len - longest
+            if max_tokens <= 0:
+                raise ValueError(
+                    f"prompt of {longest} tokens fills the model's {self.model.config.sequence_len}"
+                )
+        if max_tokens <= 0:
+            return
+        cache, logits = self.prefill(prompts, longest + max_tokens)
+        if num_samples > 1:
+            cache, logits = cache.repeat_interleave(num_samples), logits.repeat_interleave(num_samples, dim=0)
+        rows = [RowState(list(p)) for p in prompts for _ in range(num_samples)]
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        for step in range(max_tokens):
+            sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
+            column, masks = [], []
+            for row, token in zip(rows, sampled):
+                forced = bool(row.forced_tokens) and not row.completed
+                token = row.forced_tokens.popleft() if forced else token
+                column.append(token)
+                masks.append(0 if forced else 1)
+                if row.completed:
+                    continue
+                row.tokens.append(token)
+                if token in self.stop_tokens:
+                    row.completed = True
+                else:
+                    self.on_token(row, token)
+            yield column, masks
+            if all(row.completed for row in rows) or step == max_tokens - 1:
+                return
+            logits = self.decode_step(cache, torch.tensor(column, device=self.device))
+
+    def generate_batch(
+        self, tokens: list[int] | list[list[int]], num_samples: int = 1, **kwargs
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Run generate to the end: per row, prompt + generated tokens (stop token dropped), and masks
+        (0 for the prompt and forced tokens, 1 for sampled ones)."""
+        prompts = [tokens] if tokens and isinstance(tokens[0], int) else tokens
+        results = [list(p) for p in prompts for _ in range(num_samples)]
+        masks = [[0] * len(p) for p in results]
+        done = [False] * len(results)
+        for column, mask_column in self.generate(tokens, num_samples=num_samples, **kwargs):
+            for i, (token, m) in enumerate(zip(column, mask_column)):
+                if done[i]:
+                    continue
+                if token in self.stop_tokens:
+                    done[i] = True
+                    continue
+                results[i].append(token)
+                masks[i].append(m)
+        return results, masks
