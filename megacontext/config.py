@@ -1,0 +1,101 @@
+"""MegaContext settings: the one place its defaults live.
+
+Flags, docs and checkpoint meta all read these; `to_dict` goes into meta so a loader rebuilds GistNet and
+LensNet without flags, and `from_dict` refuses keys it does not know instead of silently dropping them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from nanochat.common import UserError
+
+CHOICES = {
+    "gistnet_type": ("transformer", "mean"),
+    "gistnet_pooling": ("mean", "query", "cls"),
+    "gistnet_head": ("linear", "mlp"),
+    "lensnet_head": ("linear", "mlp"),
+    "allocator": ("greedy", "stochastic"),
+    "tree_backend": ("ram", "disk"),
+    "positions": ("wc_index", "global"),
+}
+
+
+@dataclass
+class MCConfig:
+    block_size: int = 32  # K: tokens per LOD1 gist and children per gist (32-ary tree)
+    wc_budget: int = 512  # W_max: working-context budget (a raw block costs its tokens, a gist costs 1)
+    # R: newest tokens that always stay raw. 2K = the still-filling block plus at least one complete block
+    # behind it, so the text the next tokens lean on most is never gisted, and LensNet's query (the raw
+    # tail) always holds >= K tokens of real text to judge old entries against.
+    recent: int = 64
+    max_level: int = 8  # highest gist level (32^8 tokens); sizes GistNet's level and LensNet's LOD embeddings
+    # GPT positions of WC entries: "wc_index" = slot 0..L-1, sigma 0 (never beyond the trained range);
+    # "global" = token positions with Gaussian RoPE (mu, sigma) for gists (see megacontext/training.py).
+    positions: str = "wc_index"
+    gistnet_type: str = "transformer"  # "mean" = no transformer, the cheap control
+    gistnet_layers: int = 2
+    gistnet_pooling: str = "query"  # starts exactly at the block mean (see gistnet.py), cls does not
+    gistnet_head: str = "mlp"
+    lensnet_layers: int = 2
+    lensnet_head: str = "mlp"
+    n_head: int = 4  # heads of GistNet and LensNet (head_dim = n_embd / n_head must be even for RoPE)
+    allocator: str = "greedy"  # "stochastic" samples edits; used to draw training variants
+    tau_expand: float = 0.2  # expand only when score > tau_expand (hysteresis band around 0)
+    tau_collapse: float = 0.2  # collapse only when score < -tau_collapse
+    n_diff: int = 4  # at most this many edits per refocus
+    cooldown: int = 2  # refocuses before a block may flip direction again
+    tree_backend: str = "ram"
+    variants: int = 4  # N: random working contexts per training sequence besides the baseline
+    horizon: int = 64  # H: shared recent tail where variants' losses are compared
+    lens_weight: float = 0.1  # weight of the LensNet ranking loss in the total loss
+    gist_weight: float = 0.0  # weight of the optional gist-consistency loss (DESIGN §4.5); 0 = off
+    # Highest gist level training makes and working contexts use (2 = LOD2, K² tokens). Levels above it are
+    # hidden at evaluation (views.LevelCap): GistNet never learned to make them.
+    wc_levels: int = 2
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"MegaContext {name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}"
+                )
+        for name in (
+            "block_size",
+            "wc_budget",
+            "max_level",
+            "gistnet_layers",
+            "lensnet_layers",
+            "n_head",
+            "n_diff",
+        ):
+            if getattr(self, name) < 1:
+                raise UserError(f"MegaContext {name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size < 2:
+            raise UserError(f"MegaContext block_size must be >= 2, got {self.block_size}")
+        if not 0 <= self.recent <= self.wc_budget:
+            raise UserError(f"MegaContext recent={self.recent} must lie in [0, wc_budget={self.wc_budget}]")
+        for name in (
+            "cooldown",
+            "variants",
+            "horizon",
+            "tau_expand",
+            "tau_collapse",
+            "lens_weight",
+            "gist_weight",
+        ):
+            if getattr(self, name) < 0:
+                raise UserError(f"MegaContext {name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MCConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(
+                f"unknown MegaContext config keys {unknown} (written by another version?); known: {sorted(known)}"
+            )
+        return cls(**d)

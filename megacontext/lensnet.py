@@ -1,0 +1,134 @@
+"""LensNet: a signed focus score per working-context entry (positive = expand, negative = collapse).
+
+A small transformer over the concatenation [entries; query tokens], where the query is the newest raw text
+(the WC's raw tail). Attention is BIDIRECTIONAL over all of it: an old entry must be judged against the
+recent text that may need it, which a causal model cannot do (the recent text comes after it). Entries
+carry an LOD embedding and Gaussian RoPE at their span (mu, sigma); query tokens carry a type embedding
+and ordinary RoPE (sigma = 0). Output: tanh(head(entry state)) in [-1, 1]. It runs once per refocus
+(every K new tokens), never per token, so it is kept small.
+
+An entry is whatever the working context hands in with one vector each: a gist (its embedding, its level)
+or a raw block (LOD 0; e.g. its LOD1 gist or the mean of its token embeddings, with the span's mu/sigma).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megacontext.gistnet import HEADS, Block
+from megacontext.positional import gaussian_rotary
+from nanochat.gpt import norm
+
+
+class LensNet(nn.Module):
+    def __init__(self, d_model: int, n_head: int, n_layer: int = 2, head: str = "mlp", max_level: int = 8):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"LensNet head={head!r}; choose one of {', '.join(HEADS)}")
+        self.d_model, self.n_head, self.max_level = d_model, n_head, max_level
+        self.lod_emb = nn.Embedding(max_level + 1, d_model)  # LOD 0 (raw block) .. max_level
+        self.query_type = nn.Parameter(torch.empty(d_model))  # marks the raw query tokens
+        self.blocks = nn.ModuleList([Block(d_model, n_head) for _ in range(n_layer)])
+        self.fc = nn.Linear(d_model, 4 * d_model, bias=False) if head == "mlp" else None
+        self.out = nn.Linear(4 * d_model if head == "mlp" else d_model, 1, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """lod_emb, query_type ~ N(0, 0.1): small next to the unit-RMS normed inputs, but levels and types
+        are distinguishable from step 0. Blocks as the GPT (identity at init). fc ~ U(-a, a), a = sqrt(3/d).
+        out = 0: every initial score is exactly 0, inside any hysteresis band, so an untrained lens makes
+        no edits."""
+        nn.init.normal_(self.lod_emb.weight, mean=0.0, std=0.1)
+        nn.init.normal_(self.query_type, mean=0.0, std=0.1)
+        for block in self.blocks:
+            block.init_weights()
+        if self.fc is not None:
+            a = math.sqrt(3.0 / self.d_model)
+            nn.init.uniform_(self.fc.weight, -a, a)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(
+        self,
+        entry_embeds: torch.Tensor,
+        entry_lod: torch.Tensor,
+        entry_mu: torch.Tensor,
+        entry_sigma: torch.Tensor,
+        query_embeds: torch.Tensor,
+        query_pos: torch.Tensor,
+        entry_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """entries [B, N, d] / [B, N] (lod long, mu and sigma in global token positions), query tokens
+        [B, Q, d] at positions [B, Q] (Q >= 1), entry_mask bool [B, N] (True = real entry, False = padding;
+        padding may hold anything). Returns scores [B, N] in [-1, 1]; padded entries score 0."""
+        B, N, d = entry_embeds.shape
+        Q = query_embeds.shape[1]
+        if Q < 1:
+            raise ValueError(
+                "LensNet needs at least one query token (the raw tail it judges entries against)"
+            )
+        if entry_mask is not None:
+            # Sanitise padding so nothing it holds (NaN, out-of-range LOD) can leak through 0 * NaN.
+            keep = entry_mask.bool()
+            entry_embeds = entry_embeds.masked_fill(~keep[..., None], 0.0)
+            entry_lod = entry_lod.masked_fill(~keep, 0)
+            entry_mu = entry_mu.masked_fill(~keep, 0.0)
+            entry_sigma = entry_sigma.masked_fill(~keep, 0.0)
+        entries = norm(entry_embeds) + self.lod_emb(entry_lod)
+        queries = norm(query_embeds) + self.query_type
+        x = torch.cat([entries, queries], dim=1)
+        # RoPE is relative: measure positions from the newest query token (in float64, then fp32), so the
+        # phases near the query stay exact even a million tokens into the history.
+        origin = query_pos[:, -1:].double()
+        mu = torch.cat([entry_mu.double() - origin, query_pos.double() - origin], dim=1).float()
+        sigma = torch.cat([entry_sigma.float(), torch.zeros(B, Q, device=x.device)], dim=1)
+        cos, sin = gaussian_rotary(mu, sigma, d // self.n_head)
+        attn_mask = None
+        if entry_mask is not None:
+            real = torch.cat([keep, torch.ones(B, Q, dtype=torch.bool, device=x.device)], dim=1)
+            attn_mask = real[:, None, None, :]  # keys only: padding is never attended to
+        for block in self.blocks:
+            x = block(x, cos, sin, attn_mask)
+        h = norm(x[:, :N])
+        if self.fc is not None:
+            h = F.relu(self.fc(h)).square()
+        scores = torch.tanh(self.out(h).squeeze(-1))
+        return scores if entry_mask is None else scores.masked_fill(~keep, 0.0)
+
+    def score(self, wc, query_embeds: torch.Tensor, query_pos: torch.Tensor):
+        """Convenience for one working context or a list of them.
+
+        wc: a dict or object with per-entry `embeds` [N, d], `lod` [N], `mu` [N], `sigma` [N]; query_embeds
+        [Q, d] and query_pos [Q]. A list of such WCs is padded into one batch (query_embeds [B, Q, d],
+        query_pos [B, Q]) and gives a list of score tensors [N_i].
+        """
+        wcs = wc if isinstance(wc, (list, tuple)) else [wc]
+        fields = [_entry_fields(w) for w in wcs]
+        n_max = max(f[0].shape[0] for f in fields)
+        device = fields[0][0].device
+        lengths = torch.tensor([f[0].shape[0] for f in fields], device=device)
+        mask = torch.arange(n_max, device=device)[None, :] < lengths[:, None]
+        padded = [torch.stack([_pad_to(f[i], n_max) for f in fields]) for i in range(4)]
+        if not isinstance(wc, (list, tuple)):
+            query_embeds, query_pos = query_embeds[None], query_pos[None]
+        scores = self(*padded, query_embeds, query_pos, entry_mask=mask)
+        if not isinstance(wc, (list, tuple)):
+            return scores[0]
+        return [scores[b, : f[0].shape[0]] for b, f in enumerate(fields)]
+
+
+def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Zero-pad the first (entry) dimension to n."""
+    return torch.cat([t, t.new_zeros((n - t.shape[0], *t.shape[1:]))])
+
+
+def _entry_fields(wc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    get = wc.__getitem__ if isinstance(wc, dict) else lambda name: getattr(wc, name)
+    try:
+        return get("embeds"), get("lod").long(), get("mu").float(), get("sigma").float()
+    except (KeyError, AttributeError) as e:
+        raise TypeError(f"LensNet.score needs per-entry embeds, lod, mu and sigma; missing {e}") from None

@@ -1,0 +1,366 @@
+"""The MegaContext training step (DESIGN §4): the GPT, GistNet and LensNet trained end to end.
+
+Per training row x[0..T] (inputs x[:T], labels x[1:T+1]):
+
+1. Gists. GistNet summarises every complete K-block of token embeddings (LOD1) and every run of K LOD1
+   gists (LOD2, ...), with gradients, into a per-row *bank* [token embeds; LOD1 gists; LOD2 gists; ...].
+2. Working contexts at budget C2 (curriculum: 0.8·T down to the target). The *baseline* is the coarsest
+   history plus as many raw recent tokens as fit. The *base* is a random legal mix of LOD0/1/2
+   (megacontext.allocator.random_variant) built with K-1 budget to spare, and each *one-edit variant*
+   expands one of the base's gists. The newest `recent` tokens are raw in all of them, so every working
+   context ends with the same raw horizon of H tokens, where the variants are compared.
+3. All working contexts are gathered from the bank into one padded batch and run through the GPT; the loss
+   is next-token cross-entropy on raw horizon positions only, with the true next tokens as labels.
+4. The variants are a designed experiment: base and variant differ in exactly one entry, so
+   utility(entry) = loss(base) - loss(variant) is the loss saved by expanding that entry, measured, not
+   guessed. LensNet scores the base's entries against the query (the K raw tokens just before the horizon:
+   the horizon itself is what gets predicted, so showing it to the lens would leak the answer) and learns to
+   rank entries by utility (pairwise Bradley–Terry) and to put their sign right (regression on
+   tanh(utility / scale)), so the allocator's absolute thresholds mean something.
+
+Positions: `wc_index` (default) numbers the working context's slots 0..L-1 and gives gists sigma 0. A working
+context never holds more than W_max slots, so evaluation at 64x the budget shows the GPT exactly the position
+range it was trained on. `global` uses global token positions with Gaussian RoPE (mu, sigma) for gists; it is
+faithful to the timeline but puts positions beyond the training length in front of the model at evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megacontext.allocator import random_variant
+from megacontext.config import MCConfig
+from megacontext.entries import Edit, Entry
+from megacontext.positional import gaussian_rotary, span_mu_sigma
+from megacontext.working_context import WorkingContext
+
+UTILITY_SCALE = 0.05  # nats: a utility of this size maps to a regression target of tanh(1) = 0.76
+BT_SHARPNESS = 4.0  # Bradley–Terry logit = sharpness · (score_a - score_b); scores live in [-1, 1]
+
+
+class SequenceShape:
+    """The structure of a training row's tree (which nodes exist), without any vectors.
+
+    Working contexts and the allocator only ask a tree how many nodes each level has; in training all of a
+    row's gists are computed at once into the bank, so this stands in for a MegaContextTree.
+    """
+
+    def __init__(self, K: int, num_tokens: int, max_level: int):
+        self.K, self.num_tokens = K, num_tokens
+        self.levels = [num_tokens] + [num_tokens // K**lvl for lvl in range(1, max_level + 1)]
+        self.max_level = max(lvl for lvl, n in enumerate(self.levels) if lvl == 0 or n > 0)
+
+    def num_nodes(self, level: int) -> int:
+        return self.levels[level] if level < len(self.levels) else 0
+
+
+def trained_levels(cfg: MCConfig, seq_len: int) -> int:
+    """Highest gist level a row of seq_len tokens has at least one node of (capped by cfg.wc_levels)."""
+    lvl = 0
+    while lvl < cfg.wc_levels and seq_len // cfg.block_size ** (lvl + 1) >= 1:
+        lvl += 1
+    return lvl
+
+
+def build_bank(embeds: torch.Tensor, gistnet, K: int, levels: int) -> tuple[torch.Tensor, list[int]]:
+    """[B, T, d] token embeddings -> bank [B, T + T/K + T/K² + ..., d] and the offset of each level in it."""
+    B, T, d = embeds.shape
+    parts, offsets, x, offset = [embeds], [0], embeds, T
+    for lvl in range(1, levels + 1):
+        n = x.shape[1] // K
+        g = gistnet(x[:, : n * K].reshape(B * n, K, d), lvl).view(B, n, d)
+        parts.append(g)
+        offsets.append(offset)
+        offset += n
+        x = g
+    return torch.cat(parts, dim=1), offsets
+
+
+def entry_rows(entries, offsets: list[int], K: int) -> list[int]:
+    """Bank rows of a working context in timeline order: one per raw token, one per gist."""
+    rows: list[int] = []
+    for e in entries:
+        if e.level == 0:
+            rows.extend(range(e.start, e.end))
+        else:
+            rows.append(offsets[e.level] + e.start // K**e.level)
+    return rows
+
+
+def wc_positions(entries, positions: str) -> tuple[list[float], list[float]]:
+    """(mu, sigma) per slot: `wc_index` = slot number with sigma 0; `global` = token position / span centre."""
+    mu: list[float] = []
+    sigma: list[float] = []
+    for e in entries:
+        if e.level == 0:
+            mu.extend(float(p) for p in range(e.start, e.end))
+            sigma.extend([0.0] * e.size)
+        else:
+            m, s = span_mu_sigma(e.start, e.end)
+            mu.append(float(m))
+            sigma.append(float(s))
+    if positions == "wc_index":
+        return [float(i) for i in range(len(mu))], [0.0] * len(mu)
+    return mu, sigma
+
+
+def curriculum_budget(cfg: MCConfig, seq_len: int, progress: float) -> int:
+    """C2 anneals linearly from 0.8·T to the target budget over the first half of training."""
+    start = max(cfg.wc_budget, int(0.8 * seq_len))
+    frac = min(1.0, max(0.0, progress) / 0.5)
+    return int(round(start + (cfg.wc_budget - start) * frac))
+
+
+def auto_device_batch(device_batch: int, seq_len: int, cfg: MCConfig) -> int:
+    """Rows per micro-batch so an MC step holds about as many GPT positions as a vanilla one did.
+
+    An MC row runs (variants + 2) working contexts of at most 0.8·T slots at the start of the curriculum.
+    """
+    per_row = (cfg.variants + 2) * max(cfg.wc_budget, int(0.8 * seq_len))
+    return max(1, (device_batch * seq_len) // per_row)
+
+
+@dataclass
+class RowPlan:
+    """The working contexts of one row: index 0 = baseline, 1 = base, 2 + j = the one-edit variant of
+    candidate j (an expand of a gist, or a collapse of a complete raw block into its LOD1 gist)."""
+
+    wcs: list[WorkingContext]
+    candidates: list[int]  # index into base.entries of the entry edited by variant 2 + j
+    expands: list[bool]  # True: variant 2 + j expands that gist; False: it collapses that raw block
+
+
+def plan_row(shape: SequenceShape, cfg: MCConfig, budget: int, recent: int, rng: random.Random) -> RowPlan:
+    """Baseline, a random base with room for one more swap, and up to N distinct one-edit variants.
+
+    Candidates mix both directions so LensNet sees the value of detail everywhere: expanding a gist (what
+    the allocator would spend budget on) and collapsing a raw block (what it would refund budget from).
+    """
+    K = cfg.block_size
+    baseline = WorkingContext.from_tree(shape, budget, recent)
+    base = random_variant(shape, budget - (K - 1), recent, rng)
+    base = WorkingContext(base.entries, K, budget, recent)
+    editable = [
+        i
+        for i, e in enumerate(base.entries)
+        if not base.is_protected(e) and (e.level >= 1 or e.size == K) and (e.level >= 1 or shape.max_level >= 1)
+    ]
+    rng.shuffle(editable)
+    candidates = sorted(editable[: cfg.variants])
+    variants, expands = [], []
+    for i in candidates:
+        e = base.entries[i]
+        if e.level >= 1:
+            variants.append(base.apply([Edit("expand", e.level, e.index(K))], shape))
+        else:
+            variants.append(base.apply([Edit("collapse", 1, e.start // K)], shape))
+        expands.append(e.level >= 1)
+    return RowPlan([baseline, base, *variants], candidates, expands)
+
+
+def lens_positions(entries, positions: str, query_end: int, K: int):
+    """(entry mu, entry sigma, query positions) for LensNet, numbered like the GPT's (cfg.positions):
+    `wc_index` = entry number with sigma 0 and the K query tokens right after the last entry; `global` =
+    span centre/width and the query's own token positions [query_end - K, query_end)."""
+    n = len(entries)
+    if positions == "wc_index":
+        return [float(i) for i in range(n)], [0.0] * n, [float(n + j) for j in range(K)]
+    ms = [span_mu_sigma(e.start, e.end) for e in entries]
+    return [float(m) for m, _ in ms], [float(s) for _, s in ms], [float(query_end - K + j) for j in range(K)]
+
+
+def lens_inputs(entries: tuple[Entry, ...], bank: torch.Tensor, offsets: list[int], K: int):
+    """Per-entry (embeds [N, d], lod) for LensNet. A raw block is represented by its LOD1 gist when the
+    block is complete (what the lens would collapse it into), else by the mean of its token embeddings."""
+    rows = []
+    for e in entries:
+        if e.level >= 1:
+            rows.append(bank[offsets[e.level] + e.start // K**e.level])
+        elif e.size == K and len(offsets) > 1:
+            rows.append(bank[offsets[1] + e.start // K])
+        else:
+            rows.append(bank[e.start : e.end].mean(dim=0))
+    return torch.stack(rows), [e.level for e in entries]
+
+
+def run_lens(lensnet, embeds, lod, mu, sigma, query_embeds, query_pos):
+    """LensNet on one working context given as lists/tensors; returns scores [N]."""
+    dev = embeds.device
+    return lensnet(
+        embeds[None],
+        torch.tensor(lod, device=dev)[None],
+        torch.tensor(mu, device=dev)[None],
+        torch.tensor(sigma, device=dev)[None],
+        query_embeds[None],
+        torch.tensor(query_pos, device=dev)[None],
+    )[0]
+
+
+def lens_loss_fn(scores: torch.Tensor, utility: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Ranking + sign loss for one row's candidate scores [n] and measured utilities [n].
+
+    Returns (loss, rank agreement over ordered pairs, sign agreement). Pairs whose utilities differ by less
+    than 1e-4 nats carry no preference and are skipped.
+    """
+    diff_u = utility[:, None] - utility[None, :]
+    pref = diff_u > 1e-4
+    # Budget neutrality: the target is centred on the row's mean utility, so detail that helps more than
+    # average scores positive (expand / keep) and the rest negative (collapse): the allocator can only
+    # spend budget on the evidence if something else refunds it.
+    target = torch.tanh((utility - utility.mean()) / UTILITY_SCALE)
+    loss = F.mse_loss(scores, target)
+    rank_agree, sign_agree = float("nan"), float("nan")
+    if pref.any():
+        diff_s = scores[:, None] - scores[None, :]
+        weight = diff_u.abs().clamp(max=1.0)[pref]
+        bt = F.softplus(-BT_SHARPNESS * diff_s[pref])
+        loss = loss + (weight * bt).sum() / weight.sum()
+        rank_agree = float((diff_s[pref] > 0).float().mean())
+    signed = utility.abs() > 1e-3
+    if signed.any():
+        sign_agree = float(((scores[signed] > 0) == (utility[signed] > 0)).float().mean())
+    return loss, rank_agree, sign_agree
+
+
+def mc_train_step(model, gistnet, lensnet, x: torch.Tensor, cfg: MCConfig, progress: float, rng: random.Random):
+    """One MC micro-batch. x: [B, T+1] token ids. Returns (loss, metrics dict of floats).
+
+    The loss = token loss (mean horizon loss over all working contexts) + lens_weight · lens loss
+    (+ gist_weight · gist loss). Backward it as usual: GPT, GistNet and LensNet all get gradients.
+    """
+    t0 = time.perf_counter()
+    B, T = x.shape[0], x.shape[1] - 1
+    K, H = cfg.block_size, cfg.horizon
+    recent = max(cfg.recent, H + K)
+    assert T % K == 0, f"MC needs the sequence length ({T}) to be a multiple of the block size ({K})"
+    inputs, targets = x[:, :T], x[:, 1:]
+    levels = trained_levels(cfg, T)
+    shape = SequenceShape(K, T, levels)
+    budget = curriculum_budget(cfg, T, progress)
+    plans = [plan_row(shape, cfg, budget, recent, rng) for _ in range(B)]
+
+    embeds = model.wte(inputs)
+    bank, offsets = build_bank(embeds, gistnet, K, levels)
+    d = bank.shape[-1]
+    bank = torch.cat([bank, bank.new_zeros(B, 1, d)], dim=1)  # last row: padding
+    pad_row = bank.shape[1] - 1
+
+    seqs = [(b, wc) for b, plan in enumerate(plans) for wc in plan.wcs]
+    L = max(wc.cost for _, wc in seqs)
+    rows = torch.full((len(seqs), L), pad_row, dtype=torch.long)
+    tgt = torch.full((len(seqs), L), -1, dtype=torch.long)
+    mu = torch.zeros(len(seqs), L)
+    sigma = torch.zeros(len(seqs), L)
+    horizon_start = T - H
+    for v, (b, wc) in enumerate(seqs):
+        r = entry_rows(wc.entries, offsets, K)
+        rows[v, : len(r)] = torch.tensor(r)
+        m, s = wc_positions(wc.entries, cfg.positions)
+        mu[v, : len(m)] = torch.tensor(m)
+        sigma[v, : len(s)] = torch.tensor(s)
+        # labels: the true next token of every raw position in the horizon (bank row p is token p)
+        raw = torch.tensor(r)
+        in_h = (raw >= horizon_start) & (raw < T)
+        tgt[v, : len(r)][in_h] = targets[b, raw[in_h]].cpu()
+    device = x.device
+    rows, tgt = rows.to(device), tgt.to(device)
+    batch_ids = torch.tensor([b for b, _ in seqs], device=device)
+    packed = bank[batch_ids[:, None], rows]  # [V, L, d]
+    head_dim = model.config.head_dim
+    cos, sin = gaussian_rotary(mu.to(device), sigma.to(device), head_dim)
+    t_ctrl = time.perf_counter() - t0
+
+    logits = model(embeds=packed, rotary=(cos, sin))
+    tok_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction="none")
+    tok_loss = tok_loss.view(len(seqs), L)
+    counts = (tgt >= 0).sum(dim=1).clamp(min=1)
+    per_wc = tok_loss.sum(dim=1) / counts  # horizon loss of each working context
+    token_loss = per_wc.mean()
+
+    # LensNet on each row's base: utilities measured from its one-edit variants
+    t1 = time.perf_counter()
+    lens_losses, rank_agree, sign_agree, utilities = [], [], [], []
+    v = 0
+    for b, plan in enumerate(plans):
+        n_wc = len(plan.wcs)
+        losses = per_wc[v : v + n_wc].detach()
+        v += n_wc
+        if not plan.candidates:
+            continue
+        # value of detail at each candidate: loss saved by expanding a gist / lost by collapsing a block
+        sign = torch.tensor([1.0 if ex else -1.0 for ex in plan.expands], device=device)
+        utility = sign * (losses[1] - losses[2:])
+        base = plan.wcs[1]
+        e_emb, lod = lens_inputs(base.entries, bank[b].detach(), offsets, K)
+        e_mu, e_sig, q_pos = lens_positions(base.entries, cfg.positions, horizon_start, K)
+        q_emb = embeds[b, horizon_start - K : horizon_start].detach()
+        scores = run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos)
+        cand = torch.tensor(plan.candidates, device=device)
+        loss_b, ra, sa = lens_loss_fn(scores[cand], utility)
+        lens_losses.append(loss_b)
+        rank_agree.append(ra)
+        sign_agree.append(sa)
+        utilities.append(utility)
+    lens_loss = torch.stack(lens_losses).mean() if lens_losses else token_loss.new_zeros(())
+    t_ctrl += time.perf_counter() - t1
+
+    loss = token_loss + cfg.lens_weight * lens_loss
+    gist_loss = token_loss.new_zeros(())
+    if cfg.gist_weight > 0 and levels >= 1:
+        gist_loss = soft_gist_loss(model, gistnet, logits, tgt, rows, targets, embeds, plans, cfg)
+        loss = loss + cfg.gist_weight * gist_loss
+
+    nb = len(plans)
+    baseline_losses = per_wc.detach()[[sum(len(p.wcs) for p in plans[:b]) for b in range(nb)]]
+    all_u = torch.cat(utilities) if utilities else torch.zeros(1)
+    bases = [p.wcs[1] for p in plans]
+    metrics = {
+        "mc/token_loss": float(token_loss.detach()),
+        "mc/baseline_loss": float(baseline_losses.mean()),
+        "mc/adv_delta_mean": float(all_u.mean()),
+        "mc/lens_loss": float(lens_loss.detach()),
+        "mc/gist_loss": float(gist_loss.detach()),
+        "mc/lens_rank_agreement": _nanmean(rank_agree),
+        "mc/preference_agreement": _nanmean(sign_agree),
+        "mc/swap_rate": sum(len(p.candidates) for p in plans) / max(1, sum(w.num_entries for w in bases)),
+        "mc/residency": sum(w.residency for w in bases) / nb,
+        "mc/wc_budget": float(budget),
+        "mc/time_controller_ms": 1000.0 * t_ctrl,
+        "mc/gpt_positions": float(len(seqs) * L),
+    }
+    return loss, metrics
+
+
+def soft_gist_loss(model, gistnet, logits, tgt, rows, targets, embeds, plans, cfg: MCConfig) -> torch.Tensor:
+    """DESIGN §4.5: the gist of the model's *soft* predictions for the last K horizon tokens (softmax ·
+    embedding matrix) should match the gist of the true tokens (cosine). Uses each row's baseline."""
+    K, T = cfg.block_size, targets.shape[1]
+    W = model.wte.weight
+    soft, true = [], []
+    v = 0
+    for b, plan in enumerate(plans):
+        # positions predicting tokens T-K+1 .. T are the slots holding raw tokens T-K .. T-1
+        slot = torch.nonzero(rows[v] >= T - K).flatten()[:K]
+        slot = slot[rows[v, slot] < T]
+        if slot.numel() == K:
+            probs = logits[v, slot].softmax(dim=-1)
+            soft.append(probs @ W)
+            true.append(model.wte(targets[b, T - K : T]))
+        v += len(plan.wcs)
+    if not soft:
+        return logits.new_zeros(())
+    g_soft = gistnet(torch.stack(soft), 1)
+    with torch.no_grad():
+        g_true = gistnet(torch.stack(true), 1)
+    return (1 - F.cosine_similarity(g_soft, g_true, dim=-1)).mean()
+
+
+def _nanmean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")

@@ -1,0 +1,182 @@
+"""Five views of the same history, for evaluation (DESIGN §4 validation, issue 6).
+
+* full      — every token raw (when it fits the model's rotary table);
+* window    — only the most recent W_max tokens, raw;
+* mc-nolens — the tree + a working context built by the allocator without a lens: old history as the
+              coarsest gists, never re-expanded (what a gist alone carries);
+* mc-attn   — the allocator refocusing on the GPT's own attention mass from the query tokens to each entry
+              (no learned scorer; the way NSA / Landmark attention choose blocks);
+* mc-lens   — LensNet scores + allocator, refocusing until the allocator has nothing left to do.
+
+Every view scores the same *horizon*: the last `h` input positions, whose targets are the tokens to predict
+(the answer of a long-context task, or the tail of a validation document). The working context keeps the
+horizon and the K query tokens before it raw, exactly as in training (megacontext.training).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megacontext.allocator import FocusAllocator
+from megacontext.config import MCConfig
+from megacontext.positional import gaussian_rotary
+from megacontext.training import lens_positions, run_lens
+from megacontext.tree import MegaContextTree
+from megacontext.working_context import WorkingContext
+from nanochat.gpt import apply_rotary_emb, norm
+
+VIEWS = ("full", "window", "mc-nolens", "mc-attn", "mc-lens")
+MAX_REFOCUS_ROUNDS = 12
+
+
+class LevelCap:
+    """A read-only view of a tree that hides levels above `max_level` (levels GistNet was never trained on)."""
+
+    def __init__(self, tree, max_level: int):
+        self.tree, self.cap = tree, max_level
+
+    def __getattr__(self, name):
+        return getattr(self.tree, name)
+
+    def num_nodes(self, level: int) -> int:
+        return self.tree.num_nodes(level) if level <= self.cap else 0
+
+    @property
+    def max_level(self) -> int:
+        return min(self.tree.max_level, self.cap)
+
+
+def eval_recent(cfg: MCConfig, h: int) -> int:
+    """Raw protection for evaluation: the horizon plus the K query tokens, rounded up to whole blocks."""
+    K = cfg.block_size
+    need = max(cfg.recent, h + K)
+    return -(-need // K) * K
+
+
+@torch.no_grad()
+def build_tree(ids: list[int], model, gistnet, cfg: MCConfig, device) -> LevelCap:
+    """An in-RAM tree of `ids` with every complete gist made by GistNet, capped at the trained levels."""
+    tree = MegaContextTree.in_memory(cfg.block_size, model.config.n_embd)
+    tree.append(ids)
+    tree.gist_pending(embed=model.wte, gist=gistnet, device=device)
+    return LevelCap(tree, cfg.wc_levels)
+
+
+def gpt_inputs(wc: WorkingContext, tree, model, cfg: MCConfig, device):
+    """Embeddings and rotary phases of a working context, numbered as in training (cfg.positions)."""
+    t = wc.materialize(tree, model.wte, device)
+    L = t.embeds.shape[0]
+    if cfg.positions == "wc_index":
+        mu, sigma = torch.arange(L, dtype=torch.float32, device=device), torch.zeros(L, device=device)
+    else:
+        mu, sigma = t.mu, t.sigma
+    cos, sin = gaussian_rotary(mu[None], sigma[None], model.config.head_dim)
+    return t.embeds[None].to(model.wte.weight.dtype), (cos, sin)
+
+
+@torch.no_grad()
+def lens_scores(wc: WorkingContext, tree, model, lensnet, cfg: MCConfig, query_ids, query_end: int, device):
+    """LensNet's score per entry, with the K tokens before the horizon as the query (as in training)."""
+    K = cfg.block_size
+    emb = []
+    for e in wc.entries:
+        if e.level >= 1:
+            emb.append(tree.gists(e.level, [e.start // K**e.level], device=device)[0])
+        elif e.size == K and tree.num_nodes(1) > e.start // K:
+            emb.append(tree.gists(1, [e.start // K], device=device)[0])
+        else:
+            emb.append(model.wte(tree.tokens(e.start, e.end, device=device)).mean(dim=0))
+    lod = [e.level for e in wc.entries]
+    mu, sigma, q_pos = lens_positions(wc.entries, cfg.positions, query_end, K)
+    q_emb = model.wte(query_ids.to(device))
+    return run_lens(lensnet, torch.stack(emb).to(q_emb.dtype), lod, mu, sigma, q_emb, q_pos)
+
+
+@torch.no_grad()
+def attention_scores(wc: WorkingContext, tree, model, cfg: MCConfig, q_slots: int, device):
+    """Scores from the GPT's own attention: mass from the query slots to each entry, averaged over layers and
+    heads, standardised over the entries (a z-score squashed by tanh), so the most-attended gists expand and
+    the least-attended entries collapse."""
+    embeds, (cos, sin) = gpt_inputs(wc, tree, model, cfg, device)
+    L = embeds.shape[1]
+    mass = torch.zeros(L, device=device)
+    hooks = []
+
+    def capture(module, args):
+        x, c, s = args[0], args[1], args[2]
+        B, T, _ = x.shape
+        q = module.c_q(x).view(B, T, module.n_head, module.head_dim)
+        k = module.c_k(x).view(B, T, module.n_kv_head, module.head_dim)
+        q, k = apply_rotary_emb(norm(q), c, s), apply_rotary_emb(norm(k), c, s)
+        k = k.repeat_interleave(module.n_head // module.n_kv_head, dim=2)
+        qs = q[0, T - q_slots - 1 : T - 1].transpose(0, 1)  # [H, Q, D]: the query tokens before the horizon
+        att = qs @ k[0].permute(1, 2, 0) / module.head_dim**0.5  # [H, Q, T]
+        rows = torch.arange(T - q_slots - 1, T - 1, device=x.device)
+        att = att.masked_fill(torch.arange(T, device=x.device)[None, :] > rows[:, None], float("-inf"))
+        mass.add_(att.softmax(dim=-1).mean(dim=(0, 1)))
+
+    for block in model.blocks:
+        hooks.append(block.attn.register_forward_pre_hook(capture))
+    try:
+        model(embeds=embeds, rotary=(cos, sin))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    t = wc.materialize(tree, lambda ids: torch.zeros(ids.shape[0], tree.d, device=device), device)
+    per_entry = torch.zeros(wc.num_entries, device=device).index_add_(0, t.entry_index, mass)
+    z = (per_entry - per_entry.mean()) / (per_entry.std() + 1e-9)
+    return torch.tanh(z)
+
+
+def focus(view, tree, model, lensnet, cfg: MCConfig, budget: int, recent: int, query_ids, query_end, device):
+    """The working context a view evaluates on, and the number of edits refocusing made."""
+    wc = WorkingContext.from_tree(tree, budget, recent)
+    if view == "mc-nolens":
+        return wc, 0
+    alloc = FocusAllocator(
+        cfg.block_size, budget, recent, cfg.tau_expand, cfg.tau_collapse, cfg.n_diff, cfg.cooldown
+    )
+    n_edits = 0
+    for _ in range(MAX_REFOCUS_ROUNDS):
+        if view == "mc-lens":
+            scores = lens_scores(wc, tree, model, lensnet, cfg, query_ids, query_end, device)
+        else:
+            scores = attention_scores(wc, tree, model, cfg, cfg.block_size, device)
+        wc, edits = alloc.refocus(wc, scores.tolist(), tree)
+        n_edits += len(edits)
+        if not edits:
+            break
+    return wc, n_edits
+
+
+@torch.no_grad()
+def horizon_logits(view: str, ids: list[int], h: int, model, gistnet, lensnet, cfg: MCConfig, device, tree=None):
+    """Logits [h, V] at the last h input positions of `ids` (inputs = ids[:-1]) under a view, plus info.
+
+    Returns None for `full` when the history does not fit the rotary table. `tree` may be passed in to share
+    one GistNet pass among the mc views.
+    """
+    inputs = ids[:-1]
+    n = len(inputs)
+    info = {"wc_size": None, "edits": 0}
+    if view in ("full", "window"):
+        span = inputs if view == "full" else inputs[-cfg.wc_budget :]
+        if len(span) > model.rotary_len:
+            return None, info
+        x = torch.tensor(span, dtype=torch.long, device=device)[None]
+        info["wc_size"] = len(span)
+        return model(idx=x)[0, -h:], info
+    recent = eval_recent(cfg, h)
+    tree = tree if tree is not None else build_tree(inputs, model, gistnet, cfg, device)
+    query = torch.tensor(inputs[n - h - cfg.block_size : n - h], dtype=torch.long)
+    wc, info["edits"] = focus(view, tree, model, lensnet, cfg, cfg.wc_budget, recent, query, n - h, device)
+    embeds, rotary = gpt_inputs(wc, tree, model, cfg, device)
+    info["wc_size"] = embeds.shape[1]
+    info["render"] = wc.render()
+    return model(embeds=embeds, rotary=rotary)[0, -h:], info
+
+
+def horizon_nll(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """Per-token NLL [h] of the true next tokens."""
+    return F.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device), reduction="none")

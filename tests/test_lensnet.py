@@ -1,0 +1,131 @@
+"""LensNet: old entries are judged against the recent query, padding is inert, scores lie in [-1, 1]."""
+
+import math
+
+import pytest
+import torch
+
+from megacontext.lensnet import LensNet
+
+D, H = 32, 4
+
+
+def _lens(head="mlp", seed=0, trained=True, std=0.1) -> LensNet:
+    """A LensNet; trained=True replaces the zero inits by random weights, as after some training."""
+    torch.manual_seed(seed)
+    lens = LensNet(D, H, n_layer=2, head=head)
+    if trained:
+        with torch.no_grad():
+            for p in lens.parameters():
+                p.normal_(0.0, std)
+    return lens
+
+
+def _wc(B=2, N=6, Q=4, seed=1):
+    """A batch of working contexts: N entries (LOD2 gist, LOD1 gists, raw blocks) and Q query tokens."""
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(B, N, D, generator=g)
+    lod = torch.tensor([2, 1, 1, 1, 0, 0][:N] + [0] * max(0, N - 6)).expand(B, N)
+    starts = torch.tensor([0, 1024, 1056, 1088, 1120, 1152][:N] + [1152 + 32 * i for i in range(1, N - 5)])
+    lengths = torch.tensor([1024, 32, 32, 32, 32, 32][:N] + [32] * max(0, N - 6))
+    mu = (starts + lengths / 2).float().expand(B, N)
+    sigma = (lengths / math.sqrt(12)).expand(B, N)
+    query = torch.randn(B, Q, D, generator=g)
+    query_pos = (starts[-1] + lengths[-1] + torch.arange(Q)).float().expand(B, Q)
+    return embeds, lod, mu, sigma, query, query_pos
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_initial_scores_are_zero(head):
+    scores = _lens(head, trained=False)(*_wc())
+    assert scores.shape == (2, 6) and torch.equal(scores, torch.zeros(2, 6))
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_changing_only_the_query_changes_old_entries(head):
+    lens = _lens(head)
+    embeds, lod, mu, sigma, query, query_pos = _wc()
+    before = lens(embeds, lod, mu, sigma, query, query_pos)
+    after = lens(embeds, lod, mu, sigma, torch.randn_like(query), query_pos)
+    # Every entry, including the oldest LOD2 gist, reacts to the newest text (bidirectional attention).
+    assert ((before - after).abs() > 1e-4).all()
+
+
+def test_position_and_width_matter():
+    lens = _lens()
+    embeds, lod, mu, sigma, query, query_pos = _wc()
+    base = lens(embeds, lod, mu, sigma, query, query_pos)
+    assert not torch.allclose(base, lens(embeds, lod, mu, sigma * 0.1, query, query_pos), atol=1e-4)
+    assert not torch.allclose(base, lens(embeds, lod, mu - 500, sigma, query, query_pos), atol=1e-4)
+    assert not torch.allclose(
+        base, lens(embeds, torch.zeros_like(lod), mu, sigma, query, query_pos), atol=1e-4
+    )
+    # RoPE is relative: shifting every position by the same amount changes nothing.
+    torch.testing.assert_close(
+        base, lens(embeds, lod, mu + 1e6, sigma, query, query_pos + 1e6), atol=1e-4, rtol=0
+    )
+
+
+def test_padding_entries_are_inert():
+    lens = _lens()
+    embeds, lod, mu, sigma, query, query_pos = _wc(B=1, N=6)
+    alone = lens(embeds[:, :4], lod[:, :4], mu[:, :4], sigma[:, :4], query, query_pos)
+    mask = torch.tensor([[True, True, True, True, False, False]])
+    padded = lens(embeds, lod, mu, sigma, query, query_pos, entry_mask=mask)
+    torch.testing.assert_close(padded[:, :4], alone, atol=1e-6, rtol=0)
+    assert torch.equal(padded[:, 4:], torch.zeros(1, 2))
+    # Whatever the padding holds (NaN, a bogus LOD) changes nothing.
+    junk = embeds.clone()
+    junk[:, 4:] = float("nan")
+    bad_lod, bad_mu = lod.clone(), mu.clone()
+    bad_lod[:, 4:], bad_mu[:, 4:] = 99, float("nan")
+    again = lens(junk, bad_lod, bad_mu, sigma, query, query_pos, entry_mask=mask)
+    torch.testing.assert_close(again, padded)
+    # Without the mask the same entries do change the others: the check has teeth.
+    unmasked = lens(embeds, lod, mu, sigma, query, query_pos)
+    assert not torch.allclose(unmasked[:, :4], alone, atol=1e-4)
+
+
+def test_scores_are_bounded():
+    lens = _lens(std=3.0)  # large weights saturate the tanh
+    scores = lens(*_wc(B=4, N=8, Q=5, seed=3))
+    assert scores.abs().max() <= 1.0 and scores.abs().max() > 0.99
+    assert (scores > 0).any() and (scores < 0).any()  # signed: expand and collapse
+
+
+def test_score_convenience_single_and_list():
+    lens = _lens()
+    embeds, lod, mu, sigma, query, query_pos = _wc(B=2, N=6)
+    full = lens(embeds, lod, mu, sigma, query, query_pos)
+    one = {"embeds": embeds[0], "lod": lod[0], "mu": mu[0], "sigma": sigma[0]}
+    torch.testing.assert_close(lens.score(one, query[0], query_pos[0]), full[0], atol=1e-6, rtol=0)
+
+    class WC:  # attribute access works too
+        def __init__(self, n):
+            self.embeds, self.lod, self.mu, self.sigma = embeds[1, :n], lod[1, :n], mu[1, :n], sigma[1, :n]
+
+    short = lens(embeds[1:, :3], lod[1:, :3], mu[1:, :3], sigma[1:, :3], query[1:], query_pos[1:])
+    out = lens.score([one, WC(3)], query, query_pos)
+    assert [s.shape[0] for s in out] == [6, 3]
+    torch.testing.assert_close(out[0], full[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1], short[0], atol=1e-6, rtol=0)
+    with pytest.raises(TypeError, match="sigma"):
+        lens.score({"embeds": embeds[0], "lod": lod[0], "mu": mu[0]}, query[0], query_pos[0])
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_every_parameter_gets_a_gradient(head):
+    """From the real init: once the zero-init projections have opened up (a few optimizer steps, one per
+    layer of zeros between a parameter and the score) every parameter has a non-zero gradient."""
+    lens = _lens(head, trained=False)
+    embeds, lod, mu, sigma, query, query_pos = _wc(B=2, N=6)
+    mask = torch.tensor([[True] * 6, [True] * 5 + [False]])
+    target = torch.randn(2, 6, generator=torch.Generator().manual_seed(5)).tanh()
+    opt = torch.optim.Adam(lens.parameters(), lr=1e-2)
+    for step in range(4):
+        opt.zero_grad()
+        ((lens(embeds, lod, mu, sigma, query, query_pos, entry_mask=mask) - target) ** 2).sum().backward()
+        if step < 3:
+            opt.step()
+    for name, p in lens.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
