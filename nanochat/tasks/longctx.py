@@ -376,3 +376,15 @@ def training_documents(
     rng = random.Random(seed)
     lo, hi = math.log(min_chars), math.log(max(min_chars, max_chars))
     return [training_document(rng, int(math.exp(rng.uniform(lo, hi))), filler_texts) for _ in range(n)]
+
+
+def training_row(rng: random.Random, tokenizer, length: int, chars_per_token: float = 4.0) -> list[int]:
+    """`length` token ids ending exactly at the end of a fresh long-context document (BOS first, cropped from
+    the front), so the answer falls in the last tokens of a training row — the horizon where MegaContext's
+    working-context variants are compared — and the evidence lies somewhere before it in the same row."""
+    chars = int(length * chars_per_token * 1.15)
+    while True:
+        ids = tokenizer.encode(training_document(rng, chars), prepend=tokenizer.get_bos_token_id())
+        if len(ids) >= length:
+            return ids[-length:]
+        chars = int(chars * 1.3)
