@@ -1,0 +1,217 @@
+"""Benchmark one attention layer, forward + backward, against sequence length: dense causal attention vs a
+sliding window vs MegaAttention (the pyramid of DESIGN §6, block-sparse execution).
+
+    python -m scripts.bench_attention                      # 1k, 4k, 16k, 64k on CPU, ~2 minutes
+    python -m scripts.bench_attention --lengths 1024,4096 --dense-max-len 4096
+
+One JSON line per length on stdout; growth of time per token on stderr at the end. The layer is q/k/v/out
+projections of width --d-model around the attention (no rotary or QK-norm: they cost the same in every
+variant); the loss is mean(out^2). Each measurement runs in a fresh worker process, so its peak memory
+(resident set sampled during the runs, minus the resident set before them) is not hidden by heap an
+earlier measurement left behind. *_ms is the median wall time of up to --repeats runs after one warm-up
+run (a warm-up that alone takes 5 s is the measurement); *_cpu_ms the process CPU time of the same runs,
+which other programs on a shared machine disturb far less (one thread by default for that reason).
+The block-sparse index tables of window and mega attention are built once per layout outside the timing,
+like a flex_attention BlockMask (*_plan_ms). Per-token figures divide by the raw length N; mega also runs
+its nodes as queries (about N/(K-1) extra rows), so their cost is inside its per-token figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from megacontext.mega_attention import (
+    blocksparse_mega_attention,
+    build_mega_layout,
+    plan_blocksparse,
+    sliding_window_layout,
+)
+from nanochat.common import UserError, run_main
+
+METHODS = ("dense", "window", "mega")
+
+
+class PeakRSS:
+    """Highest resident set size seen while active, sampled from /proc every 2 ms (Linux only)."""
+
+    def __init__(self):
+        self.available = os.path.exists("/proc/self/statm")
+        self.page = os.sysconf("SC_PAGE_SIZE") if self.available else 0
+        self.peak = self.base = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.available:
+            self.base = self.peak = self.rss()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+    @property
+    def mb(self) -> float | None:
+        return (self.peak - self.base) / 2**20 if self.available else None
+
+
+def measure(
+    method: str,
+    N: int,
+    d_model: int,
+    n_head: int,
+    K: int,
+    W: int,
+    block: int,
+    repeats: int,
+    budget_s: float = 5.0,
+) -> dict:
+    """Time fwd+bwd of one attention layer over N raw positions with `method`; returns the figures."""
+    out: dict = {}
+    if method == "dense":
+        T, attn = N, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out["keys_per_query"] = (N + 1) / 2
+    else:
+        t0 = time.perf_counter()
+        lay = sliding_window_layout(N, W) if method == "window" else build_mega_layout(N, K, W)
+        plan = plan_blocksparse(lay, block)
+        out["plan_ms"] = (time.perf_counter() - t0) * 1e3
+        T, attn = lay.T, lambda q, k, v: blocksparse_mega_attention(q, k, v, plan)
+        out["keys_per_query"] = int(plan.mask[:, 0][plan.q_valid].sum()) / lay.T
+        out["levels"], out["packed_len"] = lay.levels, lay.T
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, T, d_model, generator=g, requires_grad=True)
+    wq, wk, wv, wo = [
+        (torch.randn(d_model, d_model, generator=g) / d_model**0.5).requires_grad_() for _ in range(4)
+    ]
+    head_dim = d_model // n_head
+
+    def step():
+        q, k, v = [(x @ w).view(1, T, n_head, head_dim).transpose(1, 2) for w in (wq, wk, wv)]
+        y = attn(q, k, v).transpose(1, 2).reshape(1, T, d_model) @ wo
+        y.square().mean().backward()
+        x.grad = wq.grad = wk.grad = wv.grad = wo.grad = None
+
+    def timed():
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
+
+    with PeakRSS() as peak:
+        runs = [timed()]  # warm-up; it is the measurement itself when one run already takes budget_s
+        if runs[0][0] < budget_s * 1e3:
+            runs = []
+            while len(runs) < repeats and sum(r[0] for r in runs) < budget_s * 1e3:
+                runs.append(timed())
+    out["ms"], out["cpu_ms"] = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    out["peak_mb"] = peak.mb
+    return out
+
+
+def run_worker(method: str, N: int, args) -> dict | None:
+    """One measurement in a fresh process; None when it ran past --timeout-s or failed (e.g. out of memory)."""
+    cmd = [sys.executable, "-m", "scripts.bench_attention", "--worker", method, "--lengths", str(N)]
+    for flag in ("d_model", "n_head", "block_size", "window", "query_block", "repeats", "threads"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"{method} at {N}: over --timeout-s {args.timeout_s}, reported null", file=sys.stderr)
+        return None
+    if proc.returncode != 0:
+        print(f"{method} at {N} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", default="1024,4096,16384,65536", help="comma-separated sequence lengths")
+    parser.add_argument("--d-model", type=int, default=256, help="layer width")
+    parser.add_argument("--n-head", type=int, default=4, help="attention heads")
+    parser.add_argument("--block-size", type=int, default=32, help="K: raw positions per wLOD1 node")
+    parser.add_argument("--window", type=int, default=256, help="W: raw window of window and mega attention")
+    parser.add_argument("--query-block", type=int, default=128, help="raw queries per block-sparse block")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument(
+        "--dense-max-len", type=int, default=16384, help="longer dense runs are reported null"
+    )
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="per measurement; past it: null")
+    parser.add_argument(
+        "--base-len", type=int, default=4096, help="growth of time per token is vs this length"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)  # internal: one measurement
+    args = parser.parse_args()
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise UserError(f"--lengths needs positive lengths, got {args.lengths!r}")
+    if args.d_model % args.n_head:
+        raise UserError(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+    if args.block_size < 2 or args.window < 0 or args.query_block < 1 or args.repeats < 1:
+        raise UserError("need --block-size >= 2, --window >= 0, --query-block >= 1, --repeats >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = dict(
+        d_model=args.d_model, n_head=args.n_head, K=args.block_size, W=args.window, block=args.query_block
+    )
+    if args.worker:
+        print(json.dumps(measure(args.worker, lengths[0], **shape, repeats=args.repeats)))
+        return
+    rows = []
+    for N in lengths:
+        row: dict = {"seq_len": N, **shape, "threads": torch.get_num_threads()}
+        for method in METHODS:
+            r = None if method == "dense" and N > args.dense_max_len else run_worker(method, N, args)
+            row[f"{method}_ms"] = None if r is None else round(r["ms"], 2)
+            row[f"{method}_cpu_ms"] = None if r is None else round(r["cpu_ms"], 2)
+            row[f"{method}_ms_per_token"] = None if r is None else round(r["ms"] / N, 5)
+            row[f"{method}_peak_mb"] = None if r is None or r["peak_mb"] is None else round(r["peak_mb"], 1)
+            row[f"{method}_keys_per_query"] = None if r is None else round(r["keys_per_query"], 1)
+            if method != "dense" and r is not None:
+                row[f"{method}_plan_ms"] = round(r["plan_ms"], 1)
+            if method == "mega" and r is not None:
+                row["mega_levels"], row["mega_packed_len"] = r["levels"], r["packed_len"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    for method in METHODS:  # growth of time per token from --base-len (else the first length) onwards
+        done = [r for r in rows if r[f"{method}_cpu_ms"] is not None]
+        base = next((r for r in done if r["seq_len"] == args.base_len), done[0] if done else None)
+        later = [r for r in done if base is not None and r["seq_len"] > base["seq_len"]]
+        for key in ("ms", "cpu_ms") if later else ():
+            field, b = f"{method}_{key}", base
+            growth = ", ".join(
+                f"{r['seq_len']}: x{(r[field] / r['seq_len']) / (b[field] / b['seq_len']):.2f}" for r in later
+            )
+            print(f"{method} {key} per token vs {base['seq_len']}: {growth}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_main(main)
