@@ -53,6 +53,9 @@ class MCConfig:
     # Highest gist level training makes and working contexts use (2 = LOD2, K² tokens). Levels above it are
     # hidden at evaluation (views.LevelCap): GistNet never learned to make them.
     wc_levels: int = 2
+    # Training curriculum: the working-context budget starts at this fraction of the sequence length and
+    # anneals to wc_budget over the first half of training (DESIGN §4.6). 0 = no curriculum.
+    curriculum_start: float = 0.8
 
     def __post_init__(self):
         for name, allowed in CHOICES.items():
@@ -99,3 +102,75 @@ class MCConfig:
                 f"unknown MegaContext config keys {unknown} (written by another version?); known: {sorted(known)}"
             )
         return cls(**d)
+
+
+# ----------------------------------------------------------------------------- flags shared by every stage
+
+# flag name -> MCConfig field. One table, so base/mid/SFT training and evaluation spell the flags alike and
+# every default comes from MCConfig itself.
+FLAGS = {
+    "--mc-block-size": "block_size",
+    "--mc-wc-budget": "wc_budget",
+    "--mc-recent": "recent",
+    "--mc-variants": "variants",
+    "--mc-horizon": "horizon",
+    "--mc-lens-weight": "lens_weight",
+    "--mc-gist-weight": "gist_weight",
+    "--mc-levels": "wc_levels",
+    "--mc-positions": "positions",
+    "--gistnet-type": "gistnet_type",
+    "--gistnet-layers": "gistnet_layers",
+    "--gistnet-pooling": "gistnet_pooling",
+    "--gistnet-head": "gistnet_head",
+    "--lensnet-layers": "lensnet_layers",
+    "--lensnet-head": "lensnet_head",
+    "--allocator": "allocator",
+    "--mc-curriculum-start": "curriculum_start",
+}
+
+
+def add_mc_args(parser) -> None:
+    """Add `--mc` and the MegaContext flags (defaults from MCConfig) to an argparse parser."""
+    g = parser.add_argument_group("MegaContext (DESIGN §4)")
+    g.add_argument("--mc", action="store_true", help="train GistNet + LensNet with the GPT (MegaContext)")
+    g.add_argument(
+        "--mc-auto-batch",
+        action="store_true",
+        help="shrink the device batch so an MC step holds about as many positions as a vanilla one; "
+        "gradient accumulation keeps the total batch equal",
+    )
+    defaults = MCConfig()
+    for flag, name in FLAGS.items():
+        default = getattr(defaults, name)
+        kw = {"choices": CHOICES[name]} if name in CHOICES else {}
+        g.add_argument(
+            flag, type=type(default), default=default, help=f"MCConfig.{name} (default {default})", **kw
+        )
+
+
+def mc_config_from_args(args) -> MCConfig | None:
+    """MCConfig from parsed flags, or None without --mc."""
+    if not getattr(args, "mc", False):
+        return None
+    return MCConfig(**{name: getattr(args, flag[2:].replace("-", "_")) for flag, name in FLAGS.items()})
+
+
+def build_nets(cfg: MCConfig, d_model: int):
+    """GistNet and LensNet at the GPT's width, as the config says (imports here: config stays torch-free)."""
+    from megacontext.gistnet import GistNet
+    from megacontext.lensnet import LensNet
+
+    if d_model % cfg.n_head or (d_model // cfg.n_head) % 2:
+        raise UserError(f"model width {d_model} needs an even head size for MegaContext n_head={cfg.n_head}")
+    gistnet = GistNet(
+        d_model,
+        cfg.n_head,
+        cfg.gistnet_layers,
+        cfg.block_size,
+        cfg.gistnet_type,
+        cfg.gistnet_pooling,
+        cfg.gistnet_head,
+        cfg.max_level,
+    )
+    lensnet = LensNet(d_model, cfg.n_head, cfg.lensnet_layers, cfg.lensnet_head, cfg.max_level)
+    return gistnet, lensnet

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -111,8 +112,9 @@ def wc_positions(entries, positions: str) -> tuple[list[float], list[float]]:
 
 
 def curriculum_budget(cfg: MCConfig, seq_len: int, progress: float) -> int:
-    """C2 anneals linearly from 0.8·T to the target budget over the first half of training."""
-    start = max(cfg.wc_budget, int(0.8 * seq_len))
+    """C2 anneals linearly from curriculum_start·T (0.8 by default) to the target over the first half of
+    training: early on the GPT sees mostly raw text while GistNet's gists are still noise."""
+    start = max(cfg.wc_budget, int(cfg.curriculum_start * seq_len))
     frac = min(1.0, max(0.0, progress) / 0.5)
     return int(round(start + (cfg.wc_budget - start) * frac))
 
@@ -122,7 +124,7 @@ def auto_device_batch(device_batch: int, seq_len: int, cfg: MCConfig) -> int:
 
     An MC row runs (variants + 2) working contexts of at most 0.8·T slots at the start of the curriculum.
     """
-    per_row = (cfg.variants + 2) * max(cfg.wc_budget, int(0.8 * seq_len))
+    per_row = (cfg.variants + 2) * max(cfg.wc_budget, int(cfg.curriculum_start * seq_len))
     return max(1, (device_batch * seq_len) // per_row)
 
 
@@ -149,7 +151,9 @@ def plan_row(shape: SequenceShape, cfg: MCConfig, budget: int, recent: int, rng:
     editable = [
         i
         for i, e in enumerate(base.entries)
-        if not base.is_protected(e) and (e.level >= 1 or e.size == K) and (e.level >= 1 or shape.max_level >= 1)
+        if not base.is_protected(e)
+        and (e.level >= 1 or e.size == K)
+        and (e.level >= 1 or shape.max_level >= 1)
     ]
     rng.shuffle(editable)
     candidates = sorted(editable[: cfg.variants])
@@ -162,6 +166,12 @@ def plan_row(shape: SequenceShape, cfg: MCConfig, budget: int, recent: int, rng:
             variants.append(base.apply([Edit("collapse", 1, e.start // K)], shape))
         expands.append(e.level >= 1)
     return RowPlan([baseline, base, *variants], candidates, expands)
+
+
+def row_rng(seed: int, row: torch.Tensor) -> random.Random:
+    """A row's own random stream, keyed by the seed and the row's tokens, not by its place in the batch: the
+    same row gets the same variants whichever rank or micro-batch it lands in (DDP = single process)."""
+    return random.Random(f"{seed}:{zlib.crc32(row.detach().cpu().numpy().tobytes())}")
 
 
 def lens_positions(entries, positions: str, query_end: int, K: int):
@@ -228,8 +238,18 @@ def lens_loss_fn(scores: torch.Tensor, utility: torch.Tensor) -> tuple[torch.Ten
     return loss, rank_agree, sign_agree
 
 
-def mc_train_step(model, gistnet, lensnet, x: torch.Tensor, cfg: MCConfig, progress: float, rng: random.Random):
-    """One MC micro-batch. x: [B, T+1] token ids. Returns (loss, metrics dict of floats).
+def mc_train_step(
+    model,
+    gistnet,
+    lensnet,
+    x: torch.Tensor,
+    cfg: MCConfig,
+    progress: float,
+    seed: int,
+    targets: torch.Tensor | None = None,
+):
+    """One MC micro-batch. x: [B, T+1] token ids; targets [B, T] (default x[:, 1:]; -1 = no loss, e.g. the
+    non-assistant tokens of a chat row). Returns (loss, metrics dict of floats).
 
     The loss = token loss (mean horizon loss over all working contexts) + lens_weight · lens loss
     (+ gist_weight · gist loss). Backward it as usual: GPT, GistNet and LensNet all get gradients.
@@ -239,14 +259,17 @@ def mc_train_step(model, gistnet, lensnet, x: torch.Tensor, cfg: MCConfig, progr
     K, H = cfg.block_size, cfg.horizon
     recent = max(cfg.recent, H + K)
     assert T % K == 0, f"MC needs the sequence length ({T}) to be a multiple of the block size ({K})"
-    inputs, targets = x[:, :T], x[:, 1:]
+    inputs = x[:, :T]
+    targets = x[:, 1:] if targets is None else targets
     levels = trained_levels(cfg, T)
     shape = SequenceShape(K, T, levels)
     budget = curriculum_budget(cfg, T, progress)
-    plans = [plan_row(shape, cfg, budget, recent, rng) for _ in range(B)]
+    plans = [plan_row(shape, cfg, budget, recent, row_rng(seed, row)) for row in x]
 
+    t_ctrl = time.perf_counter() - t0
     embeds = model.wte(inputs)
     bank, offsets = build_bank(embeds, gistnet, K, levels)
+    t0 = time.perf_counter()
     d = bank.shape[-1]
     bank = torch.cat([bank, bank.new_zeros(B, 1, d)], dim=1)  # last row: padding
     pad_row = bank.shape[1] - 1
@@ -274,10 +297,12 @@ def mc_train_step(model, gistnet, lensnet, x: torch.Tensor, cfg: MCConfig, progr
     packed = bank[batch_ids[:, None], rows]  # [V, L, d]
     head_dim = model.config.head_dim
     cos, sin = gaussian_rotary(mu.to(device), sigma.to(device), head_dim)
-    t_ctrl = time.perf_counter() - t0
+    t_ctrl += time.perf_counter() - t0
 
     logits = model(embeds=packed, rotary=(cos, sin))
-    tok_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction="none")
+    tok_loss = F.cross_entropy(
+        logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction="none"
+    )
     tok_loss = tok_loss.view(len(seqs), L)
     counts = (tgt >= 0).sum(dim=1).clamp(min=1)
     per_wc = tok_loss.sum(dim=1) / counts  # horizon loss of each working context

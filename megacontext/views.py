@@ -15,6 +15,8 @@ horizon and the K query tokens before it raw, exactly as in training (megacontex
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,7 @@ from megacontext.config import MCConfig
 from megacontext.positional import gaussian_rotary
 from megacontext.training import lens_positions, run_lens
 from megacontext.tree import MegaContextTree
+from megacontext.entries import InvariantError
 from megacontext.working_context import WorkingContext
 from nanochat.gpt import apply_rotary_emb, norm
 
@@ -60,7 +63,19 @@ def build_tree(ids: list[int], model, gistnet, cfg: MCConfig, device) -> LevelCa
     tree = MegaContextTree.in_memory(cfg.block_size, model.config.n_embd)
     tree.append(ids)
     tree.gist_pending(embed=model.wte, gist=gistnet, device=device)
-    return LevelCap(tree, cfg.wc_levels)
+    # Use the trained levels; go coarser only when the history is too long for them to fit the budget.
+    cap = cfg.wc_levels
+    while cap < tree.max_level and not fits(LevelCap(tree, cap), cfg.wc_budget, cfg.recent):
+        cap += 1
+    return LevelCap(tree, cap)
+
+
+def fits(tree, budget: int, recent: int) -> bool:
+    try:
+        WorkingContext.coarsest(tree, budget, recent)
+        return True
+    except InvariantError:
+        return False
 
 
 def gpt_inputs(wc: WorkingContext, tree, model, cfg: MCConfig, device):
@@ -151,7 +166,9 @@ def focus(view, tree, model, lensnet, cfg: MCConfig, budget: int, recent: int, q
 
 
 @torch.no_grad()
-def horizon_logits(view: str, ids: list[int], h: int, model, gistnet, lensnet, cfg: MCConfig, device, tree=None):
+def horizon_logits(
+    view: str, ids: list[int], h: int, model, gistnet, lensnet, cfg: MCConfig, device, tree=None
+):
     """Logits [h, V] at the last h input positions of `ids` (inputs = ids[:-1]) under a view, plus info.
 
     Returns None for `full` when the history does not fit the rotary table. `tree` may be passed in to share
@@ -180,3 +197,38 @@ def horizon_logits(view: str, ids: list[int], h: int, model, gistnet, lensnet, c
 def horizon_nll(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
     """Per-token NLL [h] of the true next tokens."""
     return F.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device), reduction="none")
+
+
+@torch.no_grad()
+def view_bpb(rows, h: int, model, gistnet, lensnet, cfg: MCConfig, token_bytes, device, views=VIEWS) -> dict:
+    """Bits per byte of the last h tokens of each row (a list of token-id lists) under each view, plus
+    ΔNLL@H (nats per token) of each view vs full. A view that cannot run (full beyond the rotary table, or
+    the mc views without GistNet) is left out."""
+    nll = {v: 0.0 for v in views}
+    nbytes = {v: 0 for v in views}
+    ntok = {v: 0 for v in views}
+    for ids in rows:
+        targets = ids[-h:]
+        tb = token_bytes[torch.tensor(targets, device=token_bytes.device)].to(device)
+        tree = build_tree(ids[:-1], model, gistnet, cfg, device) if gistnet is not None else None
+        for v in views:
+            if v.startswith("mc") and gistnet is None:
+                continue
+            logits, _ = horizon_logits(v, ids, h, model, gistnet, lensnet, cfg, device, tree=tree)
+            if logits is None:
+                continue
+            per_tok = horizon_nll(logits, targets)
+            keep = tb > 0
+            nll[v] += float(per_tok[keep].sum())
+            nbytes[v] += int(tb[keep].sum())
+            ntok[v] += int(keep.sum())
+    out = {}
+    for v in views:
+        if nbytes[v]:
+            out[f"bpb/{v}"] = nll[v] / nbytes[v] / math.log(2)
+            out[f"nll/{v}"] = nll[v] / ntok[v]
+    if "nll/full" in out:
+        for v in views:
+            if f"nll/{v}" in out and v != "full":
+                out[f"dnll/{v}"] = out[f"nll/{v}"] - out["nll/full"]
+    return out

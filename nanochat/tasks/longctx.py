@@ -388,3 +388,23 @@ def training_row(rng: random.Random, tokenizer, length: int, chars_per_token: fl
         if len(ids) >= length:
             return ids[-length:]
         chars = int(chars * 1.3)
+
+
+def mix_into_batch(x, y, frac: float, tokenizer, seed: int):
+    """Replace about `frac` of the rows of a loader batch (inputs x, targets y: [B, T]) by end-aligned
+    long-context rows (training_row). Which rows, and what replaces them, is decided by each row's own
+    content and the seed, not by its position, so a row is treated the same on any rank or micro-batch."""
+    import zlib
+
+    import torch
+
+    if frac <= 0:
+        return x, y
+    rows = torch.cat([x, y[:, -1:]], dim=1)
+    out = rows.clone()
+    for i, row in enumerate(rows):
+        h = zlib.crc32(row.cpu().numpy().tobytes()) ^ (seed * 2654435761 & 0xFFFFFFFF)
+        if (h % 10_000) < frac * 10_000:
+            ids = training_row(random.Random(h), tokenizer, rows.shape[1])
+            out[i] = torch.tensor(ids, dtype=rows.dtype, device=rows.device)
+    return out[:, :-1], out[:, 1:]

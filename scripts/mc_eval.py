@@ -1,0 +1,202 @@
+"""The long-context suite: passkey, multi-query associative recall and variable tracking, with the evidence
+placed 1x..64x the working-context budget before the question (so a recent window of the budget's size
+cannot see it), scored under five views of the same history (megacontext/views.py).
+
+Accuracy is greedy exact match of the whole answer (teacher-forced argmax at every answer token, which is
+exactly what greedy decoding would produce), with a 95 % Wilson interval; dnll is the answer's mean NLL
+under the view minus under full attention. Prints one JSON line per task and a Markdown table, and appends
+the table to the report.
+
+    python -m scripts.mc_eval --task all --n 50 --source base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from megacontext.config import MCConfig, build_nets
+from megacontext.views import VIEWS, build_tree, horizon_logits, horizon_nll
+from nanochat.checkpoint_manager import build_model, load_mc_state, resolve_checkpoint
+from nanochat.common import UserError, compute_init, print0, run_main
+from nanochat.tasks import longctx
+
+SUITES = {
+    # name: (generator task, keyword arguments); passkey mixes digit and UUID keys, with distractors
+    "passkey": [("passkey", {"key_kind": "digits", "n_distractors": 3}), ("passkey", {"key_kind": "uuid"})],
+    "mqar": [("mqar", {"n_pairs": 8}), ("mqar", {"n_pairs": 16})],
+    "vartrack": [("vartrack", {"n_hops": 3})],
+}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of k successes out of n."""
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@torch.no_grad()
+def evaluate(examples, tokenizer, model, gistnet, lensnet, cfg: MCConfig, views, device) -> dict:
+    """Per view: correct count, summed answer NLL, WC sizes and edits over the examples."""
+    out = {v: {"correct": 0, "nll": 0.0, "n": 0, "wc": 0, "edits": 0} for v in views}
+    full_nll = []
+    for ex in examples:
+        prompt = tokenizer.encode(ex["prompt"], prepend=tokenizer.get_bos_token_id())
+        answer = tokenizer.encode(ex["answer"])
+        ids = prompt + answer
+        h = len(answer)
+        tree = build_tree(ids[:-1], model, gistnet, cfg, device) if gistnet is not None else None
+        nll_full = None
+        for v in views:
+            if v.startswith("mc") and gistnet is None:
+                continue
+            logits, info = horizon_logits(v, ids, h, model, gistnet, lensnet, cfg, device, tree=tree)
+            if logits is None:
+                continue
+            nll = float(horizon_nll(logits, answer).mean())
+            if v == "full":
+                nll_full = nll
+            r = out[v]
+            r["correct"] += int(logits.argmax(dim=-1).tolist() == answer)
+            r["nll"] += nll
+            r["n"] += 1
+            r["wc"] += info["wc_size"]
+            r["edits"] += info["edits"]
+        full_nll.append(nll_full)
+    out["_full_nll"] = full_nll
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", default="all", choices=[*SUITES, "all"], help="which suite to run")
+    parser.add_argument("--n", type=int, default=50, help="examples per (task, distance)")
+    parser.add_argument("--distances", default="1,4,8,16,64", help="evidence distances, x the WC budget")
+    parser.add_argument(
+        "--views", default=",".join(VIEWS), help=f"comma-separated subset of {','.join(VIEWS)}"
+    )
+    parser.add_argument("--source", default="base", choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("--model-tag", default=None)
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--wc-budget", type=int, default=None, help="override the checkpoint's W_max")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
+    args = parser.parse_args()
+    views = [v for v in args.views.split(",") if v]
+    if bad := [v for v in views if v not in VIEWS]:
+        raise UserError(f"unknown view(s) {bad}; choose from {', '.join(VIEWS)}")
+    try:
+        distances = [int(x) for x in args.distances.split(",") if x]
+    except ValueError:
+        raise UserError(f"--distances must be comma-separated integers, got {args.distances!r}") from None
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+
+    _, _, _, _, device = compute_init(args.device_type)
+    ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")
+    gistnet = lensnet = None
+    cfg = MCConfig.from_dict(meta["mc"]) if meta.get("mc") else MCConfig()
+    if meta.get("mc"):
+        gistnet, lensnet = build_nets(cfg, model.config.n_embd)
+        state = load_mc_state(ckpt_dir, step, device)
+        gistnet.load_state_dict(state["gistnet"])
+        lensnet.load_state_dict(state["lensnet"])
+        gistnet.to(device).eval()
+        lensnet.to(device).eval()
+    else:
+        views = [v for v in views if not v.startswith("mc")]
+        print0("checkpoint has no MegaContext nets: running the full and window views only")
+    if args.wc_budget:
+        cfg.wc_budget = args.wc_budget
+    label = f"{args.source}/{ckpt_dir.name}@{step}"
+    suites = list(SUITES) if args.task == "all" else [args.task]
+    lines, table = [], []
+    t0 = time.time()
+    for suite in suites:
+        for task, kw in SUITES[suite]:
+            name = f"{task}:{','.join(f'{k}={v}' for k, v in kw.items())}"
+            results = []
+            for dx in distances:
+                examples = longctx.make_examples(
+                    task,
+                    args.n,
+                    dx * cfg.wc_budget,
+                    seed=args.seed + dx,
+                    prefix=cfg.wc_budget // 2,
+                    count=lambda s: len(tokenizer.encode(s)),
+                    **kw,
+                )
+                r = evaluate(examples, tokenizer, model, gistnet, lensnet, cfg, views, device)
+                full_nll = r.pop("_full_nll")
+                for v in views:
+                    s = r[v]
+                    if s["n"] == 0:
+                        results.append({"view": v, "distance_x": dx, "n": 0, "accuracy": None})
+                        continue
+                    lo, hi = wilson(s["correct"], s["n"])
+                    dnll = None
+                    if all(x is not None for x in full_nll):
+                        dnll = s["nll"] / s["n"] - sum(full_nll) / len(full_nll)
+                    results.append(
+                        {
+                            "view": v,
+                            "distance_x": dx,
+                            "n": s["n"],
+                            "accuracy": s["correct"] / s["n"],
+                            "ci95_low": lo,
+                            "ci95_high": hi,
+                            "dnll": dnll,
+                            "wc_size": s["wc"] / s["n"],
+                            "edits": s["edits"] / s["n"],
+                        }
+                    )
+                    table.append((name, dx, v, results[-1]))
+            line = {"task": name, "wc_budget": cfg.wc_budget, "checkpoint": label, "results": results}
+            lines.append(line)
+            print(json.dumps(line), flush=True)
+    md = markdown_table(table, distances, views)
+    print0(md)
+    print0(f"mc_eval took {time.time() - t0:.1f}s")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+    try:
+        from nanochat.report import get_report
+
+        get_report().log(section=f"Long-context eval ({args.source})", data=[{"checkpoint": label}, md])
+    except ImportError:
+        pass
+
+
+def markdown_table(rows, distances, views) -> str:
+    """One row per (task, view), one column per distance: accuracy % [95 % interval]."""
+    head = "| task | view | " + " | ".join(f"{d}x" for d in distances) + " |"
+    sep = "|" + "---|" * (2 + len(distances))
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for name, dx, v, r in rows:
+        acc = r.get("accuracy")
+        text = (
+            "–" if acc is None else f"{100 * acc:.0f} [{100 * r['ci95_low']:.0f}-{100 * r['ci95_high']:.0f}]"
+        )
+        cells.setdefault((name, v), {})[dx] = text
+    body = [
+        f"| {name} | {v} | " + " | ".join(c.get(d, "–") for d in distances) + " |"
+        for (name, v), c in cells.items()
+    ]
+    return "\n".join([head, sep, *body])
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,153 @@
+"""The MegaContext training step (megacontext/training.py): the ways such systems silently fail (issue 6)."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megacontext import training
+from megacontext.config import MCConfig, build_nets
+from megacontext.entries import Entry
+from megacontext.positional import gaussian_rotary
+from megacontext.working_context import WorkingContext
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import setup_optimizers
+
+T, K, V, D = 128, 8, 97, 64
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(T, V, 2, 2, 2, D))
+    model.init_weights()
+    cfg = MCConfig(
+        block_size=K, wc_budget=48, recent=24, horizon=16, variants=4, n_head=2, curriculum_start=0.0, **kw
+    )
+    gistnet, lensnet = build_nets(cfg, D)
+    return model, gistnet, lensnet, cfg
+
+
+def batch(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T + 1), generator=g)
+
+
+@pytest.mark.parametrize("budget", [48, 64, 100])
+@pytest.mark.parametrize("seed", range(5))
+def test_variants_satisfy_invariants(budget, seed):
+    cfg = MCConfig(block_size=K, wc_budget=48, recent=24, horizon=16, variants=6)
+    shape = training.SequenceShape(K, T, 2)
+    plan = training.plan_row(shape, cfg, budget, 24, random.Random(seed))
+    baseline, base, *variants = plan.wcs
+    assert len(variants) == len(plan.candidates) > 0
+    for wc in plan.wcs:
+        wc.check(shape)  # every DESIGN §2 invariant, against the row's tree structure
+        assert wc.cost <= budget
+        assert [e for e in wc.entries if e.end > T - 24] == [Entry(0, s, s + K) for s in range(T - 24, T, K)]
+    assert len({v.entries for v in variants}) == len(variants)  # deduplicated
+    for i, v in zip(plan.candidates, variants):  # each variant differs from the base in that one entry
+        changed = set(base.entries) ^ set(v.entries)
+        assert base.entries[i] in changed
+        assert v != base
+
+
+def test_all_raw_working_context_equals_vanilla_forward():
+    model, gistnet, _, cfg = tiny()
+    x = batch(1)[:, :T]
+    bank, offsets = training.build_bank(model.wte(x), gistnet, K, 2)
+    entries = [Entry(0, s, s + K) for s in range(0, T, K)]
+    rows = torch.tensor(training.entry_rows(entries, offsets, K))
+    mu, sigma = training.wc_positions(entries, "wc_index")
+    cos, sin = gaussian_rotary(torch.tensor(mu)[None], torch.tensor(sigma)[None], model.config.head_dim)
+    with torch.no_grad():
+        mc = model(embeds=bank[0, rows][None], rotary=(cos, sin))
+        vanilla = model(idx=x)
+    assert torch.equal(mc, vanilla)
+    mu_g, sigma_g = training.wc_positions(entries, "global")  # all raw: global = index positions too
+    assert mu_g == mu and sigma_g == sigma
+
+
+def test_baseline_loss_is_the_vanilla_horizon_loss_with_true_next_tokens():
+    """With a budget that holds the whole row, the baseline WC is all raw: its loss must be the vanilla
+    next-token loss on the horizon, labels = the true next tokens."""
+    model, gistnet, lensnet, cfg = tiny()
+    cfg.wc_budget = T
+    x = batch(2)
+    with torch.no_grad():
+        _, metrics = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, seed=0)
+        logits = model(idx=x[:, :T])
+    h = cfg.horizon
+    expect = F.cross_entropy(logits[:, -h:].reshape(-1, V), x[:, T - h + 1 :].reshape(-1))
+    assert metrics["mc/baseline_loss"] == pytest.approx(float(expect), abs=1e-5)
+
+
+def test_loss_is_taken_on_horizon_raw_positions_only():
+    model, gistnet, lensnet, cfg = tiny()
+    x = batch(2)
+    targets = x[:, 1:].clone()
+    with torch.no_grad():
+        ref, _ = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, seed=0, targets=targets)
+        outside = targets.clone()
+        outside[:, : T - cfg.horizon] = (outside[:, : T - cfg.horizon] + 1) % V
+        same, _ = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, seed=0, targets=outside)
+        inside = targets.clone()
+        inside[:, -1] = (inside[:, -1] + 1) % V
+        diff, _ = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, seed=0, targets=inside)
+    assert torch.equal(ref, same)
+    assert not torch.equal(ref, diff)
+
+
+def test_lens_loss_pushes_positive_utility_scores_up():
+    scores = torch.zeros(4, requires_grad=True)
+    utility = torch.tensor([0.5, 0.0, -0.1, 0.0])
+    loss, _, _ = training.lens_loss_fn(scores, utility)
+    loss.backward()
+    assert scores.grad[0] < 0  # gradient descent raises the score of the entry whose detail helps
+    assert scores.grad[2] > 0  # and lowers the one whose detail hurts
+
+
+def test_every_parameter_of_gpt_gistnet_and_lensnet_gets_a_gradient():
+    model, gistnet, lensnet, cfg = tiny()
+    opts = setup_optimizers(model, extra_modules=[gistnet, lensnet])
+    in_opt = {id(p) for o in opts for g in o.param_groups for p in g["params"]}
+    for mod in (gistnet, lensnet):
+        assert all(id(p) in in_opt for p in mod.parameters())  # the nets are in an optimizer
+    # zero-initialised output projections give no gradient upstream at step 0 (by design, as in the
+    # GPT); after a few steps every parameter must receive one
+    for step in range(4):
+        for m in (model, gistnet, lensnet):
+            m.zero_grad(set_to_none=True)
+        loss, _ = training.mc_train_step(model, gistnet, lensnet, batch(3, step), cfg, 0.5, seed=step)
+        loss.backward()
+        if step < 3:
+            for o in opts:
+                o.step()
+    for name, mod in (("gpt", model), ("gistnet", gistnet), ("lensnet", lensnet)):
+        dead = [n for n, p in mod.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not dead, f"{name} parameters without gradient: {dead}"
+
+
+def test_same_row_gets_same_variants_wherever_it_lands():
+    x = batch(4)
+    a = [training.row_rng(7, row).random() for row in x]
+    b = [training.row_rng(7, row).random() for row in x.flip(0)][::-1]
+    assert a == b
+
+
+def test_curriculum_anneals_to_the_target():
+    cfg = MCConfig(wc_budget=128, curriculum_start=0.8)
+    assert training.curriculum_budget(cfg, 1024, 0.0) == 819
+    assert training.curriculum_budget(cfg, 1024, 0.25) == round(819 + (128 - 819) * 0.5)
+    assert training.curriculum_budget(cfg, 1024, 0.5) == 128
+    assert training.curriculum_budget(cfg, 1024, 1.0) == 128
+
+
+def test_working_context_positions_stay_in_the_trained_range():
+    """wc_index: however long the history, slot positions stay below the budget."""
+    shape = training.SequenceShape(K, 8 * T, 2)
+    wc = WorkingContext.from_tree(shape, 48, 24)
+    mu, sigma = training.wc_positions(wc.entries, "wc_index")
+    assert max(mu) < 48 and set(sigma) == {0.0}
+    mu_g, _ = training.wc_positions(wc.entries, "global")
+    assert max(mu_g) > T  # the global scheme would leave the range the model was trained on
