@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from megacontext.allocator import FocusAllocator
 from megacontext.config import MCConfig
+from megacontext.entries import InvariantError
 from megacontext.positional import gaussian_rotary
 from megacontext.training import lens_positions, run_lens
 from megacontext.tree import MegaContextTree
-from megacontext.entries import InvariantError
 from megacontext.working_context import WorkingContext
 from nanochat.gpt import apply_rotary_emb, norm
 
