@@ -1,0 +1,162 @@
+"""The GPU recipes (speedrun.sh, run1000.sh): their --dry-run command lists, --help, resume, shellcheck.
+
+A dry run prints one command per line (a stage already done is a `# skip` comment) and installs nothing,
+so these tests run anywhere in well under a second per recipe.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = {"speedrun.sh": 20, "run1000.sh": 32}  # recipe -> depth
+TRAINING = ["scripts.base_train", "scripts.mid_train", "scripts.chat_sft"]
+ORDER = [
+    "nanochat.report reset",
+    "nanochat.dataset -n 8",
+    "scripts.tok_train",
+    "scripts.tok_eval",
+    "scripts.base_train",
+    "scripts.base_loss",
+    "scripts.base_eval",
+    "scripts.mid_train",
+    "scripts.chat_eval -i mid",
+    "scripts.chat_sft",
+    "scripts.chat_eval -i sft",
+    "nanochat.report generate",
+]
+
+
+def run(recipe: str, base: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
+    return subprocess.run(
+        ["bash", str(REPO / recipe), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def commands(recipe: str, base: Path, *args: str) -> list[list[str]]:
+    out = run(recipe, base, "--dry-run", *args)
+    assert out.returncode == 0, out.stderr
+    return [
+        shlex.split(line) for line in out.stdout.splitlines() if line.strip() and not line.startswith("#")
+    ]
+
+
+def module(cmd: list[str]) -> str:
+    return cmd[cmd.index("-m") + 1]
+
+
+def position(cmds: list[list[str]], step: str) -> int:
+    return next(i for i, c in enumerate(cmds) if step in " ".join(c))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("mc", [False, True])
+def test_dry_run_stage_order_mc_and_torchrun(recipe, mc, tmp_path):
+    depth = RECIPES[recipe]
+    cmds = commands(recipe, tmp_path, *(["--mc"] if mc else []))
+    assert [position(cmds, s) for s in ORDER] == sorted(position(cmds, s) for s in ORDER)
+    background = [c for c in cmds if c[-1] == "&"]
+    assert len(background) == 1 and "nanochat.dataset" in background[0]  # the bulk download runs alongside
+    assert (
+        position(cmds, "nanochat.dataset -n 8")
+        < cmds.index(background[0])
+        < position(cmds, "scripts.tok_train")
+    )
+    tag = f"d{depth}-mc" if mc else f"d{depth}"
+    heavy = [c for c in cmds if c[0] == "torchrun"]
+    assert {module(c) for c in heavy} >= {
+        *TRAINING,
+        "scripts.base_loss",
+        "scripts.base_eval",
+        "scripts.chat_eval",
+    }
+    for c in heavy:
+        assert c[1:4] == ["--standalone", "--nproc-per-node", "8"] and c[4] == "-m"
+        assert c[c.index("--model-tag") + 1] == tag  # every stage works on the same model
+        assert ("--mc" in c) == (mc and module(c) in TRAINING)  # --mc reaches every training stage, only them
+    base_train = next(c for c in heavy if module(c) == "scripts.base_train")
+    assert base_train[base_train.index("--depth") + 1] == str(depth)
+    session = [c for c in heavy if "--mc-session" in c]
+    assert len(session) == (1 if mc else 0)
+
+
+def test_nproc_rl_run_name_and_extra_flags(tmp_path):
+    cmds = commands(
+        "speedrun.sh",
+        tmp_path,
+        "--nproc",
+        "4",
+        "--rl",
+        "--run",
+        "exp1",
+        "--mc",
+        "--",
+        "--mc-wc-budget",
+        "256",
+    )
+    heavy = [c for c in cmds if c[0] == "torchrun"]
+    assert all(c[3] == "4" for c in heavy)
+    for c in heavy:
+        if module(c) in TRAINING:
+            assert c[c.index("--run") + 1] == "exp1" and c[-2:] == ["--mc-wc-budget", "256"]
+        else:
+            assert "--mc-wc-budget" not in c
+    assert position(cmds, "scripts.chat_sft") < position(cmds, "scripts.chat_rl") < position(cmds, "-i rl")
+    assert position(cmds, "-i rl") < position(cmds, "nanochat.report generate")
+
+
+def test_rerun_skips_done_stages_and_resumes_interrupted_training(tmp_path):
+    state = tmp_path / "recipe_state"
+    state.mkdir()
+    for stage in ("data-head", "data", "tok-train", "tok-eval", "base-train"):
+        (state / f"d20-{stage}.done").touch()
+    mid = tmp_path / "mid_checkpoints" / "d20"
+    mid.mkdir(parents=True)
+    for step in (500, 1000):
+        (mid / f"meta_{step:06d}.json").write_text("{}")
+    out = run("speedrun.sh", tmp_path, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    skipped = [x for x in lines if x.startswith("# skip")]
+    assert len(skipped) == 4 and any("base-train" in x and "scripts.base_train" in x for x in skipped)
+    assert not any(
+        "nanochat.report reset" in x or "nanochat.dataset" in x for x in lines if not x.startswith("#")
+    )
+    cmds = commands("speedrun.sh", tmp_path)
+    mid_cmd = next(c for c in cmds if "scripts.mid_train" in c)
+    assert mid_cmd[-2:] == ["--resume-from-step", "1000"]
+    base_loss = next(c for c in cmds if "scripts.base_loss" in c)  # the next stage after the done ones runs
+    assert "--resume-from-step" not in base_loss
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_help_documents_every_flag_and_bad_flags_fail(recipe, tmp_path):
+    text = (REPO / recipe).read_text()
+    flags = set(re.findall(r"^\s+(-[-\w]+(?: \| -[-\w]+)*)\)", text, re.M))
+    flags = {f for group in flags for f in group.split(" | ")} - {"--"}
+    assert {"--mc", "--rl", "--nproc", "--run", "--dry-run", "--help"} <= flags
+    out = run(recipe, tmp_path, "--help")
+    assert out.returncode == 0
+    for flag in flags:
+        assert re.search(rf"^\s+(-\w, )?{re.escape(flag)}\b", out.stdout, re.M), (
+            f"--help does not document {flag}"
+        )
+    bad = run(recipe, tmp_path, "--bogus")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown option --bogus (see --help)"
+
+
+def test_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI"):
+            pytest.fail("shellcheck is not installed; CI must install it (apt-get install shellcheck)")
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    out = subprocess.run(["shellcheck", *RECIPES], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
