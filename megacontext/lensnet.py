@@ -61,6 +61,7 @@ class LensNet(nn.Module):
         query_embeds: torch.Tensor,
         query_pos: torch.Tensor,
         entry_mask: torch.Tensor | None = None,
+        return_logits: bool = False,
     ) -> torch.Tensor:
         """entries [B, N, d] / [B, N] (lod long, mu and sigma in global token positions), query tokens
         [B, Q, d] at positions [B, Q] (Q >= 1), entry_mask bool [B, N] (True = real entry, False = padding;
@@ -96,7 +97,9 @@ class LensNet(nn.Module):
         h = norm(x[:, :N])
         if self.fc is not None:
             h = F.relu(self.fc(h)).square()
-        scores = torch.tanh(self.out(h).squeeze(-1))
+        logits = self.out(h).squeeze(-1)
+        # training ranks on the logits (tanh saturates and would stop the ranking gradient)
+        scores = logits if return_logits else torch.tanh(logits)
         return scores if entry_mask is None else scores.masked_fill(~keep, 0.0)
 
     def score(self, wc, query_embeds: torch.Tensor, query_pos: torch.Tensor):

@@ -42,7 +42,7 @@ from megacontext.positional import gaussian_rotary, span_mu_sigma
 from megacontext.working_context import WorkingContext
 
 UTILITY_SCALE = 0.05  # nats: a utility of this size maps to a regression target of tanh(1) = 0.76
-BT_SHARPNESS = 4.0  # Bradley–Terry logit = sharpness · (score_a - score_b); scores live in [-1, 1]
+LOGIT_L2 = 0.01  # keeps LensNet's logits in tanh's responsive range
 
 
 class SequenceShape:
@@ -199,8 +199,8 @@ def lens_inputs(entries: tuple[Entry, ...], bank: torch.Tensor, offsets: list[in
     return torch.stack(rows), [e.level for e in entries]
 
 
-def run_lens(lensnet, embeds, lod, mu, sigma, query_embeds, query_pos):
-    """LensNet on one working context given as lists/tensors; returns scores [N]."""
+def run_lens(lensnet, embeds, lod, mu, sigma, query_embeds, query_pos, return_logits: bool = False):
+    """LensNet on one working context given as lists/tensors; returns scores [N] (or pre-tanh logits)."""
     dev = embeds.device
     return lensnet(
         embeds[None],
@@ -209,32 +209,36 @@ def run_lens(lensnet, embeds, lod, mu, sigma, query_embeds, query_pos):
         torch.tensor(sigma, device=dev)[None],
         query_embeds[None],
         torch.tensor(query_pos, device=dev)[None],
+        return_logits=return_logits,
     )[0]
 
 
-def lens_loss_fn(scores: torch.Tensor, utility: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """Ranking + sign loss for one row's candidate scores [n] and measured utilities [n].
+def lens_loss_fn(logits: torch.Tensor, utility: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Ranking + sign loss for one row's candidate logits [n] (pre-tanh scores) and measured utilities [n].
 
-    Returns (loss, rank agreement over ordered pairs, sign agreement). Pairs whose utilities differ by less
-    than 1e-4 nats carry no preference and are skipped.
+    * Bradley–Terry over ordered pairs: P(a ranked above b) = sigmoid(logit_a - logit_b), weighted by how
+      much their utilities differ (pairs within 1e-4 nats carry no preference and are skipped);
+    * sign: tanh(logit) regresses on tanh((u - mean u) / scale) — centred on the row's mean utility, so detail
+      that helps more than average scores positive (expand / keep) and the rest negative (collapse): the
+      allocator can only spend budget on the evidence if something else refunds it;
+    * a small L2 on the logits keeps them from drifting into tanh's flat tails, where ranking would stop.
+
+    Returns (loss, rank agreement over ordered pairs, sign agreement).
     """
     diff_u = utility[:, None] - utility[None, :]
     pref = diff_u > 1e-4
-    # Budget neutrality: the target is centred on the row's mean utility, so detail that helps more than
-    # average scores positive (expand / keep) and the rest negative (collapse): the allocator can only
-    # spend budget on the evidence if something else refunds it.
     target = torch.tanh((utility - utility.mean()) / UTILITY_SCALE)
-    loss = F.mse_loss(scores, target)
+    loss = F.mse_loss(torch.tanh(logits), target) + LOGIT_L2 * logits.square().mean()
     rank_agree, sign_agree = float("nan"), float("nan")
     if pref.any():
-        diff_s = scores[:, None] - scores[None, :]
+        diff_s = logits[:, None] - logits[None, :]
         weight = diff_u.abs().clamp(max=1.0)[pref]
-        bt = F.softplus(-BT_SHARPNESS * diff_s[pref])
+        bt = F.softplus(-diff_s[pref])
         loss = loss + (weight * bt).sum() / weight.sum()
         rank_agree = float((diff_s[pref] > 0).float().mean())
     signed = utility.abs() > 1e-3
     if signed.any():
-        sign_agree = float(((scores[signed] > 0) == (utility[signed] > 0)).float().mean())
+        sign_agree = float(((logits[signed] > 0) == (utility[signed] > 0)).float().mean())
     return loss, rank_agree, sign_agree
 
 
@@ -325,7 +329,7 @@ def mc_train_step(
         e_emb, lod = lens_inputs(base.entries, bank[b].detach(), offsets, K)
         e_mu, e_sig, q_pos = lens_positions(base.entries, cfg.positions, horizon_start, K)
         q_emb = embeds[b, horizon_start - K : horizon_start].detach()
-        scores = run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos)
+        scores = run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos, return_logits=True)
         cand = torch.tensor(plan.candidates, device=device)
         loss_b, ra, sa = lens_loss_fn(scores[cand], utility)
         lens_losses.append(loss_b)
