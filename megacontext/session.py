@@ -141,6 +141,12 @@ class MCSession:
         self.telemetry = Telemetry()
         g = model.config
         self.cache = SlotKVCache(g.n_layer, g.n_kv_head, g.head_dim, cfg.wc_budget + 1, self.device)
+        # wc_index: slot s always has RoPE phase s, so one table serves every WC
+        slots = torch.arange(cfg.wc_budget + 1, dtype=torch.float32, device=self.device)
+        self._slot_rotary = (
+            gaussian_rotary(slots[None], 0.0, g.head_dim) if self.positions == "wc_index" else None
+        )
+        self._last_token = (-1, -1)  # (position, id) of the newest generated token: no tree read to embed it
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
         self.messages: list[dict] = []  # the conversation as chat messages (what a user sees)
         self.last_edits: list[Edit] = []  # what the last refocus that changed anything changed...
@@ -259,6 +265,8 @@ class MCSession:
         dtype = self.model.wte.weight.dtype
         out = torch.empty(len(keys), self.tree.d, device=self.device, dtype=dtype)
         raw = (level == 0).numpy()
+        if len(keys) == 1 and raw[0] and int(index[0]) == self._last_token[0]:  # the common decode step
+            return self.model.wte(torch.tensor([self._last_token[1]], device=self.device))
         if raw.any():
             pos = index.numpy()[raw]
             runs = np.split(pos, np.nonzero(np.diff(pos) != 1)[0] + 1)  # contiguous spans: one read each
@@ -284,9 +292,12 @@ class MCSession:
             self.cache.truncate(valid)
             self._logits = None
         new_mu, new_sigma = mu[valid:], sigma[valid:]
-        cos, sin = gaussian_rotary(
-            new_mu[None].to(self.device), new_sigma[None].to(self.device), self.model.config.head_dim
-        )
+        if self._slot_rotary is not None:
+            cos, sin = (t[:, valid:L] for t in self._slot_rotary)
+        else:
+            cos, sin = gaussian_rotary(
+                new_mu[None].to(self.device), new_sigma[None].to(self.device), self.model.config.head_dim
+            )
         self.cache.stage(keys[valid:], new_mu, new_sigma)
         # The GPT makes logits for every row it is given; a step needs the last row's only. After an edit
         # hundreds of slots are recomputed and the LM head (V x d per row) was 80% of that (measured: 500
@@ -304,6 +315,7 @@ class MCSession:
 
     def _append(self, token: int) -> None:
         """One generated token into the memory; refocus when it completes a block."""
+        self._last_token = (self.tree.num_tokens, token)
         self.tree.append([token])
         self._absorb()
         if self._boundary_crossed():
