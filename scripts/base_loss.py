@@ -1,0 +1,94 @@
+"""Bits per byte of a checkpoint on the train and val splits, plus a few greedy samples.
+
+    python -m scripts.base_loss                                  # latest base checkpoint
+    python -m scripts.base_loss --model-tag d4 --step 500 --split-tokens 1048576
+    torchrun --nproc-per-node 8 -m scripts.base_loss
+
+Both splits are read from their start, so the figures are reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from nanochat.checkpoint_manager import build_model, resolve_checkpoint
+from nanochat.common import UserError, compute_cleanup, compute_init, print0, run_main
+from nanochat.dataloader import DataLoader
+from nanochat.engine import Engine
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from scripts.bench_train import autocast_ctx, pick_dtype
+
+PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "def fibonacci(n):",
+]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", type=str, default="base", help="checkpoint family: base|mid|sft|rl")
+    p.add_argument("--model-tag", type=str, default=None, help="checkpoint tag (default: the largest model)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
+    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward per rank")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens sampled per prompt")
+    p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--dtype", type=str, default="auto", help="auto|float32|bfloat16")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    _, rank, _, world_size, device = compute_init(args.device_type)
+    dtype = pick_dtype(device, args.dtype)
+    ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+    model, tokenizer, _ = build_model(ckpt_dir, step, device, phase="eval")
+    token_bytes = get_token_bytes(device)
+    B, T = args.device_batch_size, model.config.sequence_len
+    tokens_per_step = B * T * world_size
+    steps = args.split_tokens // tokens_per_step
+    if steps < 1:
+        raise UserError(
+            f"--split-tokens {args.split_tokens} is less than one batch ({B} x {T} x {world_size} ranks)"
+        )
+    print0(f"{ckpt_dir} step {step}: {steps} batches of {tokens_per_step:,} tokens per split")
+
+    bpb = {}
+    for split in ("train", "val"):
+        loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size)
+        with autocast_ctx(device, dtype):
+            bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        print0(f"{split} bpb: {bpb[split]:.6f}")
+
+    samples = []
+    if rank == 0:
+        engine = Engine(model, tokenizer)
+        bos = tokenizer.get_bos_token_id()
+        with autocast_ctx(device, dtype):
+            for prompt in PROMPTS:
+                results, _ = engine.generate_batch(
+                    tokenizer.encode(prompt, prepend=bos), max_tokens=args.max_new_tokens, temperature=0.0
+                )
+                text = tokenizer.decode(results[0][1:])  # drop BOS
+                samples.append(text)
+                print0(f"sample: {text!r}")
+
+    get_report().log(
+        "Base model loss",
+        [
+            {"checkpoint": f"{ckpt_dir} step {step}", "split tokens": steps * tokens_per_step},
+            {"train_bpb": bpb["train"], "val_bpb": bpb["val"]},
+            "samples:\n\n```\n" + "\n".join(samples) + "\n```",
+        ],
+    )
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)

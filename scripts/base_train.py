@@ -1,0 +1,337 @@
+"""Pretrain the base GPT on the parquet shards (next-token prediction).
+
+    python -m scripts.base_train --depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192
+    torchrun --nproc-per-node 8 -m scripts.base_train --depth 20
+
+`--depth` is the one dial: width, heads and (with --num-iterations -1) the training horizon follow
+from it. Checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
+from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanochat.dataloader import DataLoader
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import Muon, optimizer_params, setup_optimizers, sync_gradients
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from scripts.bench_train import autocast_ctx, peak_flops, pick_dtype, sync
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then",
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and horizon
+    p.add_argument("--depth", type=int, default=20, help="transformer layers; width = 64 * depth")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="training sequence length (tokens)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the data ratio)")
+    p.add_argument(
+        "--target-param-data-ratio",
+        type=float,
+        default=20,
+        help="tokens per parameter when -1 (Chinchilla: 20)",
+    )
+    # batch
+    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward per rank")
+    p.add_argument(
+        "--total-batch-size",
+        type=int,
+        default=524288,
+        help="tokens per optimizer step (grad accumulation fills it)",
+    )
+    # optimization
+    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding")
+    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the LM head")
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warm-up")
+    p.add_argument(
+        "--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay at the end"
+    )
+    p.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier reached at the last step")
+    # evaluation, sampling, checkpoints, logging
+    p.add_argument(
+        "--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); -1 = end only"
+    )
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
+    p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps; -1 = never")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
+    p.add_argument(
+        "--resume-from-step", type=int, default=-1, help="resume from this checkpoint step of --model-tag"
+    )
+    p.add_argument("--model-tag", type=str, default="", help="checkpoint directory name (default d<depth>)")
+    p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+    p.add_argument(
+        "--log-json", type=str, default="", help="also append one JSON object per step to this file"
+    )
+    # runtime
+    p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument(
+        "--dtype", type=str, default="auto", help="auto|float32|bfloat16 (auto: bf16 on CUDA, probe on CPU)"
+    )
+    p.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    user_config = vars(args).copy()
+    ddp, rank, _, world_size, device = compute_init(args.device_type, args.seed)
+    master = rank == 0
+    dtype = pick_dtype(device, args.dtype)
+    autocast = lambda: autocast_ctx(device, dtype)  # a fresh context per use
+
+    # ---- tokenizer and model (built on the meta device, then materialised and initialised in place)
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device)
+    config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)
+    with torch.device("meta"):
+        orig_model = GPT(config)
+    orig_model.to_empty(device=device)
+    orig_model.init_weights()
+    # orig_model: the plain module (checkpoints, sampling); model: what the training step calls
+    model = torch.compile(orig_model, dynamic=False) if device.type == "cuda" else orig_model
+    num_params = orig_model.num_params()
+    flops_per_token = orig_model.estimate_flops()
+    print0(f"model config: {json.dumps(config.to_dict())}")
+    print0(f"parameters: {num_params:,} | training FLOPs per token: {flops_per_token:.3e}")
+
+    # ---- batch geometry and horizon
+    B, T = args.device_batch_size, args.max_seq_len
+    tokens_per_fwdbwd = B * T * world_size
+    if args.total_batch_size % tokens_per_fwdbwd:
+        raise UserError(
+            f"--total-batch-size {args.total_batch_size} must be a multiple of device-batch-size x seq-len x ranks "
+            f"= {B} x {T} x {world_size} = {tokens_per_fwdbwd}"
+        )
+    grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_param_data_ratio > 0:
+        num_iterations = max(1, round(args.target_param_data_ratio * num_params / args.total_batch_size))
+    else:
+        raise UserError("give --num-iterations > 0 or --target-param-data-ratio > 0")
+    total_tokens = args.total_batch_size * num_iterations
+    print0(f"grad accumulation: {grad_accum_steps} micro-steps of {tokens_per_fwdbwd:,} tokens")
+    print0(
+        f"iterations: {num_iterations:,} | tokens: {total_tokens:,} | tokens:params {total_tokens / num_params:.2f}"
+    )
+
+    def lr_multiplier(it: int) -> float:
+        warmup = round(args.warmup_ratio * num_iterations)
+        warmdown = round(args.warmdown_ratio * num_iterations)
+        if it < warmup:
+            return (it + 1) / warmup
+        if it <= num_iterations - warmdown:
+            return 1.0
+        progress = (num_iterations - it) / warmdown
+        return progress + (1 - progress) * args.final_lr_frac
+
+    def muon_momentum(it: int) -> float:
+        frac = min(it / 300, 1.0)  # nanochat: ramp 0.85 -> 0.95 over the first 300 steps
+        return (1 - frac) * 0.85 + frac * 0.95
+
+    # ---- optimizers, data, resume
+    optimizers = setup_optimizers(
+        orig_model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay
+    )
+    sync_params = optimizer_params(optimizers)
+    model_tag = args.model_tag or f"d{args.depth}"
+    ckpt_dir = get_base_dir() / "base_checkpoints" / model_tag
+    step, loader_state = 0, None
+    loop = {"smooth_loss": 0.0, "train_time": 0.0, "timed_tokens": 0, "min_val_bpb": float("inf")}
+    # Exact resume needs model, optimizer and loader state only: training draws no random numbers
+    # (no dropout) and the schedules are functions of the step.
+    if args.resume_from_step >= 0:
+        model_state, optim_states, meta = load_checkpoint(
+            ckpt_dir, args.resume_from_step, device, load_optimizer=True, rank=rank
+        )
+        if meta["model_config"] != config.to_dict():
+            raise UserError(
+                f"checkpoint model config {meta['model_config']} differs from this run's {config.to_dict()}"
+            )
+        if len(meta["loader_states"]) != world_size:
+            raise UserError(
+                f"checkpoint was written by {len(meta['loader_states'])} ranks, this run has {world_size}"
+            )
+        orig_model.load_state_dict(model_state)
+        for opt, state in zip(optimizers, optim_states):
+            opt.load_state_dict(state)
+        step, loader_state, loop = meta["step"], meta["loader_states"][rank], meta["loop_state"]
+        print0(f"resumed from {ckpt_dir} step {step}")
+    train_loader = DataLoader(
+        tokenizer, B, T, "train", device, rank=rank, world_size=world_size, state=loader_state
+    )
+    eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
+
+    wandb_run = None
+    if args.run != "dummy" and master:
+        import wandb  # only when asked for: a plain run needs no wandb
+
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        wandb_run = wandb.init(
+            project="nanochat", name=args.run, config=user_config, mode=mode, dir=get_base_dir()
+        )
+    log_file = open(args.log_json, "a", encoding="utf-8") if args.log_json and master else None  # noqa: SIM115
+
+    def log(record: dict) -> None:
+        if log_file is not None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if wandb_run is not None:
+            wandb_run.log(record, step=record["step"])
+
+    def save(step: int) -> None:
+        loader_states = [None] * world_size
+        if ddp:
+            dist.all_gather_object(loader_states, train_loader.state_dict())
+        else:
+            loader_states = [train_loader.state_dict()]
+        meta = {
+            "step": step,
+            "model_config": config.to_dict(),
+            "user_config": user_config,
+            "device_batch_size": B,
+            "max_seq_len": T,
+            "loader_states": loader_states,
+            "loop_state": loop,
+        }
+        # every rank writes its optimizer state; rank 0 also the model, then (after a barrier inside
+        # save_checkpoint) the meta file that commits the step
+        model_state = orig_model.state_dict() if master else None
+        optim_states = [opt.state_dict() for opt in optimizers]
+        save_checkpoint(ckpt_dir, step, model_state, optim_states, meta, rank=rank)
+        print0(f"saved checkpoint {ckpt_dir} step {step}")
+
+    # ---- the loop: step = optimizer steps done so far
+    peak, peak_source = peak_flops(device, dtype)
+    print0(f"peak FLOP/s for MFU: {peak:.3e} per rank ({peak_source})")
+    start_step, val_bpb = step, float("nan")
+    ema_beta = 0.9
+    while True:
+        last_step = step == num_iterations
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            val_loader = DataLoader(tokenizer, B, T, "val", device, rank=rank, world_size=world_size)
+            with autocast():
+                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+            loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
+            print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
+            log({"step": step, "val_bpb": val_bpb})
+            model.train()
+        if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            orig_model.eval()
+            engine = Engine(orig_model, tokenizer)
+            prompts = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in SAMPLE_PROMPTS]
+            with autocast():
+                for prompt in prompts:
+                    results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=16, temperature=0.0)
+                    print0(f"sample: {tokenizer.decode(results[0][1:])!r}")  # without BOS
+            orig_model.train()
+        if last_step or (args.save_every > 0 and step != start_step and step % args.save_every == 0):
+            save(step)
+        if last_step:
+            break
+
+        # one optimizer step over total-batch-size tokens
+        sync(device)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum_steps):
+            x, y = next(train_loader)
+            with autocast():
+                loss = model(x, y)
+                # (--mc: MegaContext's bounded call into megacontext.training goes here; it returns the
+                # loss to backpropagate and its own metrics for the log line.)
+            loss_sum += loss.detach()
+            (loss / grad_accum_steps).backward()
+        sync_gradients(sync_params, world_size)
+        lrm = lr_multiplier(step)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if isinstance(opt, Muon):
+                    group["momentum"] = muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        orig_model.zero_grad(set_to_none=True)
+        train_loss = loss_sum / grad_accum_steps
+        if ddp:  # the logged loss is the mean over all ranks, as a single process would see it
+            dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
+            train_loss /= world_size
+        raw_loss = train_loss.item()  # also syncs the device, so dt below is the real step time
+        dt = time.perf_counter() - t0
+
+        loop["smooth_loss"] = ema_beta * loop["smooth_loss"] + (1 - ema_beta) * raw_loss
+        debiased = loop["smooth_loss"] / (1 - ema_beta ** (step + 1))
+        if step > start_step + 1:  # the first steps include one-off warm-up (compile, allocation)
+            loop["train_time"] += dt
+            loop["timed_tokens"] += args.total_batch_size
+        tok_per_s = args.total_batch_size / dt
+        mfu = flops_per_token * tok_per_s / (peak * world_size)
+        print0(
+            f"step {step:05d}/{num_iterations:05d} | loss {debiased:.6f} (raw {raw_loss:.6f}) | lrm {lrm:.3f} "
+            f"| dt {dt * 1000:.1f}ms | tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.2f}%"
+        )
+        log({"step": step, "loss": raw_loss, "smooth_loss": debiased, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s,
+             "mfu": mfu})  # fmt: skip
+        if not math.isfinite(raw_loss):
+            raise UserError(f"training diverged at step {step} (loss {raw_loss}); try a lower learning rate")
+        step += 1
+
+    # ---- wrap up
+    mean_mfu = flops_per_token * loop["timed_tokens"] / max(loop["train_time"], 1e-9) / (peak * world_size)
+    print0(f"min val bpb {loop['min_val_bpb']:.6f} | training time {loop['train_time'] / 60:.2f} min")
+    get_report().log(
+        "Base model training",
+        [
+            user_config,
+            {
+                "parameters": num_params,
+                "FLOPs per token": f"{flops_per_token:.3e}",
+                "iterations": num_iterations,
+                "training tokens": total_tokens,
+                "tokens:params": total_tokens / num_params,
+                "ranks": world_size,
+                "grad accumulation steps": grad_accum_steps,
+                "dtype": str(dtype).removeprefix("torch."),
+                "peak FLOP/s per rank": f"{peak:.3e} ({peak_source})",
+            },
+            {
+                "val_bpb": val_bpb,
+                "min val bpb": loop["min_val_bpb"],
+                "final train loss (smoothed)": loop["smooth_loss"] / (1 - ema_beta ** max(1, step)),
+                "MFU % (mean after warm-up)": round(100 * mean_mfu, 2),
+                "training time (min)": round(loop["train_time"] / 60, 2),
+            },
+            {"peak GPU memory (MiB)": round(torch.cuda.max_memory_allocated(device) / 2**20)}
+            if device.type == "cuda"
+            else {},
+        ],
+    )
+    if log_file is not None:
+        log_file.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,202 @@
+"""Training and decoding throughput of the GPT on this machine, as one JSON line.
+
+    python -m scripts.bench_train                       # depth 4, seq 512, batch 8, vocab 8192
+    python -m scripts.bench_train --depth 12 --max-seq-len 2048 --device-batch-size 16
+
+Random token data and no tokenizer, so it runs on a bare checkout. A timed step is the FULL optimizer
+step (forward + backward + optimizer), after warm-up steps that absorb compilation and allocator
+growth. MFU = model FLOPs of the tokens that ran / (time · peak), where the peak is a large matmul
+measured here in the same dtype (so a CPU figure is against what this CPU can actually do).
+Also home of the FLOP-measuring helpers base_train uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+from nanochat.common import UserError, compute_init, print0, resolve_device_type, run_main
+
+# Dense bf16 tensor-core peaks from the vendor datasheets (no sparsity).
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3
+) -> float:
+    """FLOP/s of an n×n @ n×n matmul in `dtype`, the best rate a dense model could hope for here."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):  # warm-up: first calls pick kernels and allocate
+        a @ b
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return 2 * n**3 * reps / elapsed
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from): the datasheet bf16 peak of a known GPU, else measured."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_BF16.items():
+            if key in name:
+                return flops, f"{name} datasheet"
+    n = 4096 if device.type == "cuda" else 1024
+    return measure_matmul_flops(
+        device, dtype, n=n
+    ), f"measured {n}x{n} {str(dtype).removeprefix('torch.')} matmul"
+
+
+def pick_dtype(device: torch.device, requested: str) -> torch.dtype:
+    """Compute dtype: bf16 autocast on CUDA; on CPU `auto` uses bf16 only if it is measurably faster."""
+    if requested == "float32":
+        return torch.float32
+    if requested == "bfloat16":
+        return torch.bfloat16
+    if requested != "auto":
+        raise UserError(f"--dtype must be auto, float32 or bfloat16, got {requested!r}")
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type != "cpu":
+        return torch.float32
+    # Without AMX/AVX512-BF16 a CPU emulates bf16 matmuls and is slower than fp32; with them it is faster.
+    fp32 = measure_matmul_flops(device, torch.float32, n=512, seconds=0.2)
+    bf16 = measure_matmul_flops(device, torch.bfloat16, n=512, seconds=0.2)
+    choice = torch.bfloat16 if bf16 > fp32 else torch.float32
+    print0(
+        f"cpu dtype probe: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s "
+        f"-> {str(choice).removeprefix('torch.')}"
+    )
+    return choice
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device.type, dtype=dtype)
+
+
+class _NoStopTokens:
+    """Engine asks its tokenizer for BOS and stop ids. Random data has no tokenizer, so the ids given are
+    outside the vocab: the model can never emit them, every decode runs its full length, and BOS is
+    never fed in (a single prompt needs no left padding)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def get_bos_token_id(self) -> int:
+        return self.vocab_size
+
+    def encode_special(self, name: str) -> int:
+        return self.vocab_size + 1
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--depth", type=int, default=4, help="model depth (width = 64 * depth)")
+    parser.add_argument("--max-seq-len", type=int, default=512, help="sequence length")
+    parser.add_argument("--device-batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="vocab size of the random data")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for decode speed")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--dtype", type=str, default="auto", help="auto|float32|bfloat16")
+    parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1/0 (default: on for CUDA)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    from nanochat.engine import Engine
+    from nanochat.gpt import GPT, config_for_depth
+    from nanochat.optim import setup_optimizers
+
+    args = parse_args()
+    if min(args.depth, args.max_seq_len, args.device_batch_size, args.steps) < 1:
+        raise UserError("--depth, --max-seq-len, --device-batch-size and --steps must be positive")
+    _, _, _, _, device = compute_init(resolve_device_type(args.device_type), seed=0)
+    dtype = pick_dtype(device, args.dtype)
+    config = config_for_depth(args.depth, args.vocab_size, args.max_seq_len)
+    model = GPT(config).to(device)
+    model.init_weights()
+    use_compile = args.compile == 1 or (args.compile == -1 and device.type == "cuda")
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    optimizers = setup_optimizers(model)
+    B, T = args.device_batch_size, args.max_seq_len
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def train_step() -> None:
+        x = torch.randint(0, args.vocab_size, (B, T + 1), generator=gen).to(device)
+        with autocast_ctx(device, dtype):
+            loss = train_model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup_steps):
+        train_step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        train_step()
+    sync(device)
+    train_time = time.perf_counter() - t0
+    tokens_per_s = args.steps * B * T / train_time
+    model_flops_per_s = model.estimate_flops() * tokens_per_s
+    peak, peak_source = peak_flops(device, dtype)
+
+    # Decode: one prompt, tokens generated one at a time through the KV cache.
+    prompt = torch.randint(0, args.vocab_size, (16,), generator=gen).tolist()
+    engine = Engine(model, _NoStopTokens(args.vocab_size))
+    model.eval()
+    with autocast_ctx(device, dtype):
+        for _ in engine.generate(prompt, max_tokens=4, temperature=0.0):  # warm-up
+            pass
+        sync(device)
+        t0 = time.perf_counter()
+        decoded = sum(1 for _ in engine.generate(prompt, max_tokens=args.decode_tokens, temperature=0.0))
+        sync(device)
+    decode_tokens_per_s = decoded / (time.perf_counter() - t0)
+
+    result = {
+        "tokens_per_s": round(tokens_per_s, 1),
+        "model_flops_per_s": model_flops_per_s,
+        "peak_flops_per_s": peak,
+        "mfu": model_flops_per_s / peak,
+        "decode_tokens_per_s": round(decode_tokens_per_s, 1),
+        "config": {
+            **config.to_dict(),
+            "device_batch_size": B,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "compile": use_compile,
+            "timed_steps": args.steps,
+            "num_params": model.num_params(),
+            "flops_per_token": model.estimate_flops(),
+            "peak_source": peak_source,
+        },
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
