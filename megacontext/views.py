@@ -177,6 +177,8 @@ def horizon_logits(
     inputs = ids[:-1]
     n = len(inputs)
     info = {"wc_size": None, "edits": 0}
+    if view != "full" and eval_recent(cfg, h) > cfg.wc_budget:
+        return None, info  # the horizon and its query do not fit the budget: the view cannot score it
     if view in ("full", "window"):
         span = inputs if view == "full" else inputs[-cfg.wc_budget :]
         if len(span) > model.rotary_len:

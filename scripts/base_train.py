@@ -18,7 +18,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
+from megacontext.config import MCConfig, add_mc_args, build_nets, mc_config_from_args
+from megacontext.training import auto_device_batch, mc_train_step
+from megacontext.views import view_bpb
+from nanochat.checkpoint_manager import load_checkpoint, load_mc_state, save_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
@@ -26,9 +29,12 @@ from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import Muon, optimizer_params, setup_optimizers, sync_gradients
 from nanochat.report import get_report
+from nanochat.tasks.longctx import mix_into_batch
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from scripts.bench_train import autocast_ctx, peak_flops, pick_dtype, sync
 
+MC_LOG_KEYS = ("mc/token_loss", "mc/baseline_loss", "mc/adv_delta_mean", "mc/lens_loss", "mc/lens_rank_agreement",
+               "mc/residency", "mc/time_controller_ms")  # fmt: skip
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -87,6 +93,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype", type=str, default="auto", help="auto|float32|bfloat16 (auto: bf16 on CUDA, probe on CPU)"
     )
     p.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
+    p.add_argument(
+        "--longctx-frac",
+        type=float,
+        default=0.0,
+        help="fraction of rows replaced by synthetic long-context rows whose answer ends the row",
+    )
+    p.add_argument(
+        "--mc-eval-rows", type=int, default=8, help="long val rows scored under the five views (with --mc)"
+    )
+    add_mc_args(p)
     return p.parse_args(argv)
 
 
@@ -108,6 +124,14 @@ def main() -> None:
     orig_model.init_weights()
     # orig_model: the plain module (checkpoints, sampling); model: what the training step calls
     model = torch.compile(orig_model, dynamic=False) if device.type == "cuda" else orig_model
+    mc_cfg: MCConfig | None = mc_config_from_args(args)
+    gistnet = lensnet = None
+    if mc_cfg is not None:
+        # the MC step builds variable-length packed batches: it runs the plain module, not a compiled one
+        gistnet, lensnet = build_nets(mc_cfg, config.n_embd)
+        gistnet.to(device)
+        lensnet.to(device)
+        print0(f"MegaContext: {json.dumps(mc_cfg.to_dict())}")
     num_params = orig_model.num_params()
     flops_per_token = orig_model.estimate_flops()
     print0(f"model config: {json.dumps(config.to_dict())}")
@@ -115,6 +139,11 @@ def main() -> None:
 
     # ---- batch geometry and horizon
     B, T = args.device_batch_size, args.max_seq_len
+    if mc_cfg is not None and args.mc_auto_batch:
+        B = auto_device_batch(B, T, mc_cfg)
+        while args.total_batch_size % (B * T * world_size):  # keep the total batch reachable
+            B -= 1
+        print0(f"--mc-auto-batch: device batch {args.device_batch_size} -> {B}")
     tokens_per_fwdbwd = B * T * world_size
     if args.total_batch_size % tokens_per_fwdbwd:
         raise UserError(
@@ -149,8 +178,15 @@ def main() -> None:
         return (1 - frac) * 0.85 + frac * 0.95
 
     # ---- optimizers, data, resume
+    mc_nets = [gistnet, lensnet] if mc_cfg is not None else []
     optimizers = setup_optimizers(
-        orig_model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay
+        orig_model,
+        args.unembedding_lr,
+        args.embedding_lr,
+        args.matrix_lr,
+        args.weight_decay,
+        extra_modules=mc_nets,
+        extra_lr=0.002,
     )
     sync_params = optimizer_params(optimizers)
     model_tag = args.model_tag or f"d{args.depth}"
@@ -172,6 +208,10 @@ def main() -> None:
                 f"checkpoint was written by {len(meta['loader_states'])} ranks, this run has {world_size}"
             )
         orig_model.load_state_dict(model_state)
+        if mc_cfg is not None:
+            mc_state = load_mc_state(ckpt_dir, args.resume_from_step, device)
+            gistnet.load_state_dict(mc_state["gistnet"])
+            lensnet.load_state_dict(mc_state["lensnet"])
         for opt, state in zip(optimizers, optim_states):
             opt.load_state_dict(state)
         step, loader_state, loop = meta["step"], meta["loader_states"][rank], meta["loop_state"]
@@ -212,18 +252,52 @@ def main() -> None:
             "max_seq_len": T,
             "loader_states": loader_states,
             "loop_state": loop,
+            "mc": mc_cfg.to_dict() if mc_cfg is not None else None,
         }
         # every rank writes its optimizer state; rank 0 also the model, then (after a barrier inside
         # save_checkpoint) the meta file that commits the step
         model_state = orig_model.state_dict() if master else None
         optim_states = [opt.state_dict() for opt in optimizers]
-        save_checkpoint(ckpt_dir, step, model_state, optim_states, meta, rank=rank)
+        mc_state = None
+        if mc_cfg is not None and master:
+            mc_state = {"gistnet": gistnet.state_dict(), "lensnet": lensnet.state_dict()}
+        save_checkpoint(ckpt_dir, step, model_state, optim_states, meta, rank=rank, mc_state=mc_state)
         print0(f"saved checkpoint {ckpt_dir} step {step}")
 
     # ---- the loop: step = optimizer steps done so far
     peak, peak_source = peak_flops(device, dtype)
     print0(f"peak FLOP/s for MFU: {peak:.3e} per rank ({peak_source})")
     start_step, val_bpb = step, float("nan")
+    mc_metrics: dict = {}
+
+    def mc_step_flops(gpt_positions: float) -> float:
+        """Training FLOPs of an MC step: the GPT over every working-context slot that ran (attention at the
+        budget's length), plus GistNet over every training token. LensNet is small and left out."""
+        c = config
+        per_pos = (
+            6 * (num_params - orig_model.wte.weight.numel()) + 12 * c.n_layer * c.n_embd * mc_cfg.wc_budget
+        )
+        gist_params = sum(p.numel() for p in gistnet.parameters())
+        return gpt_positions * per_pos + 6 * gist_params * args.total_batch_size
+
+    def mc_views_eval(gpt, gist, lens, cfg) -> dict:
+        """bpb / ΔNLL@H of the last H tokens of long val rows (4x the training length) under the five views."""
+        for m in (gist, lens):
+            m.eval()
+        loader = DataLoader(tokenizer, 1, 4 * T, "val", device)
+        rows = []
+        for _ in range(args.mc_eval_rows):
+            try:
+                x, y = next(loader)
+            except StopIteration:
+                break
+            rows.append(torch.cat([x[0], y[0, -1:]]).tolist())
+        with autocast():
+            out = view_bpb(rows, cfg.horizon, gpt, gist, lens, cfg, token_bytes, device)
+        for m in (gist, lens):
+            m.train()
+        return out
+
     ema_beta = 0.9
     while True:
         last_step = step == num_iterations
@@ -235,6 +309,10 @@ def main() -> None:
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
             log({"step": step, "val_bpb": val_bpb})
+            if mc_cfg is not None and master and args.mc_eval_rows > 0:
+                views_out = mc_views_eval(orig_model, gistnet, lensnet, mc_cfg)
+                print0(f"step {step:05d} | " + " ".join(f"{k} {v:.4f}" for k, v in views_out.items()))
+                log({"step": step, **views_out})
             model.train()
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
@@ -256,10 +334,17 @@ def main() -> None:
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum_steps):
             x, y = next(train_loader)
+            x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
             with autocast():
-                loss = model(x, y)
-                # (--mc: MegaContext's bounded call into megacontext.training goes here; it returns the
-                # loss to backpropagate and its own metrics for the log line.)
+                if mc_cfg is None:
+                    loss = model(x, y)
+                else:  # MegaContext: one bounded call (DESIGN §4); variants are keyed by row content
+                    row = torch.cat([x, y[:, -1:]], dim=1)
+                    loss, m = mc_train_step(
+                        orig_model, gistnet, lensnet, row, mc_cfg, step / num_iterations, step
+                    )
+                    for k, v in m.items():
+                        mc_metrics[k] = mc_metrics.get(k, 0.0) + v / grad_accum_steps
             loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
         sync_gradients(sync_params, world_size)
@@ -272,6 +357,8 @@ def main() -> None:
         for opt in optimizers:
             opt.step()
         orig_model.zero_grad(set_to_none=True)
+        for net in mc_nets:
+            net.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum_steps
         if ddp:  # the logged loss is the mean over all ranks, as a single process would see it
             dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
@@ -285,13 +372,20 @@ def main() -> None:
             loop["train_time"] += dt
             loop["timed_tokens"] += args.total_batch_size
         tok_per_s = args.total_batch_size / dt
-        mfu = flops_per_token * tok_per_s / (peak * world_size)
+        step_flops = flops_per_token * args.total_batch_size
+        if mc_cfg is not None:  # MFU counts the forwards that ran: every working context + GistNet
+            step_flops = mc_step_flops(mc_metrics["mc/gpt_positions"] * grad_accum_steps * world_size)
+        mfu = step_flops / dt / (peak * world_size)
+        mc_line = ""
+        if mc_cfg is not None:
+            mc_line = " | " + " ".join(f"{k[3:]} {mc_metrics[k]:.4g}" for k in MC_LOG_KEYS)
         print0(
             f"step {step:05d}/{num_iterations:05d} | loss {debiased:.6f} (raw {raw_loss:.6f}) | lrm {lrm:.3f} "
-            f"| dt {dt * 1000:.1f}ms | tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.2f}%"
+            f"| dt {dt * 1000:.1f}ms | tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.2f}%{mc_line}"
         )
         log({"step": step, "loss": raw_loss, "smooth_loss": debiased, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s,
-             "mfu": mfu})  # fmt: skip
+             "mfu": mfu, **mc_metrics})  # fmt: skip
+        mc_metrics.clear()
         if not math.isfinite(raw_loss):
             raise UserError(f"training diverged at step {step} (loss {raw_loss}); try a lower learning rate")
         step += 1
