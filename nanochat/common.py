@@ -49,7 +49,9 @@ def resolve_device_type(device_type: str | None) -> str:
         raise UserError(f"--device-type must be cuda, mps or cpu, got {device_type!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device-type cuda was asked for but no CUDA device is available")
-    if device_type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device_type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise UserError("--device-type mps was asked for but MPS is not available")
     return device_type
 

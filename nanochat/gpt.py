@@ -177,7 +177,8 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         cos, sin = rotary_cos_sin(
-            torch.arange(self.rotary_len, dtype=torch.float32, device=self.wte.weight.device), self.config.head_dim
+            torch.arange(self.rotary_len, dtype=torch.float32, device=self.wte.weight.device),
+            self.config.head_dim,
         )
         self.cos, self.sin = cos[None], sin[None]
 
@@ -195,7 +196,9 @@ class GPT(nn.Module):
 
     def default_rotary(self, T: int, start: int = 0):
         if start + T > self.rotary_len:
-            raise ValueError(f"sequence of {start + T} positions exceeds the rotary table ({self.rotary_len})")
+            raise ValueError(
+                f"sequence of {start + T} positions exceeds the rotary table ({self.rotary_len})"
+            )
         return self.cos[:, start : start + T], self.sin[:, start : start + T]
 
     def forward(

@@ -21,7 +21,17 @@ MC = ["--mc", "--mc-block-size", "4", "--mc-wc-budget", "24", "--mc-recent", "8"
 def test_mc_torchrun_two_ranks_match_one_process(tmp_path):
     base = tmp_path / "nc"
     make_corpus(base)
-    short = [*COMMON, "--num-iterations", "2", "--save-every", "-1", "--sample-every", "-1", "--eval-every", "-1"]
+    short = [
+        *COMMON,
+        "--num-iterations",
+        "2",
+        "--save-every",
+        "-1",
+        "--sample-every",
+        "-1",
+        "--eval-every",
+        "-1",
+    ]
     run(base, [*short, *MC, "--model-tag", "one", "--log-json", str(tmp_path / "one.jsonl")])
     run(base, [*short, *MC, "--model-tag", "two", "--log-json", str(tmp_path / "two.jsonl")], nproc=2)
     one, _ = read_log(tmp_path / "one.jsonl")
