@@ -121,7 +121,61 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--dtype", type=str, default="auto", help="auto|float32|bfloat16")
     parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1/0 (default: on for CUDA)")
+    parser.add_argument(
+        "--mc",
+        action="store_true",
+        help="also time the MegaContext step at equal tokens (MCConfig defaults scaled to --max-seq-len: "
+        "K=16, budget max(128, T/4), horizon 32) and report the MC/vanilla tokens/s ratio and controller time",
+    )
     return parser.parse_args()
+
+
+def bench_mc(args, model, device, dtype, vanilla_tokens_per_s: float) -> dict:
+    """The MC training step on the same model and the same training tokens per step (rows of T+1)."""
+    from megacontext.config import MCConfig, build_nets
+    from megacontext.training import mc_train_step
+    from nanochat.optim import setup_optimizers
+
+    T = args.max_seq_len
+    cfg = MCConfig(block_size=16, wc_budget=max(128, T // 4), recent=64, horizon=32, curriculum_start=0.0)
+    gistnet, lensnet = build_nets(cfg, model.config.n_embd)
+    gistnet.to(device)
+    lensnet.to(device)
+    optimizers = setup_optimizers(model, extra_modules=[gistnet, lensnet])
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ctrl_ms, positions = [], []
+
+    def step(i: int) -> None:
+        x = torch.randint(0, args.vocab_size, (args.device_batch_size, T + 1), generator=gen).to(device)
+        with autocast_ctx(device, dtype):
+            loss, m = mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, seed=i)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        for net in (model, gistnet, lensnet):
+            net.zero_grad(set_to_none=True)
+        ctrl_ms.append(m["mc/time_controller_ms"])
+        positions.append(m["mc/gpt_positions"])
+
+    for i in range(args.warmup_steps):
+        step(i)
+    ctrl_ms.clear()
+    positions.clear()
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        step(1000 + i)
+    sync(device)
+    dt = time.perf_counter() - t0
+    mc_tokens_per_s = args.steps * args.device_batch_size * T / dt
+    return {
+        "mc_tokens_per_s": round(mc_tokens_per_s, 1),
+        "mc_vs_vanilla_tokens_per_s": round(mc_tokens_per_s / vanilla_tokens_per_s, 3),
+        "mc_time_controller_ms": round(sum(ctrl_ms) / len(ctrl_ms), 2),
+        "mc_controller_share": round(sum(ctrl_ms) / 1000 / dt, 4),
+        "mc_gpt_positions_per_token": round(sum(positions) / (args.steps * args.device_batch_size * T), 3),
+        "mc_config": cfg.to_dict(),
+    }
 
 
 def main() -> None:
@@ -177,7 +231,9 @@ def main() -> None:
         sync(device)
     decode_tokens_per_s = decoded / (time.perf_counter() - t0)
 
+    mc_result = bench_mc(args, model, device, dtype, tokens_per_s) if args.mc else {}
     result = {
+        **mc_result,
         "tokens_per_s": round(tokens_per_s, 1),
         "model_flops_per_s": model_flops_per_s,
         "peak_flops_per_s": peak,

@@ -74,3 +74,17 @@ def test_mc_checkpoint_round_trips_and_needs_no_flags(tmp_path, monkeypatch):
     got = {(r["view"], r["distance_x"]) for r in lines[0]["results"]}
     assert ("mc-lens", 4) in got and ("window", 1) in got
     assert "| task | view |" in res.stdout
+
+
+def test_bench_train_mc_reports_the_ratio_and_controller_time():
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.bench_train", "--mc", "--depth", "1", "--steps", "1",
+         "--warmup-steps", "1", "--device-batch-size", "1", "--vocab-size", "512", "--decode-tokens", "4",
+         "--device-type", "cpu", "--dtype", "float32"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["mc_vs_vanilla_tokens_per_s"] > 0 and out["mc_time_controller_ms"] > 0
+    assert out["mc_gpt_positions_per_token"] > 1  # N+2 working contexts per row actually ran
