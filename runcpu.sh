@@ -1,70 +1,190 @@
 #!/usr/bin/env bash
-# The embedded-default pipeline on CPU, no internet needed: offline corpus -> tokenizer -> base model
-# -> bits per byte -> report. About 10-20 minutes on 2 cores; --quick runs the same stages at toy
-# scale in under 5 minutes.
+# runcpu.sh: the whole pipeline on CPU, no internet needed (the embedded default): offline corpus with
+# synthetic long-context documents, tokenizer, a vanilla base model (d4) and a MegaContext one (d4-mc) of
+# equal tokens, bits per byte, the long-context suite (mc_eval), mid-training and SFT on the offline chat
+# mixture, chat evals, one chat answer, report. About 60 minutes on 2 idle cores; --quick runs the same
+# stages at toy scale in about 5 minutes.
 #
-#   bash runcpu.sh [--quick] [--core]
-#
-#   --quick   toy scale (small tokenizer sample, fewer and shorter steps)
-#   --core    also run the CORE evaluation (downloads the eval bundle once; needs internet)
-#
-# Artifacts go to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); the report is printed at the end
-# and copied to ./report.md.
+# Resumable: each stage leaves a marker in $NANOCHAT_BASE_DIR/recipe_state/ when it succeeds, and a re-run
+# skips stages that have one; an interrupted training stage resumes from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() {
+    cat <<EOF
+Usage: bash runcpu.sh [options] [-- extra flags for the MC training stages]
 
-QUICK=0
-CORE=0
-for arg in "$@"; do
-    case "$arg" in
+Tokenizer, base (vanilla d4 and MegaContext d4-mc), base_loss, mc_eval, mid, SFT, chat evals, one
+chat_cli answer and the report, on CPU (OMP_NUM_THREADS=2 unless set).
+
+Options:
+  --quick         toy scale (few steps, small evals): the same stages in about 5 minutes
+  --core          also run the CORE evaluation of both base models (downloads the eval bundle once)
+  --dry-run       print the commands each stage would run (skipped stages as comments), run nothing
+  -h, --help      show this help
+
+Everything after -- goes to the MC base, mid and SFT training (e.g. -- --mc-wc-budget 256).
+Artifacts go to \$NANOCHAT_BASE_DIR (default ~/.cache/nanochat); use a separate one for --quick, since
+both scales write the same checkpoint directories. The report goes to report.md and its summary is printed.
+EOF
+}
+
+QUICK=0 CORE=0 DRY=0
+EXTRA=()
+while [ $# -gt 0 ]; do
+    case "$1" in
         --quick) QUICK=1 ;;
         --core) CORE=1 ;;
-        -h | --help)
-            usage
-            exit 0
-            ;;
-        *)
-            echo "runcpu.sh: unknown option '$arg' (try --help)" >&2
-            exit 2
-            ;;
+        --dry-run) DRY=1 ;;
+        -h | --help) usage; exit 0 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
+    shift
 done
 
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-# shellcheck disable=SC1091
-source ./setup_env.sh
+STATE_DIR="$NANOCHAT_BASE_DIR/recipe_state"
+CPU=(--device-type cpu)
+PREFIX=cpu  # stage markers: recipe_state/cpu-*.done, or cpu-quick-*.done for --quick
 
-if [ "$QUICK" = 1 ]; then
+# Scale. Full: ~2.5 min per 250 vanilla steps on 2 idle cores, an MC step ~3-4x that; equal tokens for
+# both models so the report compares like with like.
+if [ "$QUICK" -eq 1 ]; then
+    PREFIX=cpu-quick
     TOK_CHARS=5000000
-    TRAIN=(--depth 4 --max-seq-len 256 --device-batch-size 4 --total-batch-size 1024 --num-iterations 200
-        --eval-every 100 --eval-tokens 8192 --sample-every 200)
+    SEQ=256
+    BASE=(--depth 4 --max-seq-len "$SEQ" --device-batch-size 4 --total-batch-size 1024 --num-iterations 30
+        --eval-every -1 --eval-tokens 8192 --sample-every -1 --mc-eval-rows 2)
     SPLIT_TOKENS=8192
+    CHAT=(--max-seq-len "$SEQ" --device-batch-size 4 --total-batch-size 1024 --num-iterations 10
+        --eval-every -1 --eval-tokens 4096 --offline-size 200)
+    MCEVAL=(--n 4 --distances "1,4")
+    CHATEVAL=(--max-problems 4 --max-new-tokens 32)
 else
     TOK_CHARS=20000000
-    TRAIN=(--depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 4096 --num-iterations 1000
-        --eval-every 250 --eval-tokens 65536 --sample-every 500)
+    SEQ=512
+    BASE=(--depth 4 --max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size 4096 --num-iterations 500
+        --eval-every 250 --eval-tokens 65536 --sample-every -1 --save-every 100)
     SPLIT_TOKENS=65536
+    CHAT=(--max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size 4096 --num-iterations 100
+        --eval-every -1 --eval-tokens 32768 --save-every 50)
+    MCEVAL=(--n 20)
+    CHATEVAL=(--max-problems 50)
+fi
+WC=128  # working-context budget of the MC model; the vanilla window view is scored at the same budget
+MC=(--mc --mc-auto-batch --mc-block-size 16 --mc-wc-budget "$WC" --mc-recent 64 --mc-horizon 32 --mc-variants 4
+    --mc-curriculum-start 0.5)
+
+# stage NAME CMD...: run CMD unless NAME is done; mark it done when CMD succeeds; record its wall time.
+TIMES=()
+stage() {
+    local name=$1 marker t0 t1
+    shift
+    marker="$STATE_DIR/$PREFIX-$name.done"
+    if [ -f "$marker" ]; then
+        echo "# skip $name (done): $(printf '%q ' "$@")"
+        return 0
+    fi
+    if [ "$DRY" -eq 1 ]; then
+        printf '%q ' "$@"
+        echo
+        return 0
+    fi
+    echo "==> $name: $(printf '%q ' "$@")"
+    t0=$(date +%s.%N)
+    "$@"
+    t1=$(date +%s.%N)
+    mkdir -p "$STATE_DIR"
+    touch "$marker"
+    TIMES+=("$(awk -v n="$name" -v a="$t0" -v b="$t1" 'BEGIN { printf "%-26s %8.1f", n, b - a }')")
+    echo "<== $name done in ${TIMES[-1]##* } s"
+}
+
+# resume DIR: "--resume-from-step N" when DIR holds checkpoints of an interrupted run (N = the newest).
+resume() {
+    local f step=""
+    for f in "$1"/meta_*.json; do
+        [ -e "$f" ] || continue
+        f=${f##*/meta_}
+        step=$((10#${f%.json}))
+    done
+    if [ -n "$step" ]; then
+        echo "--resume-from-step $step"
+    fi
+}
+
+# ---- set-up: venv (skipped for a dry run: it prints, it does not install)
+T_START=$(date +%s.%N)
+if [ "$DRY" -eq 0 ]; then
+    # shellcheck disable=SC1091
+    source ./setup_env.sh
+fi
+if [ ! -d "$STATE_DIR" ]; then
+    stage report-reset python -m nanochat.report reset
 fi
 
-python -m nanochat.report reset
+# ---- corpus (this Python's standard library + 20% synthetic long-context documents) and tokenizer
+stage data python -m nanochat.dataset --local --synthetic-longctx 0.2
+stage tok-train python -m scripts.tok_train --vocab-size 4096 --max-chars "$TOK_CHARS"
+stage tok-eval python -m scripts.tok_eval --max-chars "$TOK_CHARS"
 
-# 1. Corpus: this Python's standard library sources + 20% synthetic long-context documents
-python -m nanochat.dataset --local --synthetic-longctx 0.2
+# ---- base models: vanilla and MegaContext, same tokens; half the rows are long-context tasks
+for TAG in d4 d4-mc; do
+    FLAGS=()
+    if [ "$TAG" = d4-mc ]; then
+        FLAGS=("${MC[@]}" "${EXTRA[@]}")
+    fi
+    read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")"
+    stage "$TAG-base-train" python -m scripts.base_train "${BASE[@]}" --longctx-frac 0.5 --model-tag "$TAG" \
+        --dtype float32 "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
+    stage "$TAG-base-loss" python -m scripts.base_loss --model-tag "$TAG" --device-batch-size 4 \
+        --split-tokens "$SPLIT_TOKENS" "${CPU[@]}"
+    if [ "$CORE" -eq 1 ]; then
+        stage "$TAG-base-eval" python -m scripts.base_eval --model-tag "$TAG" --max-per-task 100 "${CPU[@]}"
+    fi
+done
 
-# 2. Tokenizer
-python -m scripts.tok_train --vocab-size 4096 --max-chars "$TOK_CHARS"
-python -m scripts.tok_eval --max-chars "$TOK_CHARS"
+# ---- the long-context suite: all five views for MC; a vanilla model has only full and window. MC runs last:
+# the report keeps one "Long-context eval (base)" section (the latest), and the MC table is the headline.
+stage d4-longctx-eval python -m scripts.mc_eval --task all "${MCEVAL[@]}" --model-tag d4 --views "full,window" \
+    --wc-budget "$WC" "${CPU[@]}"
+stage d4-mc-longctx-eval python -m scripts.mc_eval --task all "${MCEVAL[@]}" --model-tag d4-mc "${CPU[@]}"
 
-# 3. Base model (dtype auto: bf16 only if this CPU runs it faster than fp32)
-python -m scripts.base_train "${TRAIN[@]}" --model-tag d4 --device-type cpu --run dummy
-python -m scripts.base_loss --model-tag d4 --device-batch-size 4 --split-tokens "$SPLIT_TOKENS" --device-type cpu
+# ---- mid-training and SFT on the offline chat mixture, then the chat evals
+for TAG in d4 d4-mc; do
+    FLAGS=()
+    if [ "$TAG" = d4-mc ]; then
+        FLAGS=(--mc --mc-auto-batch "${EXTRA[@]}")  # MC config comes from the base checkpoint
+    fi
+    read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")"
+    stage "$TAG-mid-train" python -m scripts.mid_train --dataset offline --model-tag "$TAG" "${CHAT[@]}" \
+        --dtype float32 "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
+    read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")"
+    stage "$TAG-sft-train" python -m scripts.chat_sft --dataset offline --model-tag "$TAG" "${CHAT[@]}" \
+        --dtype float32 "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
+    stage "$TAG-sft-eval" python -m scripts.chat_eval -i sft --dataset offline --model-tag "$TAG" \
+        "${CHATEVAL[@]}" "${CPU[@]}"
+done
+stage d4-mc-sft-eval-mc-session python -m scripts.chat_eval -i sft --dataset offline --model-tag d4-mc \
+    -a LongDoc --mc-session "${CHATEVAL[@]}" "${CPU[@]}"
 
-# 4. CORE (optional on CPU: it downloads the eval bundle)
-if [ "$CORE" = 1 ]; then
-    python -m scripts.base_eval --model-tag d4 --max-per-task 100 --device-type cpu
+# ---- one question to the chat model (always run: it is the point of the whole exercise)
+ASK=(python -m scripts.chat_cli -p "Why is the sky blue?" --source sft --model-tag d4-mc --device-type cpu)
+if [ "$DRY" -eq 1 ]; then
+    printf '%q ' "${ASK[@]}"
+    echo
+    echo "python -m nanochat.report generate"
+    exit 0
 fi
+echo "==> chat-cli: $(printf '%q ' "${ASK[@]}")"
+"${ASK[@]}"
 
+# ---- the report (always regenerated), its summary, and the wall time of each stage run this time
 python -m nanochat.report generate
-cat report.md
+echo
+sed -n '/^## Summary/,/^## /p' report.md | sed '$ { /^## /d }'
+echo "Stage wall times (s), this invocation:"
+printf '  %s\n' "${TIMES[@]}"
+awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN { printf "  %-26s %8.1f\n", "total", b - a }'

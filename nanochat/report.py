@@ -36,6 +36,7 @@ STAGES = [
     "Chat evaluation sft",
     "Chat RL",
     "Chat evaluation rl",
+    "Long-context eval base",
 ]
 # Metric names collected into the summary table (one column per section that logged any of them).
 SUMMARY_METRICS = [
@@ -164,7 +165,9 @@ class Report:
             title = text.splitlines()[0].removeprefix("## ").strip() if text else path.stem
             found.append((title, text, path.stat().st_mtime))
         order = {name: i for i, name in enumerate(STAGES)}
-        found.sort(key=lambda s: (order.get(s[0], len(STAGES)), s[2]))
+        # titles may carry a model tag, "Base model training (d4-mc)": order by the stage name before it
+        stage = lambda title: re.sub(r" \([^()]*\)$", "", title).removesuffix(" MC session")
+        found.sort(key=lambda s: (order.get(stage(s[0]), len(STAGES)), s[2]))
         return [(title, text) for title, text, _ in found]
 
     def summary_table(self, sections: list[tuple[str, str]]) -> str:

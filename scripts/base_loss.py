@@ -80,7 +80,7 @@ def main() -> None:
                 print0(f"sample: {text!r}")
 
     get_report().log(
-        "Base model loss",
+        f"Base model loss ({ckpt_dir.name})",
         [
             {"checkpoint": f"{ckpt_dir} step {step}", "split tokens": steps * tokens_per_step},
             {"train_bpb": bpb["train"], "val_bpb": bpb["val"]},

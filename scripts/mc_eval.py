@@ -175,7 +175,9 @@ def main() -> None:
     try:
         from nanochat.report import get_report
 
-        get_report().log(section=f"Long-context eval ({args.source})", data=[{"checkpoint": label}, md])
+        get_report().log(
+            section=f"Long-context eval {args.source} ({ckpt_dir.name})", data=[{"checkpoint": label}, md]
+        )
     except ImportError:
         pass
 

@@ -160,3 +160,124 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
     out = subprocess.run(["shellcheck", *RECIPES], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- runcpu.sh (CPU, vanilla d4 and MC d4-mc side by side) and run10.sh (one GPU)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_runcpu_dry_run_trains_both_models_through_every_stage(quick, tmp_path):
+    cmds = commands("runcpu.sh", tmp_path, *(["--quick"] if quick else []))
+    assert all(c[0] == "python" for c in cmds)  # one CPU process per stage: no torchrun
+    order = [
+        "nanochat.report reset",
+        "nanochat.dataset --local --synthetic-longctx 0.2",
+        "scripts.tok_train --vocab-size 4096",
+        "scripts.tok_eval",
+        "--model-tag d4 ",
+        "--model-tag d4-mc ",
+        "scripts.mc_eval",
+        "scripts.mid_train",
+        "scripts.chat_sft",
+        "scripts.chat_eval -i sft",
+        "scripts.chat_cli",
+        "nanochat.report generate",
+    ]
+    joined = [" ".join(c) + " " for c in cmds]
+    pos = [next(i for i, j in enumerate(joined) if s in j) for s in order]
+    assert pos == sorted(pos)
+    assert cmds[-2][cmds[-2].index("-p") + 1] == "Why is the sky blue?"  # quoted so it survives a copy-paste
+    for tag in ("d4", "d4-mc"):
+        mc = tag == "d4-mc"
+        mods = [module(c) for c in cmds if "--model-tag" in c and c[c.index("--model-tag") + 1] == tag]
+        for m in ("scripts.base_train", "scripts.base_loss", "scripts.mc_eval", "scripts.mid_train"):
+            assert m in mods, f"{m} missing for {tag}"
+        assert {"scripts.chat_sft", "scripts.chat_eval"} <= set(mods)
+        for c in cmds:
+            if "--model-tag" not in c or c[c.index("--model-tag") + 1] != tag:
+                continue
+            if module(c) in TRAINING:
+                assert ("--mc" in c) == mc and "--device-type" in c and "--dtype" in c
+            if module(c) in ("scripts.mid_train", "scripts.chat_sft", "scripts.chat_eval"):
+                assert c[c.index("--dataset") + 1] == "offline"
+            if module(c) == "scripts.mc_eval":
+                assert ("--views" in c) == (not mc)  # a vanilla model has only the full and window views
+                if not mc:  # ... and its window is the MC model's budget, so the two compare at equal memory
+                    assert c[c.index("--wc-budget") + 1] == "128"
+                if quick:
+                    assert c[c.index("--n") + 1] == "4" and c[c.index("--distances") + 1] == "1,4"
+        base = next(
+            c for c in cmds if module(c) == "scripts.base_train" and c[c.index("--model-tag") + 1] == tag
+        )
+        assert base[base.index("--longctx-frac") + 1] == "0.5"
+        if mc:
+            assert base[base.index("--mc-wc-budget") + 1] == "128" and "--mc-auto-batch" in base
+
+
+def test_runcpu_rerun_skips_done_stages_and_resumes(tmp_path):
+    state = tmp_path / "recipe_state"
+    state.mkdir()
+    for name in ("report-reset", "data", "tok-train", "tok-eval", "d4-base-train"):
+        (state / f"cpu-{name}.done").touch()
+    ckpt = tmp_path / "base_checkpoints" / "d4-mc"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta_000300.json").write_text("{}")
+    out = run("runcpu.sh", tmp_path, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert sum(x.startswith("# skip") for x in out.stdout.splitlines()) == 4  # report-reset: dir exists
+    cmds = commands("runcpu.sh", tmp_path)
+    assert "scripts.tok_train" not in {module(c) for c in cmds}
+    mc_base = next(c for c in cmds if module(c) == "scripts.base_train")
+    assert "d4-mc" in mc_base and mc_base[-2:] == ["--resume-from-step", "300"]
+    quick = commands("runcpu.sh", tmp_path, "--quick")  # --quick keeps its own markers
+    assert "scripts.tok_train" in {module(c) for c in quick}
+
+
+@pytest.mark.parametrize(("gpu", "depth"), [("5090", 10), ("h100", 12)])
+@pytest.mark.parametrize("mc", [False, True])
+def test_run10_dry_run_one_gpu_every_stage(gpu, depth, mc, tmp_path):
+    args = ["--gpu", gpu, *(["--mc"] if mc else []), "--", "--num-iterations", "20"]
+    cmds = commands("run10.sh", tmp_path, *args)
+    assert [position(cmds, s) for s in ORDER] == sorted(position(cmds, s) for s in ORDER)
+    assert position(cmds, "scripts.mc_eval") < position(cmds, "scripts.mid_train")
+    assert position(cmds, "scripts.chat_cli") < position(cmds, "nanochat.report generate")
+    tag = f"d{depth}-mc" if mc else f"d{depth}"
+    heavy = [c for c in cmds if c[0] == "torchrun"]
+    assert {module(c) for c in heavy} >= {
+        *TRAINING,
+        "scripts.base_loss",
+        "scripts.mc_eval",
+        "scripts.chat_eval",
+    }
+    for c in heavy:
+        assert c[1:5] == ["--standalone", "--nproc-per-node", "1", "-m"]
+        assert c[c.index("--model-tag") + 1] == tag
+        assert ("--mc" in c) == (mc and module(c) in TRAINING)
+        assert (c[-2:] == ["--num-iterations", "20"]) == (module(c) in TRAINING)  # extra flags: training only
+        if module(c) == "scripts.mc_eval":
+            assert ("--views" in c) == (not mc)
+    base = next(c for c in heavy if module(c) == "scripts.base_train")
+    assert base[base.index("--depth") + 1] == str(depth)
+
+
+@pytest.mark.parametrize("recipe", ["runcpu.sh", "run10.sh"])
+def test_cpu_and_one_gpu_recipes_help_flags_and_shellcheck(recipe, tmp_path):
+    text = (REPO / recipe).read_text()
+    flags = set(re.findall(r"^\s+(-[-\w]+(?: \| -[-\w]+)*)\)", text, re.M))
+    flags = {f for group in flags for f in group.split(" | ")} - {"--"}
+    assert {"--dry-run", "--help"} <= flags and len(flags) >= 4
+    out = run(recipe, tmp_path, "--help")
+    assert out.returncode == 0
+    for flag in flags:
+        assert re.search(rf"^\s+(-\w, )?{re.escape(flag)}\b", out.stdout, re.M), (
+            f"--help does not document {flag}"
+        )
+    bad = run(recipe, tmp_path, "--bogus")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown option --bogus (see --help)"
+    if recipe == "run10.sh":
+        nogpu = run(recipe, tmp_path, "--dry-run")
+        assert nogpu.returncode == 2 and "--gpu" in nogpu.stderr
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    sc = subprocess.run(["shellcheck", recipe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert sc.returncode == 0, sc.stdout + sc.stderr
