@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat.checkpoint_manager import build_model, resolve_checkpoint
+import torch
+
+from megacontext.config import MCConfig, build_nets
+from megacontext.views import VIEWS, view_bpb
+from nanochat.checkpoint_manager import build_model, load_mc_state, resolve_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, print0, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
@@ -40,7 +44,56 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens sampled per prompt")
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--dtype", type=str, default="auto", help="auto|float32|bfloat16")
+    p.add_argument(
+        "--view-rows",
+        type=int,
+        default=8,
+        help="long val rows (4x the training length) scored under the views",
+    )
     return p.parse_args()
+
+
+def view_table(model, tokenizer, meta, ckpt_dir, step, token_bytes, device, dtype, n_rows: int) -> str:
+    """bpb and ΔNLL@H (vs full) of the last H tokens of long val rows under the five views (issue 6): full and
+    window for any model; the MC views too when the checkpoint holds GistNet and LensNet."""
+    if meta.get("mc"):
+        cfg = MCConfig.from_dict(meta["mc"])
+    else:  # a vanilla model: the window view at a quarter of its training length
+        budget = max(8, model.config.sequence_len // 4)
+        cfg = MCConfig(
+            block_size=16 if budget >= 64 else 2, wc_budget=budget, recent=budget // 2, horizon=budget // 4
+        )
+    gistnet = lensnet = None
+    if meta.get("mc"):
+        gistnet, lensnet = build_nets(cfg, model.config.n_embd)
+        state = load_mc_state(ckpt_dir, step, device)
+        gistnet.load_state_dict(state["gistnet"])
+        lensnet.load_state_dict(state["lensnet"])
+        gistnet.to(device).eval()
+        lensnet.to(device).eval()
+    loader = DataLoader(tokenizer, 1, 4 * model.config.sequence_len, "val", device)
+    rows = []
+    for _ in range(n_rows):
+        try:
+            x, y = next(loader)
+        except (StopIteration, UserError):
+            break
+        rows.append(torch.cat([x[0], y[0, -1:]]).tolist())
+    with autocast_ctx(device, dtype):
+        out = view_bpb(rows, cfg.horizon, model, gistnet, lensnet, cfg, token_bytes, device)
+    lines = [
+        f"views over {len(rows)} val rows, horizon {cfg.horizon}, W_max {cfg.wc_budget}:",
+        "",
+        "| view | bpb | ΔNLL@H vs full |",
+        "|---|---|---|",
+    ]
+    for v in VIEWS:
+        if f"bpb/{v}" in out:
+            dnll = out.get(f"dnll/{v}", 0.0 if v == "full" else None)
+            lines.append(f"| {v} | {out[f'bpb/{v}']:.4f} | {'-' if dnll is None else f'{dnll:+.4f}'} |")
+    table = "\n".join(lines)
+    print0(table)
+    return table
 
 
 def main() -> None:
@@ -48,7 +101,7 @@ def main() -> None:
     _, rank, _, world_size, device = compute_init(args.device_type)
     dtype = pick_dtype(device, args.dtype)
     ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
-    model, tokenizer, _ = build_model(ckpt_dir, step, device, phase="eval")
+    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")
     token_bytes = get_token_bytes(device)
     B, T = args.device_batch_size, model.config.sequence_len
     tokens_per_step = B * T * world_size
@@ -66,6 +119,7 @@ def main() -> None:
             bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {bpb[split]:.6f}")
 
+    views = view_table(model, tokenizer, meta, ckpt_dir, step, token_bytes, device, dtype, args.view_rows)
     samples = []
     if rank == 0:
         engine = Engine(model, tokenizer)
@@ -84,6 +138,7 @@ def main() -> None:
         [
             {"checkpoint": f"{ckpt_dir} step {step}", "split tokens": steps * tokens_per_step},
             {"train_bpb": bpb["train"], "val_bpb": bpb["val"]},
+            views,
             "samples:\n\n```\n" + "\n".join(samples) + "\n```",
         ],
     )

@@ -74,6 +74,15 @@ def test_mc_checkpoint_round_trips_and_needs_no_flags(tmp_path, monkeypatch):
     got = {(r["view"], r["distance_x"]) for r in lines[0]["results"]}
     assert ("mc-lens", 4) in got and ("window", 1) in got
     assert "| task | view |" in res.stdout
+    # base_loss prints bpb and ΔNLL@H under the five views, MC nets loaded from the checkpoint alone
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.base_loss", "--model-tag", "mc", "--split-tokens", "128",
+         "--device-batch-size", "2", "--device-type", "cpu", "--dtype", "float32", "--max-new-tokens", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    for view in ("full", "window", "mc-nolens", "mc-attn", "mc-lens"):
+        assert f"| {view} | " in res.stdout
 
 
 def test_bench_train_mc_reports_the_ratio_and_controller_time():
