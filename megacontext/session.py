@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from megacontext.allocator import FocusAllocator
-from megacontext.config import MCConfig
+from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Edit, Entry, gist_entry
 from megacontext.gistnet import GistNet
 from megacontext.kv_cache import SlotKVCache, key_index, key_level, slot_key
@@ -63,18 +63,7 @@ def build_mc_nets(
     cfg: MCConfig, n_embd: int, state: dict | None = None, device="cpu"
 ) -> tuple[GistNet, LensNet]:
     """GistNet and LensNet as the config describes them, with the checkpoint's weights when given (strict)."""
-    c = cfg
-    gistnet = GistNet(
-        n_embd,
-        c.n_head,
-        c.gistnet_layers,
-        c.block_size,
-        c.gistnet_type,
-        c.gistnet_pooling,
-        c.gistnet_head,
-        c.max_level,
-    )
-    lensnet = LensNet(n_embd, c.n_head, c.lensnet_layers, c.lensnet_head, c.max_level)
+    gistnet, lensnet = build_nets(cfg, n_embd)
     if state is not None:
         for name, net in (("gistnet", gistnet), ("lensnet", lensnet)):
             if name not in state:

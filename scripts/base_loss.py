@@ -13,9 +13,10 @@ import argparse
 
 import torch
 
-from megacontext.config import MCConfig, build_nets
+from megacontext.config import MCConfig
+from megacontext.session import load_mc_nets
 from megacontext.views import VIEWS, view_bpb
-from nanochat.checkpoint_manager import build_model, load_mc_state, resolve_checkpoint
+from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, print0, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
@@ -56,21 +57,15 @@ def parse_args() -> argparse.Namespace:
 def view_table(model, tokenizer, meta, ckpt_dir, step, token_bytes, device, dtype, n_rows: int) -> str:
     """bpb and ΔNLL@H (vs full) of the last H tokens of long val rows under the five views (issue 6): full and
     window for any model; the MC views too when the checkpoint holds GistNet and LensNet."""
-    if meta.get("mc"):
-        cfg = MCConfig.from_dict(meta["mc"])
+    nets = load_mc_nets(ckpt_dir, step, meta, model.config.n_embd, device)
+    if nets is not None:
+        cfg, gistnet, lensnet = nets
     else:  # a vanilla model: the window view at a quarter of its training length
         budget = max(8, model.config.sequence_len // 4)
         cfg = MCConfig(
             block_size=16 if budget >= 64 else 2, wc_budget=budget, recent=budget // 2, horizon=budget // 4
         )
-    gistnet = lensnet = None
-    if meta.get("mc"):
-        gistnet, lensnet = build_nets(cfg, model.config.n_embd)
-        state = load_mc_state(ckpt_dir, step, device)
-        gistnet.load_state_dict(state["gistnet"])
-        lensnet.load_state_dict(state["lensnet"])
-        gistnet.to(device).eval()
-        lensnet.to(device).eval()
+        gistnet = lensnet = None
     loader = DataLoader(tokenizer, 1, 4 * model.config.sequence_len, "val", device)
     rows = []
     for _ in range(n_rows):

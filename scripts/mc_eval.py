@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from megacontext.config import MCConfig, build_nets
+from megacontext.config import MCConfig
+from megacontext.session import load_mc_nets
 from megacontext.views import VIEWS, build_tree, horizon_logits, horizon_nll
-from nanochat.checkpoint_manager import build_model, load_mc_state, resolve_checkpoint
+from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_init, print0, run_main
 from nanochat.tasks import longctx
 
@@ -106,16 +107,9 @@ def main() -> None:
     _, _, _, _, device = compute_init(args.device_type)
     ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")
-    gistnet = lensnet = None
-    cfg = MCConfig.from_dict(meta["mc"]) if meta.get("mc") else MCConfig()
-    if meta.get("mc"):
-        gistnet, lensnet = build_nets(cfg, model.config.n_embd)
-        state = load_mc_state(ckpt_dir, step, device)
-        gistnet.load_state_dict(state["gistnet"])
-        lensnet.load_state_dict(state["lensnet"])
-        gistnet.to(device).eval()
-        lensnet.to(device).eval()
-    else:
+    nets = load_mc_nets(ckpt_dir, step, meta, model.config.n_embd, device)
+    cfg, gistnet, lensnet = nets if nets is not None else (MCConfig(), None, None)
+    if nets is None:
         views = [v for v in views if not v.startswith("mc")]
         print0("checkpoint has no MegaContext nets: running the full and window views only")
     if args.wc_budget:
