@@ -50,6 +50,11 @@ class MCConfig:
     horizon: int = 64  # H: shared recent tail where variants' losses are compared
     lens_weight: float = 0.1  # weight of the LensNet ranking loss in the total loss
     gist_weight: float = 0.0  # weight of the optional gist-consistency loss (DESIGN §4.5); 0 = off
+    # Weight of an extra next-token loss on the raw positions BEFORE the horizon, in every working context
+    # (true labels, as in the horizon). The horizon loss alone gives the GPT ~H loss positions per working
+    # context, far fewer than a vanilla step gives per row; this term lets every forward that already ran
+    # teach language and reading gists. 0 = the horizon-only loss of DESIGN §4. See docs/training.md.
+    lm_weight: float = 0.0
     # Highest gist level training makes and working contexts use (2 = LOD2, K² tokens). Levels above it are
     # hidden at evaluation (views.LevelCap): GistNet never learned to make them.
     wc_levels: int = 2
@@ -86,6 +91,7 @@ class MCConfig:
             "tau_collapse",
             "lens_weight",
             "gist_weight",
+            "lm_weight",
         ):
             if getattr(self, name) < 0:
                 raise UserError(f"MegaContext {name} must be >= 0, got {getattr(self, name)}")
@@ -116,6 +122,7 @@ FLAGS = {
     "--mc-horizon": "horizon",
     "--mc-lens-weight": "lens_weight",
     "--mc-gist-weight": "gist_weight",
+    "--mc-lm-weight": "lm_weight",
     "--mc-levels": "wc_levels",
     "--mc-positions": "positions",
     "--gistnet-type": "gistnet_type",

@@ -256,7 +256,7 @@ def mc_train_step(
     non-assistant tokens of a chat row). Returns (loss, metrics dict of floats).
 
     The loss = token loss (mean horizon loss over all working contexts) + lens_weight · lens loss
-    (+ gist_weight · gist loss). Backward it as usual: GPT, GistNet and LensNet all get gradients.
+    (+ gist_weight · gist loss) (+ lm_weight · next-token loss on the raw positions before the horizon). Backward it as usual: GPT, GistNet and LensNet all get gradients.
     """
     t0 = time.perf_counter()
     B, T = x.shape[0], x.shape[1] - 1
@@ -284,6 +284,7 @@ def mc_train_step(
     tgt = torch.full((len(seqs), L), -1, dtype=torch.long)
     mu = torch.zeros(len(seqs), L)
     sigma = torch.zeros(len(seqs), L)
+    in_h = torch.zeros(len(seqs), L, dtype=torch.bool)
     horizon_start = T - H
     for v, (b, wc) in enumerate(seqs):
         r = entry_rows(wc.entries, offsets, K)
@@ -291,12 +292,13 @@ def mc_train_step(
         m, s = wc_positions(wc.entries, cfg.positions)
         mu[v, : len(m)] = torch.tensor(m)
         sigma[v, : len(s)] = torch.tensor(s)
-        # labels: the true next token of every raw position in the horizon (bank row p is token p)
+        # labels: the true next token of every raw position (bank row p is token p; gist rows are >= T)
         raw = torch.tensor(r)
-        in_h = (raw >= horizon_start) & (raw < T)
-        tgt[v, : len(r)][in_h] = targets[b, raw[in_h]].cpu()
+        is_raw = raw < T
+        tgt[v, : len(r)][is_raw] = targets[b, raw[is_raw]].cpu()
+        in_h[v, : len(r)] = (raw >= horizon_start) & is_raw
     device = x.device
-    rows, tgt = rows.to(device), tgt.to(device)
+    rows, tgt, in_h = rows.to(device), tgt.to(device), in_h.to(device)
     batch_ids = torch.tensor([b for b, _ in seqs], device=device)
     packed = bank[batch_ids[:, None], rows]  # [V, L, d]
     head_dim = model.config.head_dim
@@ -308,9 +310,12 @@ def mc_train_step(
         logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction="none"
     )
     tok_loss = tok_loss.view(len(seqs), L)
-    counts = (tgt >= 0).sum(dim=1).clamp(min=1)
-    per_wc = tok_loss.sum(dim=1) / counts  # horizon loss of each working context
+    h_mask = in_h & (tgt >= 0)
+    per_wc = (tok_loss * h_mask).sum(dim=1) / h_mask.sum(dim=1).clamp(min=1)  # horizon loss of each WC
     token_loss = per_wc.mean()
+    # Optional LM term on the raw positions before the horizon (see MCConfig.lm_weight)
+    lm_mask = ~in_h & (tgt >= 0)
+    lm_loss = (tok_loss * lm_mask).sum() / lm_mask.sum().clamp(min=1)
 
     # LensNet on each row's base: utilities measured from its one-edit variants
     t1 = time.perf_counter()
@@ -340,6 +345,8 @@ def mc_train_step(
     t_ctrl += time.perf_counter() - t1
 
     loss = token_loss + cfg.lens_weight * lens_loss
+    if cfg.lm_weight > 0:
+        loss = loss + cfg.lm_weight * lm_loss
     gist_loss = token_loss.new_zeros(())
     if cfg.gist_weight > 0 and levels >= 1:
         gist_loss = soft_gist_loss(model, gistnet, logits, tgt, rows, targets, embeds, plans, cfg)
@@ -351,6 +358,7 @@ def mc_train_step(
     bases = [p.wcs[1] for p in plans]
     metrics = {
         "mc/token_loss": float(token_loss.detach()),
+        "mc/lm_loss": float(lm_loss.detach()),
         "mc/baseline_loss": float(baseline_losses.mean()),
         "mc/adv_delta_mean": float(all_u.mean()),
         "mc/lens_loss": float(lens_loss.detach()),

@@ -153,3 +153,40 @@ def test_training_documents():
             label = re.search(r"What is the pass key for the ([a-z]+ [a-z]+)\?", d).group(1)
             key = re.search(rf"The pass key for the {label} is ([^ ]+)\. Remember", d).group(1)
             assert d.endswith(f"The pass key for the {label} is {key}.")
+
+
+def test_copy_drill_repeats_its_listing_after_filler():
+    for i in range(20):
+        d = longctx.copy_drill(random.Random(i), 2000)
+        m = re.fullmatch(r"Codes: (.+?)\. (.*) Repeat the codes: (.+)\.", d, flags=re.S)
+        assert m, d[:200]
+        assert m.group(1) == m.group(3)  # the repeat is predictable only from the listing
+        codes = m.group(1).split(", ")
+        assert len(codes) >= 4 and not any(c in m.group(2) for c in codes)  # no code leaks into the filler
+    docs = longctx.training_documents(200, seed=5, min_chars=500, max_chars=4000)
+    n_drills = sum(d.startswith("Codes: ") for d in docs)
+    assert 0.15 < n_drills / len(docs) < 0.35  # about COPY_DRILL_FRAC of the synthetic documents
+
+
+class CharTokenizer:
+    """One id per character (BOS = 0): enough to test row shaping without a trained tokenizer."""
+
+    def get_bos_token_id(self) -> int:
+        return 0
+
+    def encode(self, text: str, prepend: int | None = None) -> list[int]:
+        return ([prepend] if prepend is not None else []) + [ord(c) + 1 for c in text]
+
+
+@pytest.mark.parametrize("length", [257, 1025])
+def test_training_row_ends_at_the_answer_and_crops_little(length):
+    tok = CharTokenizer()
+    for i in range(10):
+        rng = random.Random(i)
+        row = longctx.training_row(rng, tok, length)
+        assert len(row) == length
+        text = "".join(chr(t - 1) if t else "" for t in row)
+        assert text.endswith(".")
+        if "Repeat the codes: " in text and "Codes: " in text.split("Repeat the codes: ")[0]:
+            listing = text.split("Repeat the codes: ")[1][:-1]
+            assert listing.split(", ")[-1] in text.split("Repeat the codes: ")[0]

@@ -98,6 +98,27 @@ def test_loss_is_taken_on_horizon_raw_positions_only():
     assert not torch.equal(ref, diff)
 
 
+def test_lm_weight_adds_the_vanilla_loss_on_raw_positions_before_the_horizon():
+    """lm_weight > 0: the extra term is the true-label next-token loss on the raw positions before the
+    horizon; with an all-raw working context it is the vanilla loss on those positions."""
+    model, gistnet, lensnet, cfg = tiny(lm_weight=0.5, lens_weight=0.0)
+    cfg.wc_budget, cfg.variants = T, 0
+    x = batch(2)
+    with torch.no_grad():
+        loss, m = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, seed=0)
+        logits = model(idx=x[:, :T])
+    h = cfg.horizon
+    lm = F.cross_entropy(logits[:, : T - h].reshape(-1, V), x[:, 1 : T - h + 1].reshape(-1))
+    assert m["mc/lm_loss"] == pytest.approx(float(lm), rel=2e-5)
+    assert float(loss) == pytest.approx(m["mc/token_loss"] + 0.5 * m["mc/lm_loss"], rel=1e-5)
+    # ... and a label changed before the horizon now moves the loss (it did not with lm_weight = 0)
+    targets = x[:, 1:].clone()
+    targets[:, 0] = (targets[:, 0] + 1) % V
+    with torch.no_grad():
+        moved, _ = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, seed=0, targets=targets)
+    assert not torch.equal(loss, moved)
+
+
 def test_lens_loss_pushes_positive_utility_scores_up():
     scores = torch.zeros(4, requires_grad=True)
     utility = torch.tensor([0.5, 0.0, -0.1, 0.0])
