@@ -1,8 +1,9 @@
 """Benchmark one attention layer, forward + backward, against sequence length: dense causal attention vs a
-sliding window vs MegaAttention (the pyramid of DESIGN §6, block-sparse execution).
+sliding window vs MegaAttention (the pyramid of DESIGN §6, block-sparse execution); and MegaAttention's
+hierarchical KV cache: an incremental refocus against a full recompute.
 
-    python -m scripts.bench_attention                      # 1k, 4k, 16k, 64k on CPU, ~2 minutes
-    python -m scripts.bench_attention --lengths 1024,4096 --dense-max-len 4096
+    python -m scripts.bench_attention                      # 1k, 4k, 16k, 64k on CPU + the KV cache, ~3 minutes
+    python -m scripts.bench_attention --lengths 1024,4096 --dense-max-len 4096 --kv-len 0
 
 One JSON line per length on stdout; growth of time per token on stderr at the end. The layer is q/k/v/out
 projections of width --d-model around the attention (no rotary or QK-norm: they cost the same in every
@@ -14,6 +15,13 @@ which other programs on a shared machine disturb far less (one thread by default
 The block-sparse index tables of window and mega attention are built once per layout outside the timing,
 like a flex_attention BlockMask (*_plan_ms). Per-token figures divide by the raw length N; mega also runs
 its nodes as queries (about N/(K-1) extra rows), so their cost is inside its per-token figure.
+
+KV cache (one more JSON line, "bench": "kv_cache"): a GPT of --kv-depth (nanochat's dial) with a GistNet holds
+--kv-len raw tokens in a MegaKVCache (megacontext/kv_cache.py). A refocus at depth d replaces the raw token
+d·N positions before the newest end and refreshes: incremental_ms_at_<d>pct recomputes the dirty rows only
+(forced, whatever the cache's own threshold would pick: auto_at_<d>pct), full_ms the whole packed sequence
+(reusing its mask: N is unchanged between refocuses). Both include re-gisting the edited token's ancestors;
+each figure is the median of --repeats after a warm-up, wall and CPU. decode_ms: append one token, refresh.
 """
 
 from __future__ import annotations
@@ -30,15 +38,20 @@ import time
 import torch
 import torch.nn.functional as F
 
+from megacontext.gistnet import GistNet
+from megacontext.kv_cache import MegaKVCache
 from megacontext.mega_attention import (
+    auto_levels,
     blocksparse_mega_attention,
     build_mega_layout,
     plan_blocksparse,
     sliding_window_layout,
 )
 from nanochat.common import UserError, run_main
+from nanochat.gpt import GPT, config_for_depth
 
 METHODS = ("dense", "window", "mega")
+KV_DEPTHS = (0.01, 0.10, 0.50)  # edit depth as a share of the WC, from the newest end
 
 
 class PeakRSS:
@@ -130,10 +143,72 @@ def measure(
     return out
 
 
+@torch.no_grad()
+def measure_kv(N: int, depth: int, vocab: int, K: int, W: int, repeats: int) -> dict:
+    """Refocus ms of a MegaKVCache over N raw tokens: incremental at each KV_DEPTHS edit depth vs full."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = GPT(config_for_depth(depth, vocab, N))
+    model.init_weights()
+    for block in model.blocks:  # init zeroes both c_proj (blocks start as the identity): give them weights
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
+    c = model.config
+    gistnet = GistNet(c.n_embd, c.n_head, block_size=K)
+    levels = auto_levels(N, K, W)
+    cache = MegaKVCache(model, gistnet, K, W, levels, capacity=N + 1)
+    cache.append(torch.randint(0, vocab, (N,), generator=g))
+    cache.refresh()
+    out = {"wc_len": N, "packed_len": sum(cache.counts), "levels": levels, "K": K, "W": W}
+    out |= {"depth": depth, "n_embd": c.n_embd, "n_layer": c.n_layer, "vocab": vocab}
+
+    def timed(edit, full: bool | None = None) -> tuple[float, float]:
+        """(wall ms, process CPU ms) of one edit + refresh."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        edit()
+        cache.refresh(full=full)
+        return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
+
+    def at_depth(frac: float):  # one raw token replaced frac·N positions before the newest end
+        p = N - max(1, round(frac * N))
+        return lambda: cache.replace_tokens(p, torch.randint(0, vocab, (1,), generator=g))
+
+    def median(edit, full: bool | None = None) -> tuple[float, float]:
+        runs = [timed(edit, full) for _ in range(repeats + 1)][1:]  # the first is a warm-up
+        return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+    out["full_ms"], out["full_cpu_ms"] = median(at_depth(0.10), True)
+    for frac in KV_DEPTHS:
+        pct = round(frac * 100)
+        ms, cpu_ms = median(at_depth(frac), False)
+        out[f"incremental_ms_at_{pct}pct"], out[f"incremental_cpu_ms_at_{pct}pct"] = ms, cpu_ms
+        out[f"speedup_at_{pct}pct"] = out["full_ms"] / ms
+        out[f"cpu_speedup_at_{pct}pct"] = out["full_cpu_ms"] / cpu_ms
+        out[f"dirty_rows_at_{pct}pct"], out[f"key_columns_at_{pct}pct"] = cache.last_shape
+        at_depth(frac)()
+        out[f"auto_at_{pct}pct"] = "full" if cache.wants_full() else "incremental"
+        cache.refresh()
+    out["decode_ms"], out["decode_cpu_ms"] = median(
+        lambda: cache.append(torch.randint(0, vocab, (1,), generator=g))
+    )
+    return out
+
+
 def run_worker(method: str, N: int, args) -> dict | None:
     """One measurement in a fresh process; None when it ran past --timeout-s or failed (e.g. out of memory)."""
     cmd = [sys.executable, "-m", "scripts.bench_attention", "--worker", method, "--lengths", str(N)]
-    for flag in ("d_model", "n_head", "block_size", "window", "query_block", "repeats", "threads"):
+    for flag in (
+        "d_model",
+        "n_head",
+        "block_size",
+        "window",
+        "query_block",
+        "repeats",
+        "threads",
+        "kv_len",
+        "kv_depth",
+        "kv_vocab",
+    ):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
@@ -165,7 +240,12 @@ def main():
         "--base-len", type=int, default=4096, help="growth of time per token is vs this length"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)  # internal: one measurement
+    parser.add_argument("--kv-len", type=int, default=4096, help="KV cache bench: raw tokens held (0 = skip)")
+    parser.add_argument("--kv-depth", type=int, default=4, help="KV cache bench: GPT depth (width 64·depth)")
+    parser.add_argument("--kv-vocab", type=int, default=65536, help="KV cache bench: GPT vocabulary size")
+    parser.add_argument(
+        "--worker", choices=(*METHODS, "kv"), help=argparse.SUPPRESS
+    )  # internal: one measurement
     args = parser.parse_args()
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
@@ -182,6 +262,12 @@ def main():
     shape = dict(
         d_model=args.d_model, n_head=args.n_head, K=args.block_size, W=args.window, block=args.query_block
     )
+    if args.kv_len < 0 or args.kv_depth < 1 or args.kv_vocab < 2:
+        raise UserError("need --kv-len >= 0 (0 = skip), --kv-depth >= 1, --kv-vocab >= 2")
+    if args.worker == "kv":
+        kv = measure_kv(args.kv_len, args.kv_depth, args.kv_vocab, args.block_size, args.window, args.repeats)
+        print(json.dumps(kv))
+        return
     if args.worker:
         print(json.dumps(measure(args.worker, lengths[0], **shape, repeats=args.repeats)))
         return
@@ -201,6 +287,12 @@ def main():
                 row["mega_levels"], row["mega_packed_len"] = r["levels"], r["packed_len"]
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if args.kv_len:
+        kv = run_worker("kv", args.kv_len, args)
+        row = {"bench": "kv_cache", "threads": torch.get_num_threads()}
+        if kv is not None:
+            row |= {k: (round(v, 2) if isinstance(v, float) else v) for k, v in kv.items()}
+        print(json.dumps(row), flush=True)
     for method in METHODS:  # growth of time per token from --base-len (else the first length) onwards
         done = [r for r in rows if r[f"{method}_cpu_ms"] is not None]
         base = next((r for r in done if r["seq_len"] == args.base_len), done[0] if done else None)
