@@ -343,7 +343,7 @@ def vartrack(
 
 
 TASKS = {"passkey": passkey, "mqar": mqar, "vartrack": vartrack}
-COPY_DRILL_FRAC = 0.25  # share of synthetic training documents that are copy drills
+COPY_DRILL_FRAC = 0.5  # share of synthetic training documents that are copy drills
 
 
 def make_examples(task: str, n: int, distance: int, seed: int = 0, **kwargs) -> list[dict]:
@@ -365,21 +365,28 @@ def make_code(rng: random.Random, kind: str) -> str:
 
 
 def copy_drill(rng: random.Random, chars: int, filler_texts: list[str] | None = None) -> str:
-    """A list of random codes, filler, then the same list again: every token of the repeat is predictable
-    only by looking back at the list. Small models learn retrieval (induction heads) on the synthetic tasks
-    far sooner with these in the mix: in passkey/MQAR rows a handful of tokens need the look-back, here
-    about a third of the document does."""
-    kind = rng.choice(("digits", "hex", "letters", "words"))
-    n = max(4, int(chars * rng.uniform(0.12, 0.3) / 9))
-    codes = [make_code(rng, kind) for _ in range(n)]
-    listing = ", ".join(codes)
+    """Rounds of "Codes: <random codes>. <filler> Repeat the codes: <the same codes>." until about `chars`.
+
+    Every token of a repeat is predictable only by looking back at its listing. Small models learn retrieval
+    (induction heads) on the synthetic tasks far sooner with these in the mix: a passkey or MQAR row needs the
+    look-back for a handful of tokens, a drill for about half of them. Most rounds are short and close (a
+    look-back of tens of tokens is what first teaches the circuit); some put filler in between, so the same
+    circuit learns to reach across hundreds of tokens."""
     filler = Filler(rng, filler_texts)
-    gap = filler.take(max(0, chars - 2 * len(listing) - 80), len, avoid=tuple(codes))
-    return " ".join([f"Codes: {listing}."] + gap + [f"Repeat the codes: {listing}."])
+    rounds: list[str] = []
+    total = 0
+    while total < chars:
+        kind = rng.choice(("digits", "hex", "letters", "words"))
+        codes = [make_code(rng, kind) for _ in range(rng.randint(3, 16))]
+        listing = ", ".join(codes)
+        gap = filler.take(int(rng.choice((0, 0, 0.5, 2, 8)) * len(listing)), len, avoid=tuple(codes))
+        rounds.append(" ".join([f"Codes: {listing}."] + gap + [f"Repeat the codes: {listing}."]))
+        total += len(rounds[-1]) + 1
+    return " ".join(rounds)
 
 
 def training_document(rng: random.Random, chars: int, filler_texts: list[str] | None = None) -> str:
-    """One plain-text training document of about `chars` characters, answer included at the end. A quarter
+    """One plain-text training document of about `chars` characters, answer included at the end. Half
     are copy drills (see copy_drill), the rest the evaluation tasks with fresh keys and layouts."""
     if rng.random() < COPY_DRILL_FRAC:
         return copy_drill(rng, chars, filler_texts)
