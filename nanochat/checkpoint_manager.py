@@ -2,9 +2,11 @@
 
 Layout: get_base_dir()/<source>_checkpoints/<model_tag>/ with, per step,
     model_<step:06d>.pt              {"model": GPT state_dict, "mc": {"gistnet": ..., "lensnet": ...}}
-                                     ("mc" only when MegaContext nets were trained alongside)
+                                     ("mc" only when MegaContext nets were trained alongside; with
+                                     --attention mega it holds {"mega_gistnet", "mega_prediction"})
     optim_<step:06d>_rank<r>.pt      list of optimizer state_dicts of rank r ([AdamW, Muon])
-    meta_<step:06d>.json             step, model_config, tokenizer_id, dataloader state, user config, "mc"
+    meta_<step:06d>.json             step, model_config, tokenizer_id, dataloader state, user config, "mc",
+                                     "attention" (megacontext.attention_modes; absent = dense)
 
 Every file is written atomically (temp + fsync + rename), and meta is written last: it is the commit
 point. A step counts only when its meta and a complete model file are both there, so a crash at any

@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from megacontext.attention_modes import attention_model
 from megacontext.config import MCConfig
 from megacontext.session import load_mc_nets
 from megacontext.views import VIEWS, view_bpb
@@ -97,6 +98,7 @@ def main() -> None:
     dtype = pick_dtype(device, args.dtype)
     ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")
+    model = attention_model(model, ckpt_dir, step, meta, device)  # bpb under the checkpoint's attention mode
     token_bytes = get_token_bytes(device)
     B, T = args.device_batch_size, model.config.sequence_len
     tokens_per_step = B * T * world_size

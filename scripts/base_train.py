@@ -18,6 +18,13 @@ import time
 import torch
 import torch.distributed as dist
 
+from megacontext.attention_modes import (
+    AttentionConfig,
+    AttentionModel,
+    add_attention_args,
+    attention_config_from_args,
+    describe,
+)
 from megacontext.config import MCConfig, add_mc_args, build_nets, mc_config_from_args
 from megacontext.training import auto_device_batch, mc_train_step
 from megacontext.views import view_bpb
@@ -102,6 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--mc-eval-rows", type=int, default=8, help="long val rows scored under the five views (with --mc)"
     )
+    add_attention_args(p)
     add_mc_args(p)
     return p.parse_args(argv)
 
@@ -124,6 +132,10 @@ def main() -> None:
     orig_model.init_weights()
     # orig_model: the plain module (checkpoints, sampling); model: what the training step calls
     model = torch.compile(orig_model, dynamic=False) if device.type == "cuda" else orig_model
+    attn_cfg = attention_config_from_args(args, args.max_seq_len)
+    # window/mega: the plain module under the mode's mask (+ GistNet and MegaPrediction for mega); dense: None
+    attn = AttentionModel(orig_model, attn_cfg) if attn_cfg.mode != "dense" else None
+    print0(f"attention: {describe(attn_cfg)}")
     mc_cfg: MCConfig | None = mc_config_from_args(args)
     gistnet = lensnet = None
     if mc_cfg is not None:
@@ -133,7 +145,7 @@ def main() -> None:
         lensnet.to(device)
         print0(f"MegaContext: {json.dumps(mc_cfg.to_dict())}")
     num_params = orig_model.num_params()
-    flops_per_token = orig_model.estimate_flops()
+    flops_per_token = orig_model.estimate_flops() if attn is None else attn.flops_per_token(args.max_seq_len)
     print0(f"model config: {json.dumps(config.to_dict())}")
     print0(f"parameters: {num_params:,} | training FLOPs per token: {flops_per_token:.3e}")
 
@@ -178,7 +190,7 @@ def main() -> None:
         return (1 - frac) * 0.85 + frac * 0.95
 
     # ---- optimizers, data, resume
-    mc_nets = [gistnet, lensnet] if mc_cfg is not None else []
+    mc_nets = [gistnet, lensnet] if mc_cfg is not None else attn.aux_modules() if attn is not None else []
     optimizers = setup_optimizers(
         orig_model,
         args.unembedding_lr,
@@ -207,7 +219,14 @@ def main() -> None:
             raise UserError(
                 f"checkpoint was written by {len(meta['loader_states'])} ranks, this run has {world_size}"
             )
+        saved = AttentionConfig.from_dict(meta.get("attention"))  # no key: a dense checkpoint
+        if saved.mode != attn_cfg.mode or (attn is not None and saved != attn_cfg):
+            raise UserError(
+                f"checkpoint attention ({describe(saved)}) differs from this run's ({describe(attn_cfg)})"
+            )
         orig_model.load_state_dict(model_state)
+        if attn is not None and attn.aux_modules():
+            attn.load_aux_state(load_mc_state(ckpt_dir, args.resume_from_step, device))
         if mc_cfg is not None:
             mc_state = load_mc_state(ckpt_dir, args.resume_from_step, device)
             gistnet.load_state_dict(mc_state["gistnet"])
@@ -253,6 +272,7 @@ def main() -> None:
             "loader_states": loader_states,
             "loop_state": loop,
             "mc": mc_cfg.to_dict() if mc_cfg is not None else None,
+            "attention": attn_cfg.to_dict(),  # loaders rebuild the mode without flags
         }
         # every rank writes its optimizer state; rank 0 also the model, then (after a barrier inside
         # save_checkpoint) the meta file that commits the step
@@ -261,6 +281,8 @@ def main() -> None:
         mc_state = None
         if mc_cfg is not None and master:
             mc_state = {"gistnet": gistnet.state_dict(), "lensnet": lensnet.state_dict()}
+        if attn is not None and attn.aux_modules() and master:
+            mc_state = attn.aux_state()
         save_checkpoint(ckpt_dir, step, model_state, optim_states, meta, rank=rank, mc_state=mc_state)
         print0(f"saved checkpoint {ckpt_dir} step {step}")
 
@@ -305,10 +327,16 @@ def main() -> None:
             model.eval()
             val_loader = DataLoader(tokenizer, B, T, "val", device, rank=rank, world_size=world_size)
             with autocast():
-                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+                val_bpb = evaluate_bpb(model if attn is None else attn, val_loader, eval_steps, token_bytes)
+                mp_eval = {}  # MegaPrediction's ΔNLL per level on the first val batch (2 extra forwards)
+                if attn is not None and attn.predictor is not None and master:
+                    mp_eval = attn.mp_delta_nll(*next(DataLoader(tokenizer, B, T, "val", device)))
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
-            print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
-            log({"step": step, "val_bpb": val_bpb})
+            print0(
+                f"step {step:05d} | val bpb {val_bpb:.6f}"
+                + "".join(f" | {k} {v:.4f}" for k, v in mp_eval.items())
+            )
+            log({"step": step, "val_bpb": val_bpb, **mp_eval})
             if mc_cfg is not None and master and args.mc_eval_rows > 0:
                 views_out = mc_views_eval(orig_model, gistnet, lensnet, mc_cfg)
                 print0(f"step {step:05d} | " + " ".join(f"{k} {v:.4f}" for k, v in views_out.items()))
@@ -335,8 +363,13 @@ def main() -> None:
         for _ in range(grad_accum_steps):
             x, y = next(train_loader)
             x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
+            aux = None
             with autocast():
-                if mc_cfg is None:
+                if attn is not None:  # window / mega; MegaPrediction's loss trains but is not logged as loss
+                    loss, aux, m = attn.train_loss(x, y, step / num_iterations)
+                    for k, v in m.items():
+                        mc_metrics[k] = mc_metrics.get(k, 0.0) + v / grad_accum_steps
+                elif mc_cfg is None:
                     loss = model(x, y)
                 else:  # MegaContext: one bounded call (DESIGN §4); variants are keyed by row content
                     row = torch.cat([x, y[:, -1:]], dim=1)
@@ -346,6 +379,8 @@ def main() -> None:
                     for k, v in m.items():
                         mc_metrics[k] = mc_metrics.get(k, 0.0) + v / grad_accum_steps
             loss_sum += loss.detach()
+            if aux is not None:
+                loss = loss + aux
             (loss / grad_accum_steps).backward()
         sync_gradients(sync_params, world_size)
         lrm = lr_multiplier(step)
@@ -379,6 +414,8 @@ def main() -> None:
         mc_line = ""
         if mc_cfg is not None:
             mc_line = " | " + " ".join(f"{k[3:]} {mc_metrics[k]:.4g}" for k in MC_LOG_KEYS)
+        if attn is not None and mc_metrics:  # MegaPrediction: mp/lod1_cos, mp/lod2_cos, mp/loss
+            mc_line = " | " + " ".join(f"{k} {v:.4g}" for k, v in sorted(mc_metrics.items()))
         print0(
             f"step {step:05d}/{num_iterations:05d} | loss {debiased:.6f} (raw {raw_loss:.6f}) | lrm {lrm:.3f} "
             f"| dt {dt * 1000:.1f}ms | tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.2f}%{mc_line}"

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from megacontext.attention_modes import attention_model
 from megacontext.config import MCConfig
 from megacontext.session import load_mc_nets
 from megacontext.views import VIEWS, build_tree, horizon_logits, horizon_nll
@@ -107,6 +108,7 @@ def main() -> None:
     _, _, _, _, device = compute_init(args.device_type)
     ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")
+    model = attention_model(model, ckpt_dir, step, meta, device)  # full view: the checkpoint's own attention
     nets = load_mc_nets(ckpt_dir, step, meta, model.config.n_embd, device)
     cfg, gistnet, lensnet = nets if nets is not None else (MCConfig(), None, None)
     if nets is None:
