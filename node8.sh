@@ -52,40 +52,11 @@ fi
 TRAIN_FLAGS=(--model-tag "$TAG" --run "$RUN" "${MC_FLAGS[@]}" "${EXTRA[@]}")
 TORCHRUN=(torchrun --standalone --nproc-per-node "$NGPU")
 
-# stage NAME CMD...: run CMD unless NAME is done; mark it done when CMD succeeds; print its wall time.
-stage() {
-    local name=$1 marker
-    shift
-    marker="$STATE_DIR/$TAG-$name.done"
-    if [ -f "$marker" ]; then
-        echo "# skip $name (done): $*"
-        return 0
-    fi
-    if [ "$DRY" -eq 1 ]; then
-        echo "$*"
-        return 0
-    fi
-    echo "==> $name: $*"
-    local t0=$SECONDS
-    "$@"
-    mkdir -p "$STATE_DIR"
-    touch "$marker"
-    echo "<== $name done in $((SECONDS - t0)) s"
-}
+MARK=$TAG
+# shellcheck source=recipe_lib.sh
+source ./recipe_lib.sh
 
-# resume DIR: "--resume-from-step N" when DIR holds checkpoints of an interrupted run (N = the newest).
-resume() {
-    local f step=""
-    for f in "$1"/meta_*.json; do
-        [ -e "$f" ] || continue
-        f=${f##*/meta_}
-        step=$((10#${f%.json}))
-    done
-    if [ -n "$step" ]; then
-        echo "--resume-from-step $step"
-    fi
-}
-
+T_START=$(date +%s.%N)
 # ---- set-up: venv (skipped for a dry run: it prints, it does not install)
 if [ "$DRY" -eq 0 ]; then
     # shellcheck disable=SC1091
@@ -147,4 +118,5 @@ if [ "$DRY" -eq 1 ]; then
     echo "python -m nanochat.report generate"
 else
     python -m nanochat.report generate
+    print_times "$T_START"
 fi

@@ -80,42 +80,11 @@ fi
 TRAIN_FLAGS=(--model-tag "$TAG" --run "$RUN" "${MC_FLAGS[@]}" "${EXTRA[@]}")
 TORCHRUN=(torchrun --standalone --nproc-per-node 1)
 
-# stage NAME CMD...: run CMD unless NAME is done; mark it done when CMD succeeds; record its wall time.
-TIMES=()
-stage() {
-    local name=$1 marker t0=$SECONDS
-    shift
-    marker="$STATE_DIR/$TAG-$name.done"
-    if [ -f "$marker" ]; then
-        echo "# skip $name (done): $(printf '%q ' "$@")"
-        return 0
-    fi
-    if [ "$DRY" -eq 1 ]; then
-        printf '%q ' "$@"
-        echo
-        return 0
-    fi
-    echo "==> $name: $(printf '%q ' "$@")"
-    "$@"
-    mkdir -p "$STATE_DIR"
-    touch "$marker"
-    TIMES+=("$(printf '%-22s %6d' "$name" $((SECONDS - t0)))")
-    echo "<== $name done in $((SECONDS - t0)) s"
-}
+MARK=$TAG
+# shellcheck source=recipe_lib.sh
+source ./recipe_lib.sh
 
-# resume DIR: "--resume-from-step N" when DIR holds checkpoints of an interrupted run (N = the newest).
-resume() {
-    local f step=""
-    for f in "$1"/meta_*.json; do
-        [ -e "$f" ] || continue
-        f=${f##*/meta_}
-        step=$((10#${f%.json}))
-    done
-    if [ -n "$step" ]; then
-        echo "--resume-from-step $step"
-    fi
-}
-
+T_START=$(date +%s.%N)
 # ---- set-up: venv (skipped for a dry run: it prints, it does not install)
 if [ "$DRY" -eq 0 ]; then
     # shellcheck disable=SC1091
@@ -185,5 +154,4 @@ fi
 python -m nanochat.report generate
 echo
 sed -n '/^## Summary/,/^## /p' report.md | sed '$ { /^## /d }'
-echo "Stage wall times (s), this invocation:"
-printf '  %s\n' "${TIMES[@]}"
+print_times "$T_START"

@@ -79,43 +79,9 @@ WC=128  # working-context budget of the MC model; the vanilla window view is sco
 MC=(--mc --mc-auto-batch --mc-block-size 16 --mc-wc-budget "$WC" --mc-recent 64 --mc-horizon 32 --mc-variants 4
     --mc-curriculum-start 0.5 --mc-lm-weight 1.0)
 
-# stage NAME CMD...: run CMD unless NAME is done; mark it done when CMD succeeds; record its wall time.
-TIMES=()
-stage() {
-    local name=$1 marker t0 t1
-    shift
-    marker="$STATE_DIR/$PREFIX-$name.done"
-    if [ -f "$marker" ]; then
-        echo "# skip $name (done): $(printf '%q ' "$@")"
-        return 0
-    fi
-    if [ "$DRY" -eq 1 ]; then
-        printf '%q ' "$@"
-        echo
-        return 0
-    fi
-    echo "==> $name: $(printf '%q ' "$@")"
-    t0=$(date +%s.%N)
-    "$@"
-    t1=$(date +%s.%N)
-    mkdir -p "$STATE_DIR"
-    touch "$marker"
-    TIMES+=("$(awk -v n="$name" -v a="$t0" -v b="$t1" 'BEGIN { printf "%-26s %8.1f", n, b - a }')")
-    echo "<== $name done in ${TIMES[-1]##* } s"
-}
-
-# resume DIR: "--resume-from-step N" when DIR holds checkpoints of an interrupted run (N = the newest).
-resume() {
-    local f step=""
-    for f in "$1"/meta_*.json; do
-        [ -e "$f" ] || continue
-        f=${f##*/meta_}
-        step=$((10#${f%.json}))
-    done
-    if [ -n "$step" ]; then
-        echo "--resume-from-step $step"
-    fi
-}
+MARK=$PREFIX
+# shellcheck source=recipe_lib.sh
+source ./recipe_lib.sh
 
 # ---- set-up: venv (skipped for a dry run: it prints, it does not install)
 T_START=$(date +%s.%N)
@@ -187,6 +153,4 @@ echo "==> chat-cli: $(printf '%q ' "${ASK[@]}")"
 python -m nanochat.report generate
 echo
 sed -n '/^## Summary/,/^## /p' report.md | sed '$ { /^## /d }'
-echo "Stage wall times (s), this invocation:"
-printf '  %s\n' "${TIMES[@]}"
-awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN { printf "  %-26s %8.1f\n", "total", b - a }'
+print_times "$T_START"

@@ -161,7 +161,11 @@ def test_shellcheck_clean():
             pytest.fail("shellcheck is not installed; CI must install it (apt-get install shellcheck)")
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
     out = subprocess.run(
-        ["shellcheck", "-x", *RECIPES, "node8.sh"], cwd=REPO, capture_output=True, text=True, timeout=60
+        ["shellcheck", "-x", *RECIPES, "node8.sh", "recipe_lib.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -283,5 +287,5 @@ def test_cpu_and_one_gpu_recipes_help_flags_and_shellcheck(recipe, tmp_path):
         assert nogpu.returncode == 2 and "--gpu" in nogpu.stderr
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    sc = subprocess.run(["shellcheck", recipe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    sc = subprocess.run(["shellcheck", "-x", recipe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert sc.returncode == 0, sc.stdout + sc.stderr
