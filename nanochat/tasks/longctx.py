@@ -75,6 +75,7 @@ OBJECTS = (
     "gate vault locker archive chest door safe cabinet drawer box hatch cellar attic shed tunnel portal"
 ).split()
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+WORDS = sorted(set(NAMES + ADJECTIVES + NOUNS + VERBS))  # single words: mostly one token each
 
 
 def make_sentence(rng: random.Random) -> str:
@@ -354,7 +355,9 @@ def make_examples(task: str, n: int, distance: int, seed: int = 0, **kwargs) -> 
 
 
 def make_code(rng: random.Random, kind: str) -> str:
-    """One item of a copy drill: a string nothing but the list itself predicts."""
+    """One item of a copy drill: a string nothing but the list itself predicts ("word": a single word)."""
+    if kind == "word":
+        return rng.choice(WORDS)
     if kind == "digits":
         return str(rng.randrange(10 ** rng.randint(2, 7), 10**8))
     if kind == "hex":
@@ -376,10 +379,15 @@ def copy_drill(rng: random.Random, chars: int, filler_texts: list[str] | None = 
     rounds: list[str] = []
     total = 0
     while total < chars:
-        kind = rng.choice(("digits", "hex", "letters", "words"))
-        codes = [make_code(rng, kind) for _ in range(rng.randint(3, 16))]
-        listing = ", ".join(codes)
-        gap = filler.take(int(rng.choice((0, 0, 0.5, 2, 8)) * len(listing)), len, avoid=tuple(codes))
+        kind = rng.choice(("digits", "hex", "letters", "words", "word", "word"))
+        if kind == "word":  # distinct single words, no separators: the plainest look-back there is
+            codes = rng.sample(WORDS, rng.randint(8, 40))
+            listing = " ".join(codes)
+        else:
+            codes = [make_code(rng, kind) for _ in range(rng.randint(3, 16))]
+            listing = ", ".join(codes)
+        spread = 0 if kind == "word" else rng.choice((0, 0, 0.5, 2, 8))  # filler is made of such words
+        gap = filler.take(int(spread * len(listing)), len, avoid=tuple(codes))
         rounds.append(" ".join([f"Codes: {listing}."] + gap + [f"Repeat the codes: {listing}."]))
         total += len(rounds[-1]) + 1
     return " ".join(rounds)
