@@ -36,7 +36,7 @@ from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import Muon, optimizer_params, setup_optimizers, sync_gradients
 from nanochat.report import get_report
-from nanochat.tasks.longctx import mix_into_batch
+from nanochat.tasks.longctx import copy_warmup_batch, mix_into_batch
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from scripts.bench_train import autocast_ctx, peak_flops, pick_dtype, sync
 
@@ -105,6 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="fraction of rows replaced by synthetic long-context rows whose answer ends the row",
+    )
+    p.add_argument(
+        "--copy-warmup-steps",
+        type=int,
+        default=0,
+        help="first N steps train on random token sequences repeated (induction warm-up; see docs/training.md)",
     )
     p.add_argument(
         "--mc-eval-rows", type=int, default=8, help="long val rows scored under the five views (with --mc)"
@@ -362,7 +368,10 @@ def main() -> None:
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum_steps):
             x, y = next(train_loader)
-            x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
+            if step < args.copy_warmup_steps:
+                x, y = copy_warmup_batch(x, y, args.seed)
+            else:
+                x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
             aux = None
             with autocast():
                 if attn is not None:  # window / mega; MegaPrediction's loss trains but is not logged as loss

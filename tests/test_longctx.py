@@ -195,3 +195,24 @@ def test_training_row_is_the_end_of_a_document_cropped_little(length, monkeypatc
         assert docs, "the row is not the end of a generated document"
         crops.append(1 - length / (min(len(d) for d in docs) + 1))
     assert sorted(crops)[len(crops) // 2] <= 0.12  # most rows lose at most ~10 % from the front
+
+
+def test_copy_warmup_batch_rows_are_segments_each_followed_by_itself():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 4096, (4, 257), generator=g)
+    x, y = longctx.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
+    full = torch.cat([x, y[:, -1:]], dim=1)
+    assert torch.equal(full[:, 1:], y) and x.shape == (4, 256)
+    for r in full.tolist():
+        n = 0
+        while n + 2 * 64 <= len(r):  # parse whole (segment, segment) pairs of 16..64 ids
+            lengths = [L for L in range(16, 65) if r[n : n + L] == r[n + L : n + 2 * L]]
+            assert lengths, f"no repeated segment at {n}"
+            n += 2 * lengths[0]
+    lo, hi = longctx.COPY_WARMUP_IDS
+    assert int(full.min()) >= lo and int(full.max()) < hi
+    assert len({tuple(r.tolist()) for r in full}) == 4  # a different sequence per row
+    x2, _ = longctx.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
+    assert torch.equal(x, x2)  # seeded by row content and seed
