@@ -118,5 +118,6 @@ if [ "$DRY" -eq 1 ]; then
     echo "python -m nanochat.report generate"
 else
     python -m nanochat.report generate
+    print_summary
     print_times "$T_START"
 fi

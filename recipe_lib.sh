@@ -53,3 +53,8 @@ print_times() {
         awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "  %-26s %8.1f\n", "total", b - a }'
     fi
 }
+
+# print_summary: the headline tables of report.md (summary, results by stage, MegaContext vs vanilla).
+print_summary() {
+    awk '/^## /{ show = ($0 ~ /^## (Summary|Results by stage|MegaContext vs vanilla)$/) } show' report.md
+}

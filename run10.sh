@@ -153,5 +153,5 @@ fi
 "${ASK[@]}"
 python -m nanochat.report generate
 echo
-sed -n '/^## Summary/,/^## /p' report.md | sed '$ { /^## /d }'
+print_summary
 print_times "$T_START"

@@ -152,5 +152,5 @@ echo "==> chat-cli: $(printf '%q ' "${ASK[@]}")"
 # ---- the report (always regenerated), its summary, and the wall time of each stage run this time
 python -m nanochat.report generate
 echo
-sed -n '/^## Summary/,/^## /p' report.md | sed '$ { /^## /d }'
+print_summary
 print_times "$T_START"

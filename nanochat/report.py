@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from nanochat.common import atomic_write_text, get_base_dir, get_dist_info, run_main
+from nanochat.report_tables import results_markdown
 
 # Stage order in report.md; sections not listed here follow, oldest first.
 STAGES = [
@@ -204,6 +205,7 @@ class Report:
             elapsed = time.time() - int(start.group(1))
             wall = f"\n- total wall clock time since reset: {elapsed / 3600:.2f} h ({elapsed:.0f} s)\n"
         body = [header.rstrip("\n"), "", "## Summary", "", self.summary_table(sections), wall]
+        body += [results_markdown(sections)]
         body += [text.rstrip("\n") + "\n" for _, text in sections]
         report = "\n".join(body)
         out = self.report_dir.parent / "report.md"

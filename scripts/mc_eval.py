@@ -172,10 +172,30 @@ def main() -> None:
         from nanochat.report import get_report
 
         get_report().log(
-            section=f"Long-context eval {args.source} ({ckpt_dir.name})", data=[{"checkpoint": label}, md]
+            section=f"Long-context eval {args.source} ({ckpt_dir.name})",
+            data=[{"checkpoint": label, **headline(table, distances)}, md],
         )
     except ImportError:
         pass
+
+
+def headline(rows, distances) -> dict:
+    """One number per task family for the report's results table: mean accuracy at 4x the budget (else the
+    nearest distance run) in the model's own memory view at that budget: mc-lens for an MC model, the recent
+    window for a vanilla one, so MC and vanilla compare at equal working-context size."""
+    ran = {v for _, _, v, _ in rows}
+    view = "mc-lens" if "mc-lens" in ran else "window"
+    dx = min(distances, key=lambda d: abs(d - 4))
+    out: dict = {"headline view": f"{view} at {dx}x the budget"}
+    for family in dict.fromkeys(name.split(":")[0] for name, _, _, _ in rows):
+        accs = [
+            r["accuracy"]
+            for name, d, v, r in rows
+            if name.split(":")[0] == family and d == dx and v == view and r.get("accuracy") is not None
+        ]
+        if accs:
+            out[family] = round(sum(accs) / len(accs), 4)
+    return out
 
 
 def markdown_table(rows, distances, views) -> str:

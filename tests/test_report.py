@@ -50,6 +50,26 @@ def test_sections_summary_and_order(base):
     assert not [p for p in (base / "report").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_report_shows_results_by_stage_with_long_context_columns(base):
+    """generate() puts the per-stage results table (and MC vs vanilla) under the summary; mc_eval's headline
+    fields land in its long-context columns."""
+    from scripts.mc_eval import headline
+
+    report = get_report()
+    report.log("Base model training (d4-mc)", [{"mc": True, "val_bpb": 2.0}])
+    report.log("Base model training (d4)", [{"val_bpb": 1.9}])
+    rows = [("passkey:k=1", 4, "mc-lens", {"accuracy": 0.5}), ("passkey:k=2", 4, "mc-lens", {"accuracy": 1.0})]
+    rows += [("passkey:k=1", 1, "mc-lens", {"accuracy": 0.0}), ("mqar:n=8", 4, "full", {"accuracy": 1.0})]
+    fields = headline(rows, [1, 4, 8])
+    assert fields["passkey"] == 0.75 and "mqar" not in fields  # mqar has no mc-lens result
+    report.log("Long-context eval base (d4-mc)", [{"checkpoint": "base/d4-mc@5", **fields}, "| table |"])
+    report.log("Long-context eval base (d4)", [{"checkpoint": "base/d4@5", "passkey": 0.0}, "| table |"])
+    text = report.generate().read_text()
+    results = text[text.index("## Results by stage") : text.index("## Base model training")]
+    assert "| d4-mc | yes | BASE | 0.7500 |" in results and "| d4 | no | BASE | 0.0000 |" in results
+    assert "| d4-mc vs d4 | BASE | passkey | 0.7500 | 0.0000 | +0.7500 |" in results
+
+
 def test_dict_values_are_formatted(base):
     path = get_report().log("Tokenizer training", [{"vocab": 65536, "ratio": 4.123456789, "ok": True}])
     text = path.read_text()
