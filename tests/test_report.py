@@ -58,7 +58,10 @@ def test_report_shows_results_by_stage_with_long_context_columns(base):
     report = get_report()
     report.log("Base model training (d4-mc)", [{"mc": True, "val_bpb": 2.0}])
     report.log("Base model training (d4)", [{"val_bpb": 1.9}])
-    rows = [("passkey:k=1", 4, "mc-lens", {"accuracy": 0.5}), ("passkey:k=2", 4, "mc-lens", {"accuracy": 1.0})]
+    rows = [
+        ("passkey:k=1", 4, "mc-lens", {"accuracy": 0.5}),
+        ("passkey:k=2", 4, "mc-lens", {"accuracy": 1.0}),
+    ]
     rows += [("passkey:k=1", 1, "mc-lens", {"accuracy": 0.0}), ("mqar:n=8", 4, "full", {"accuracy": 1.0})]
     fields = headline(rows, [1, 4, 8])
     assert fields["passkey"] == 0.75 and "mqar" not in fields  # mqar has no mc-lens result
