@@ -197,20 +197,15 @@ def test_training_row_is_the_end_of_a_document_cropped_little(length, monkeypatc
     assert sorted(crops)[len(crops) // 2] <= 0.12  # most rows lose at most ~10 % from the front
 
 
-def test_copy_warmup_batch_rows_are_segments_each_followed_by_itself():
+def test_copy_warmup_batch_rows_repeat_themselves():
     import torch
 
     g = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, 4096, (4, 257), generator=g)
+    rows = torch.randint(0, 4096, (4, 65), generator=g)
     x, y = longctx.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
     full = torch.cat([x, y[:, -1:]], dim=1)
-    assert torch.equal(full[:, 1:], y) and x.shape == (4, 256)
-    for r in full.tolist():
-        n = 0
-        while n + 2 * 64 <= len(r):  # parse whole (segment, segment) pairs of 16..64 ids
-            lengths = [L for L in range(16, 65) if r[n : n + L] == r[n + L : n + 2 * L]]
-            assert lengths, f"no repeated segment at {n}"
-            n += 2 * lengths[0]
+    assert torch.equal(full[:, 1:], y) and x.shape == (4, 64)
+    assert torch.equal(full[:, :32], full[:, 33:65])  # 33 random ids, then the same ids again
     lo, hi = longctx.COPY_WARMUP_IDS
     assert int(full.min()) >= lo and int(full.max()) < hi
     assert len({tuple(r.tolist()) for r in full}) == 4  # a different sequence per row
