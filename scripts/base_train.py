@@ -113,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="first N steps train on random token sequences repeated (induction warm-up; see docs/training.md)",
     )
     p.add_argument(
+        "--copy-frac", type=float, default=0.0, help="after the warm-up, this share of rows stays copy rows"
+    )
+    p.add_argument(
         "--mc-eval-rows", type=int, default=8, help="long val rows scored under the five views (with --mc)"
     )
     add_attention_args(p)
@@ -372,6 +375,8 @@ def main() -> None:
                 x, y = copy_warmup_batch(x, y, args.seed)
             else:
                 x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
+                if args.copy_frac > 0:
+                    x, y = copy_warmup_batch(x, y, args.seed, args.copy_frac)
             aux = None
             with autocast():
                 if attn is not None:  # window / mega; MegaPrediction's loss trains but is not logged as loss

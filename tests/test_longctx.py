@@ -211,3 +211,16 @@ def test_copy_warmup_batch_rows_repeat_themselves():
     assert len({tuple(r.tolist()) for r in full}) == 4  # a different sequence per row
     x2, _ = longctx.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
     assert torch.equal(x, x2)  # seeded by row content and seed
+
+
+def test_copy_warmup_batch_frac_replaces_a_share_of_rows():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(1000, 4096, (200, 33), generator=g)  # ids outside COPY_WARMUP_IDS
+    x, y = longctx.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=3, frac=0.25)
+    full = torch.cat([x, y[:, -1:]], dim=1)
+    replaced = (full < longctx.COPY_WARMUP_IDS[1]).all(dim=1)
+    assert 0.15 < replaced.float().mean() < 0.35
+    assert torch.equal(full[~replaced], rows[~replaced])  # the others untouched
+    assert torch.equal(full[replaced][:, :16], full[replaced][:, 17:33])

@@ -472,7 +472,7 @@ def mix_into_batch(x, y, frac: float, tokenizer, seed: int):
 COPY_WARMUP_IDS = (256, 768)  # token ids the warm-up copies: 512 ids just above the byte range
 
 
-def copy_warmup_batch(x, y, seed: int):
+def copy_warmup_batch(x, y, seed: int, frac: float = 1.0):
     """Every row of a loader batch (x, y: [B, T]) replaced by a random token sequence followed by itself.
 
     An induction warm-up: nothing but looking back predicts the second half. In a bare training loop this
@@ -480,6 +480,8 @@ def copy_warmup_batch(x, y, seed: int):
     mix did not grow it in 500 steps; rows cut into short repeated segments did not grow it in 150
     (docs/training.md). The ids come from a few hundred frequent tokens: with thousands of rare ids the
     unembedding of each id is trained too rarely to learn to match its embedding. Seeded by each row's content.
+    frac < 1 replaces only about that share of the rows (chosen by content): switching from all-copy rows to the
+    natural mix at once erased the circuit within 50 steps, so some copy rows stay in the mix.
     """
     import zlib
 
@@ -488,8 +490,12 @@ def copy_warmup_batch(x, y, seed: int):
     rows = torch.cat([x, y[:, -1:]], dim=1)
     T1 = rows.shape[1]
     out = torch.empty_like(rows)
+    out.copy_(rows)
     for i, row in enumerate(rows):
-        g = torch.Generator().manual_seed(zlib.crc32(row.cpu().numpy().tobytes()) ^ seed)
+        h = zlib.crc32(row.cpu().numpy().tobytes()) ^ seed
+        if frac < 1 and (h % 10_000) >= frac * 10_000:
+            continue
+        g = torch.Generator().manual_seed(h)
         half = torch.randint(*COPY_WARMUP_IDS, ((T1 + 1) // 2,), generator=g)
         out[i] = torch.cat([half, half])[:T1].to(rows.device)
     return out[:, :-1], out[:, 1:]
