@@ -473,16 +473,16 @@ COPY_WARMUP_IDS = (256, 768)  # token ids the warm-up copies: 512 ids just above
 
 
 def copy_warmup_batch(x, y, seed: int, frac: float = 1.0):
-    """Every row of a loader batch (x, y: [B, T]) replaced by a random token sequence followed by itself.
+    """Rows of a loader batch (x, y: [B, T]) replaced by random token segments, each followed by itself.
 
-    An induction warm-up: nothing but looking back predicts the second half. In a bare training loop this
-    grows the copy circuit (induction heads) of the d4 GPT in 50-100 steps of 8 x 512 tokens, where the natural
-    mix did not grow it in 500 steps; rows cut into short repeated segments did not grow it in 150
-    (docs/training.md). The ids come from a few hundred frequent tokens: with thousands of rare ids the
-    unembedding of each id is trained too rarely to learn to match its embedding. Seeded by each row's content.
-    frac < 1 replaces only about that share of the rows (chosen by content): switching from all-copy rows to the
-    natural mix at once erased the circuit within 50 steps, so some copy rows stay in the mix.
+    An induction warm-up: nothing but looking back predicts a repeat, and since segment lengths vary, only
+    matching content does (with one fixed offset the GPT learns a positional "copy from t - T/2" head in ~60
+    steps, which is useless on real text and vanished once the mix came back). The ids come from a few hundred
+    frequent tokens: with thousands of rare ids the unembedding of each id is trained too rarely to learn to
+    match its embedding. Seeded by each row's content; frac < 1 replaces only about that share of the rows (the
+    rest stay as they are), for keeping some copy rows in the mix after the warm-up (docs/training.md).
     """
+
     import zlib
 
     import torch
@@ -496,6 +496,12 @@ def copy_warmup_batch(x, y, seed: int, frac: float = 1.0):
         if frac < 1 and (h % 10_000) >= frac * 10_000:
             continue
         g = torch.Generator().manual_seed(h)
-        half = torch.randint(*COPY_WARMUP_IDS, ((T1 + 1) // 2,), generator=g)
-        out[i] = torch.cat([half, half])[:T1].to(rows.device)
+        pieces, n = [], 0
+        while n < T1:  # segments of random length, each followed by itself: the offset varies, so only
+            # matching content (an induction head), not a fixed positional offset, predicts the repeats
+            L = int(torch.randint(32, max(33, T1 // 2 + 1), (1,), generator=g))
+            seg = torch.randint(*COPY_WARMUP_IDS, (L,), generator=g)
+            pieces += [seg, seg]
+            n += 2 * L
+        out[i] = torch.cat(pieces)[:T1].to(rows.device)
     return out[:, :-1], out[:, 1:]
