@@ -36,7 +36,8 @@ from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import Muon, optimizer_params, setup_optimizers, sync_gradients
 from nanochat.report import get_report
-from nanochat.tasks.longctx import copy_warmup_batch, mix_into_batch
+from nanochat.tasks.copy_warmup import copy_warmup_batch
+from nanochat.tasks.longctx import mix_into_batch
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from scripts.bench_train import autocast_ctx, peak_flops, pick_dtype, sync
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from nanochat.tasks import longctx
+from nanochat.tasks import copy_warmup, longctx
 
 UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
@@ -202,7 +202,7 @@ def test_copy_warmup_batch_rows_are_segments_each_followed_by_itself():
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 4096, (6, 513), generator=g)
-    x, y = longctx.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
+    x, y = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
     full = torch.cat([x, y[:, -1:]], dim=1)
     assert torch.equal(full[:, 1:], y) and x.shape == (6, 512)
     offsets = set()
@@ -214,9 +214,9 @@ def test_copy_warmup_batch_rows_are_segments_each_followed_by_itself():
             offsets.add(lengths[0])
             n += 2 * lengths[0]
     assert len(offsets) >= 3  # the look-back distance varies: no fixed positional shortcut
-    lo, hi = longctx.COPY_WARMUP_IDS
+    lo, hi = copy_warmup.COPY_WARMUP_IDS
     assert int(full.min()) >= lo and int(full.max()) < hi
-    x2, _ = longctx.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
+    x2, _ = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
     assert torch.equal(x, x2)  # seeded by row content and seed
 
 
@@ -225,9 +225,9 @@ def test_copy_warmup_batch_frac_replaces_a_share_of_rows():
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(1000, 4096, (200, 65), generator=g)  # ids outside COPY_WARMUP_IDS
-    x, y = longctx.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=3, frac=0.25)
+    x, y = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=3, frac=0.25)
     full = torch.cat([x, y[:, -1:]], dim=1)
-    replaced = (full < longctx.COPY_WARMUP_IDS[1]).all(dim=1)
+    replaced = (full < copy_warmup.COPY_WARMUP_IDS[1]).all(dim=1)
     assert 0.15 < replaced.float().mean() < 0.35
     assert torch.equal(full[~replaced], rows[~replaced])  # the others untouched
     assert torch.equal(full[replaced][:, :32], full[replaced][:, 32:64])  # T/2 = 32: one 32-id segment twice
