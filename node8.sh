@@ -56,15 +56,8 @@ MARK=$TAG
 # shellcheck source=recipe_lib.sh
 source ./recipe_lib.sh
 
-T_START=$(date +%s.%N)
-# ---- set-up: venv (skipped for a dry run: it prints, it does not install)
-if [ "$DRY" -eq 0 ]; then
-    # shellcheck disable=SC1091
-    source ./setup_env.sh
-fi
-if [ ! -d "$STATE_DIR" ]; then
-    stage report-reset python -m nanochat.report reset
-fi
+# ---- set-up: venv (skipped for a dry run), a fresh report on a first run
+recipe_setup
 
 # ---- data and tokenizer: the first shards now, the rest in the background while the tokenizer trains
 stage data-head python -m nanochat.dataset -n 8
@@ -119,5 +112,5 @@ if [ "$DRY" -eq 1 ]; then
 else
     python -m nanochat.report generate
     print_summary
-    print_times "$T_START"
+    print_times
 fi

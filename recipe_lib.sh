@@ -43,15 +43,26 @@ resume() {
     fi
 }
 
-# print_times [T_START]: the wall time of each stage run by this invocation (and the total since T_START).
+# recipe_setup: start the clock (T_START), set up and activate the venv (not for a dry run: it prints, it does
+# not install), and reset the report when no stage has run yet.
+recipe_setup() {
+    T_START=$(date +%s.%N)
+    if [ "$DRY" -eq 0 ]; then
+        # shellcheck disable=SC1091
+        source ./setup_env.sh
+    fi
+    if [ ! -d "$STATE_DIR" ]; then
+        stage report-reset python -m nanochat.report reset
+    fi
+}
+
+# print_times: the wall time of each stage run by this invocation, and the total since recipe_setup.
 print_times() {
     echo "Stage wall times (s), this invocation:"
     if [ "${#TIMES[@]}" -gt 0 ]; then
         printf '  %s\n' "${TIMES[@]}"
     fi
-    if [ -n "${1:-}" ]; then
-        awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "  %-26s %8.1f\n", "total", b - a }'
-    fi
+    awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN { printf "  %-26s %8.1f\n", "total", b - a }'
 }
 
 # print_summary: the headline tables of report.md (summary, results by stage, MegaContext vs vanilla).

@@ -83,15 +83,8 @@ MARK=$PREFIX
 # shellcheck source=recipe_lib.sh
 source ./recipe_lib.sh
 
-# ---- set-up: venv (skipped for a dry run: it prints, it does not install)
-T_START=$(date +%s.%N)
-if [ "$DRY" -eq 0 ]; then
-    # shellcheck disable=SC1091
-    source ./setup_env.sh
-fi
-if [ ! -d "$STATE_DIR" ]; then
-    stage report-reset python -m nanochat.report reset
-fi
+# ---- set-up: venv (skipped for a dry run), a fresh report on a first run
+recipe_setup
 
 # ---- corpus (this Python's standard library + 20% synthetic long-context documents) and tokenizer
 stage data python -m nanochat.dataset --local --synthetic-longctx 0.2
@@ -153,4 +146,4 @@ echo "==> chat-cli: $(printf '%q ' "${ASK[@]}")"
 python -m nanochat.report generate
 echo
 print_summary
-print_times "$T_START"
+print_times
