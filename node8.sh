@@ -61,23 +61,10 @@ recipe_setup
 
 # ---- data and tokenizer: the first shards now, the rest in the background while the tokenizer trains
 stage data-head python -m nanochat.dataset -n 8
-DATA_PID=""
-if [ ! -f "$STATE_DIR/$TAG-data.done" ]; then
-    if [ "$DRY" -eq 1 ]; then
-        echo "python -m nanochat.dataset -n $SHARDS &"
-    else
-        python -m nanochat.dataset -n "$SHARDS" &
-        DATA_PID=$!
-    fi
-fi
+data_start "$SHARDS"
 stage tok-train python -m scripts.tok_train --max-chars 2000000000
 stage tok-eval python -m scripts.tok_eval
-if [ -n "$DATA_PID" ]; then
-    echo "waiting for the data download (pid $DATA_PID)"
-    wait "$DATA_PID"
-    mkdir -p "$STATE_DIR"
-    touch "$STATE_DIR/$TAG-data.done"
-fi
+data_wait
 
 # ---- base model
 read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")"

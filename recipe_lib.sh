@@ -56,6 +56,29 @@ recipe_setup() {
     fi
 }
 
+# data_start SHARDS: download the pretraining shards in the background (unless done), so the tokenizer can
+# train on the first ones meanwhile; data_wait: wait for it and mark it done.
+DATA_PID=""
+data_start() {
+    if [ -f "$STATE_DIR/$MARK-data.done" ]; then
+        return 0
+    fi
+    if [ "$DRY" -eq 1 ]; then
+        echo "python -m nanochat.dataset -n $1 &"
+    else
+        python -m nanochat.dataset -n "$1" &
+        DATA_PID=$!
+    fi
+}
+data_wait() {
+    if [ -n "$DATA_PID" ]; then
+        echo "waiting for the data download (pid $DATA_PID)"
+        wait "$DATA_PID"
+        mkdir -p "$STATE_DIR"
+        touch "$STATE_DIR/$MARK-data.done"
+    fi
+}
+
 # print_times: the wall time of each stage run by this invocation, and the total since recipe_setup.
 print_times() {
     echo "Stage wall times (s), this invocation:"
