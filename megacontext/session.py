@@ -39,7 +39,7 @@ from megacontext.lensnet import LensNet
 from megacontext.positional import gaussian_rotary
 from megacontext.telemetry import Telemetry
 from megacontext.training import lens_positions, run_lens
-from megacontext.tree import MegaContextTree
+from megacontext.tree import MegaContextTree, copy_tree
 from megacontext.working_context import WorkingContext
 from nanochat.common import UserError, atomic_write_json
 from nanochat.engine import sample_next_token
@@ -489,15 +489,3 @@ class _Prefix:
 
     def num_nodes(self, level: int) -> int:
         return min(self.tree.num_nodes(level), self.num_tokens // self.K**level)
-
-
-def copy_tree(src, path) -> MegaContextTree:
-    """A disk copy of a tree (same K, d, model and gist dtype, so every gist is bit-identical)."""
-    dst = MegaContextTree.open(path, K=src.K, d=src.d, model_id=src.model_id, dtype=src.storage.dtype)
-    chunk = 1 << 20
-    for level in range(src.max_level + 1):
-        n = src.num_nodes(level)
-        for lo in range(0, n, chunk):
-            dst.storage.append(level, src.storage.read(level, lo, min(n, lo + chunk)))
-    dst.flush()
-    return dst

@@ -230,3 +230,15 @@ class MegaContextTree:
         return (
             f"MegaContextTree(K={self.K}, d={self.d}, model_id={self.model_id!r}, nodes per level={levels})"
         )
+
+
+def copy_tree(src, path) -> MegaContextTree:
+    """A disk copy of a tree (same K, d, model and gist dtype, so every gist is bit-identical)."""
+    dst = MegaContextTree.open(path, K=src.K, d=src.d, model_id=src.model_id, dtype=src.storage.dtype)
+    chunk = 1 << 20
+    for level in range(src.max_level + 1):
+        n = src.num_nodes(level)
+        for lo in range(0, n, chunk):
+            dst.storage.append(level, src.storage.read(level, lo, min(n, lo + chunk)))
+    dst.flush()
+    return dst
