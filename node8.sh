@@ -68,29 +68,29 @@ data_wait
 
 # ---- base model
 read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")"
-stage base-train "${TORCHRUN[@]}" -m scripts.base_train --depth "$DEPTH" --device-batch-size "$BASE_BATCH" \
+stage base-train "${TORCHRUN[@]}" -m scripts.base_train -- --depth "$DEPTH" --device-batch-size "$BASE_BATCH" \
     --save-every 1000 "${TRAIN_FLAGS[@]}" "${RESUME[@]}"
-stage base-loss "${TORCHRUN[@]}" -m scripts.base_loss --model-tag "$TAG" --device-batch-size "$BASE_BATCH"
-stage base-eval "${TORCHRUN[@]}" -m scripts.base_eval --model-tag "$TAG"
+stage base-loss "${TORCHRUN[@]}" -m scripts.base_loss -- --model-tag "$TAG" --device-batch-size "$BASE_BATCH"
+stage base-eval "${TORCHRUN[@]}" -m scripts.base_eval -- --model-tag "$TAG"
 
 # ---- mid-training and SFT (conversations, loss on assistant tokens), each followed by the chat evals
 read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")"
-stage mid-train "${TORCHRUN[@]}" -m scripts.mid_train --device-batch-size "$MID_BATCH" --save-every 500 \
+stage mid-train "${TORCHRUN[@]}" -m scripts.mid_train -- --device-batch-size "$MID_BATCH" --save-every 500 \
     "${TRAIN_FLAGS[@]}" "${RESUME[@]}"
-stage mid-eval "${TORCHRUN[@]}" -m scripts.chat_eval -i mid --model-tag "$TAG"
+stage mid-eval "${TORCHRUN[@]}" -m scripts.chat_eval -- -i mid --model-tag "$TAG"
 read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")"
-stage sft-train "${TORCHRUN[@]}" -m scripts.chat_sft --save-every 200 "${TRAIN_FLAGS[@]}" "${RESUME[@]}"
-stage sft-eval "${TORCHRUN[@]}" -m scripts.chat_eval -i sft --model-tag "$TAG"
+stage sft-train "${TORCHRUN[@]}" -m scripts.chat_sft -- --save-every 200 "${TRAIN_FLAGS[@]}" "${RESUME[@]}"
+stage sft-eval "${TORCHRUN[@]}" -m scripts.chat_eval -- -i sft --model-tag "$TAG"
 if [ "$MC" -eq 1 ]; then
-    stage sft-eval-mc-session "${TORCHRUN[@]}" -m scripts.chat_eval -i sft --model-tag "$TAG" -a LongDoc \
+    stage sft-eval-mc-session "${TORCHRUN[@]}" -m scripts.chat_eval -- -i sft --model-tag "$TAG" -a LongDoc \
         --mc-session
 fi
 
 # ---- optional: reinforcement learning on GSM8K
 if [ "$RL" -eq 1 ]; then
     read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/chatrl_checkpoints/$TAG")"
-    stage rl-train "${TORCHRUN[@]}" -m scripts.chat_rl --model-tag "$TAG" "${RESUME[@]}"
-    stage rl-eval "${TORCHRUN[@]}" -m scripts.chat_eval -i rl --model-tag "$TAG" -a GSM8K
+    stage rl-train "${TORCHRUN[@]}" -m scripts.chat_rl -- --model-tag "$TAG" "${RESUME[@]}"
+    stage rl-eval "${TORCHRUN[@]}" -m scripts.chat_eval -- -i rl --model-tag "$TAG" -a GSM8K
 fi
 
 # ---- the report (always regenerated: cheap, and it should show every stage so far)

@@ -96,29 +96,29 @@ data_wait
 
 # ---- base model: --num-iterations -1 = 20 tokens per parameter (Chinchilla)
 read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")"
-stage base-train "${TORCHRUN[@]}" -m scripts.base_train --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH" \
+stage base-train "${TORCHRUN[@]}" -m scripts.base_train -- --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH" \
     --max-seq-len 2048 --total-batch-size 524288 --target-param-data-ratio 20 --save-every 1000 \
     "${TRAIN_FLAGS[@]}" "${RESUME[@]}"
-stage base-loss "${TORCHRUN[@]}" -m scripts.base_loss --model-tag "$TAG" --device-batch-size "$DEVICE_BATCH"
-stage base-eval "${TORCHRUN[@]}" -m scripts.base_eval --model-tag "$TAG"
+stage base-loss "${TORCHRUN[@]}" -m scripts.base_loss -- --model-tag "$TAG" --device-batch-size "$DEVICE_BATCH"
+stage base-eval "${TORCHRUN[@]}" -m scripts.base_eval -- --model-tag "$TAG"
 
 # ---- the long-context suite: all five views for MC; a vanilla model has only full and window
 VIEWS=()
 if [ "$MC" -eq 0 ]; then
     VIEWS=(--views "full,window")
 fi
-stage longctx-eval "${TORCHRUN[@]}" -m scripts.mc_eval --task all --n 50 --model-tag "$TAG" "${VIEWS[@]}"
+stage longctx-eval "${TORCHRUN[@]}" -m scripts.mc_eval -- --task all --n 50 --model-tag "$TAG" "${VIEWS[@]}"
 
 # ---- mid-training and SFT (conversations, loss on assistant tokens), each followed by the chat evals
 read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")"
-stage mid-train "${TORCHRUN[@]}" -m scripts.mid_train --device-batch-size "$DEVICE_BATCH" --save-every 500 \
+stage mid-train "${TORCHRUN[@]}" -m scripts.mid_train -- --device-batch-size "$DEVICE_BATCH" --save-every 500 \
     "${TRAIN_FLAGS[@]}" "${RESUME[@]}"
-stage mid-eval "${TORCHRUN[@]}" -m scripts.chat_eval -i mid --model-tag "$TAG"
+stage mid-eval "${TORCHRUN[@]}" -m scripts.chat_eval -- -i mid --model-tag "$TAG"
 read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")"
-stage sft-train "${TORCHRUN[@]}" -m scripts.chat_sft --save-every 200 "${TRAIN_FLAGS[@]}" "${RESUME[@]}"
-stage sft-eval "${TORCHRUN[@]}" -m scripts.chat_eval -i sft --model-tag "$TAG"
+stage sft-train "${TORCHRUN[@]}" -m scripts.chat_sft -- --save-every 200 "${TRAIN_FLAGS[@]}" "${RESUME[@]}"
+stage sft-eval "${TORCHRUN[@]}" -m scripts.chat_eval -- -i sft --model-tag "$TAG"
 if [ "$MC" -eq 1 ]; then
-    stage sft-eval-mc-session "${TORCHRUN[@]}" -m scripts.chat_eval -i sft --model-tag "$TAG" -a LongDoc \
+    stage sft-eval-mc-session "${TORCHRUN[@]}" -m scripts.chat_eval -- -i sft --model-tag "$TAG" -a LongDoc \
         --mc-session
 fi
 

@@ -264,7 +264,11 @@ def mega_block_mask(lay: MegaLayout, device="cpu", block_size: int = 128):
     from torch.nn.attention.flex_attention import create_block_mask
 
     mask_mod = lambda b, h, q_idx, kv_idx: _visible(q_idx, kv_idx, lay)
-    return create_block_mask(mask_mod, None, None, lay.T, lay.T, device=device, BLOCK_SIZE=block_size)
+    # compiled on CUDA: uncompiled, create_block_mask materialises the whole [T, T] mask (a TB at 1M tokens)
+    cuda = torch.device(device).type == "cuda"
+    return create_block_mask(
+        mask_mod, None, None, lay.T, lay.T, device=device, BLOCK_SIZE=block_size, _compile=cuda
+    )
 
 
 def flex_mega_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:

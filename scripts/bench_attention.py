@@ -4,6 +4,11 @@ hierarchical KV cache: an incremental refocus against a full recompute.
 
     python -m scripts.bench_attention                      # 1k, 4k, 16k, 64k on CPU + the KV cache, ~3 minutes
     python -m scripts.bench_attention --lengths 1024,4096 --dense-max-len 4096 --kv-len 0
+    python -m scripts.bench_attention --device cuda --lengths 4096,65536,262144,1048576 --dense-max-len 1048576
+
+On CUDA the layer runs in bf16: dense is SDPA's causal (flash) kernel, window and mega run compiled
+flex_attention with a BlockMask (its build is *_plan_ms), time is CUDA-synchronised wall time and peak_mb
+the allocator's peak over the runs.
 
 One JSON line per length on stdout; growth of time per token on stderr at the end. The layer is q/k/v/out
 projections of width --d-model around the attention (no rotary or QK-norm: they cost the same in every
@@ -44,6 +49,8 @@ from megacontext.mega_attention import (
     auto_levels,
     blocksparse_mega_attention,
     build_mega_layout,
+    flex_mega_attention,
+    mega_block_mask,
     plan_blocksparse,
     sliding_window_layout,
 )
@@ -100,46 +107,65 @@ def measure(
     block: int,
     repeats: int,
     budget_s: float = 5.0,
+    device: str = "cpu",
 ) -> dict:
     """Time fwd+bwd of one attention layer over N raw positions with `method`; returns the figures."""
     out: dict = {}
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
     if method == "dense":
         T, attn = N, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out["keys_per_query"] = (N + 1) / 2
     else:
         t0 = time.perf_counter()
         lay = sliding_window_layout(N, W) if method == "window" else build_mega_layout(N, K, W)
-        plan = plan_blocksparse(lay, block)
+        if cuda:  # flex_attention: block sparsity from a BlockMask built on the GPU
+            bm = mega_block_mask(lay, device, block)
+            sync()
+            T, attn = lay.T, lambda q, k, v: flex_mega_attention(q, k, v, bm)
+            kv_blocks = bm.kv_num_blocks.sum() + (
+                bm.full_kv_num_blocks.sum() if bm.full_kv_num_blocks is not None else 0
+            )
+            out["keys_per_query"] = float(kv_blocks) * block * block / lay.T  # upper bound: whole blocks
+        else:
+            plan = plan_blocksparse(lay, block)
+            T, attn = lay.T, lambda q, k, v: blocksparse_mega_attention(q, k, v, plan)
+            out["keys_per_query"] = int(plan.mask[:, 0][plan.q_valid].sum()) / lay.T
         out["plan_ms"] = (time.perf_counter() - t0) * 1e3
-        T, attn = lay.T, lambda q, k, v: blocksparse_mega_attention(q, k, v, plan)
-        out["keys_per_query"] = int(plan.mask[:, 0][plan.q_valid].sum()) / lay.T
         out["levels"], out["packed_len"] = lay.levels, lay.T
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, T, d_model, generator=g, requires_grad=True)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    x = torch.randn(1, T, d_model, generator=g).to(device, dtype).requires_grad_()
     wq, wk, wv, wo = [
-        (torch.randn(d_model, d_model, generator=g) / d_model**0.5).requires_grad_() for _ in range(4)
+        (torch.randn(d_model, d_model, generator=g) / d_model**0.5).to(device, dtype).requires_grad_()
+        for _ in range(4)
     ]
     head_dim = d_model // n_head
 
     def step():
         q, k, v = [(x @ w).view(1, T, n_head, head_dim).transpose(1, 2) for w in (wq, wk, wv)]
         y = attn(q, k, v).transpose(1, 2).reshape(1, T, d_model) @ wo
-        y.square().mean().backward()
+        y.float().square().mean().backward()
         x.grad = wq.grad = wk.grad = wv.grad = wo.grad = None
 
     def timed():
+        sync()
         wall, cpu = time.perf_counter(), time.process_time()
         step()
+        sync()
         return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
 
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_bytes = torch.cuda.memory_allocated()
     with PeakRSS() as peak:
         runs = [timed()]  # warm-up; it is the measurement itself when one run already takes budget_s
-        if runs[0][0] < budget_s * 1e3:
+        if cuda or runs[0][0] < budget_s * 1e3:  # on CUDA the warm-up holds compilation: never the figure
             runs = []
             while len(runs) < repeats and sum(r[0] for r in runs) < budget_s * 1e3:
                 runs.append(timed())
     out["ms"], out["cpu_ms"] = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-    out["peak_mb"] = peak.mb
+    out["peak_mb"] = (torch.cuda.max_memory_allocated() - base_bytes) / 2**20 if cuda else peak.mb
     return out
 
 
@@ -208,6 +234,7 @@ def run_worker(method: str, N: int, args) -> dict | None:
         "kv_len",
         "kv_depth",
         "kv_vocab",
+        "device",
     ):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     try:
@@ -240,6 +267,7 @@ def main():
         "--base-len", type=int, default=4096, help="growth of time per token is vs this length"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bf16, flex_attention")
     parser.add_argument("--kv-len", type=int, default=4096, help="KV cache bench: raw tokens held (0 = skip)")
     parser.add_argument("--kv-depth", type=int, default=4, help="KV cache bench: GPT depth (width 64·depth)")
     parser.add_argument("--kv-vocab", type=int, default=65536, help="KV cache bench: GPT vocabulary size")
@@ -259,6 +287,8 @@ def main():
         raise UserError("need --block-size >= 2, --window >= 0, --query-block >= 1, --repeats >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device visible to torch")
     shape = dict(
         d_model=args.d_model, n_head=args.n_head, K=args.block_size, W=args.window, block=args.query_block
     )
@@ -269,11 +299,11 @@ def main():
         print(json.dumps(kv))
         return
     if args.worker:
-        print(json.dumps(measure(args.worker, lengths[0], **shape, repeats=args.repeats)))
+        print(json.dumps(measure(args.worker, lengths[0], **shape, repeats=args.repeats, device=args.device)))
         return
     rows = []
     for N in lengths:
-        row: dict = {"seq_len": N, **shape, "threads": torch.get_num_threads()}
+        row: dict = {"seq_len": N, **shape, "threads": torch.get_num_threads(), "device": args.device}
         for method in METHODS:
             r = None if method == "dense" and N > args.dense_max_len else run_worker(method, N, args)
             row[f"{method}_ms"] = None if r is None else round(r["ms"], 2)

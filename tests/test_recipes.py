@@ -53,8 +53,23 @@ def module(cmd: list[str]) -> str:
     return cmd[cmd.index("-m") + 1]
 
 
+def torchrun_hands_over(cmd: list[str]) -> None:
+    """Parse a torchrun command with torchrun's own parser and check the script gets every argument after the
+    module: argparse would otherwise take a script flag for an abbreviation of a torchrun option (`--run` is
+    ambiguous between --run-path and --run_path), and the real run would die before the script starts."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    try:
+        ns = parser.parse_args(cmd[1:])
+    except SystemExit:
+        pytest.fail(f"torchrun rejects {shlex.join(cmd)}")
+    assert ns.module and ns.training_script == module(cmd)
+    assert ns.training_script_args == cmd[cmd.index("--") + 1 :]
+
+
 def position(cmds: list[list[str]], step: str) -> int:
-    return next(i for i, c in enumerate(cmds) if step in " ".join(c))
+    return next(i for i, c in enumerate(cmds) if step in " ".join(x for x in c if x != "--"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -80,6 +95,7 @@ def test_dry_run_stage_order_mc_and_torchrun(recipe, mc, tmp_path):
     }
     for c in heavy:
         assert c[1:4] == ["--standalone", "--nproc-per-node", "8"] and c[4] == "-m"
+        torchrun_hands_over(c)
         assert c[c.index("--model-tag") + 1] == tag  # every stage works on the same model
         assert ("--mc" in c) == (mc and module(c) in TRAINING)  # --mc reaches every training stage, only them
     base_train = next(c for c in heavy if module(c) == "scripts.base_train")
@@ -259,6 +275,7 @@ def test_run10_dry_run_one_gpu_every_stage(gpu, depth, mc, tmp_path):
     }
     for c in heavy:
         assert c[1:5] == ["--standalone", "--nproc-per-node", "1", "-m"]
+        torchrun_hands_over(c)
         assert c[c.index("--model-tag") + 1] == tag
         assert ("--mc" in c) == (mc and module(c) in TRAINING)
         assert (c[-2:] == ["--num-iterations", "20"]) == (module(c) in TRAINING)  # extra flags: training only
