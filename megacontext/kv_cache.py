@@ -31,6 +31,7 @@ import torch
 
 from megacontext.mega_attention import _visible, build_mega_layout, mega_mask
 from megacontext.positional import gaussian_rotary, span_mu_sigma
+from nanochat.gpt import InputHistory
 
 LEVEL_SHIFT = 48  # key = level << 48 | index: 2^48 tokens of history before two keys could collide
 
@@ -69,6 +70,7 @@ class SlotKVCache:
         self.mu = torch.empty(capacity)
         self.sigma = torch.empty(capacity)
         self._staged: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        self.inputs = InputHistory()  # GPTConfig.smear only
 
     # ------------------------------------------------------------ the GPT's protocol
 
@@ -90,6 +92,10 @@ class SlotKVCache:
         self.kv[layer_idx, 0, :, :, self.pos : end] = k
         self.kv[layer_idx, 1, :, :, self.pos : end] = v
         return self.kv[layer_idx, 0, :, :, :end], self.kv[layer_idx, 1, :, :, :end]
+
+    def shifted_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """GPTConfig.smear: the previous slot's input for each new slot (zeros before slot 0)."""
+        return self.inputs.shifted(x, self.pos)
 
     def advance(self, T_new: int) -> None:
         """Called by the GPT once after all layers: the staged slot metadata becomes part of the cache."""
@@ -429,6 +435,12 @@ class MegaKVCache:
 
     def get_pos(self) -> int:
         return self.N
+
+    def shifted_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(
+            "MegaKVCache cannot serve a GPT with smear (token shift): MegaAttention packs nodes after the raw "
+            "tokens, so the previous packed position is not the previous token"
+        )
 
     def insert_kv(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.gpt import rotary_cos_sin
+from nanochat.gpt import InputHistory, rotary_cos_sin
 
 
 class KVCache:
@@ -57,6 +57,14 @@ class KVCache:
             pad_lens = torch.as_tensor(pad_lens, dtype=torch.long, device=self.device)
             assert pad_lens.shape == (batch_size,), "one pad length per row"
         self.pad_lens = pad_lens
+        self.inputs = InputHistory()  # GPTConfig.smear only
+
+    def shifted_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The smear's previous inputs for x [B, T_new, d]; zero before each row's first real token."""
+        prev = self.inputs.shifted(x, self.pos)
+        if self.has_padding():
+            prev = prev.masked_fill((self.positions(x.size(1)) == 0)[..., None], 0.0)
+        return prev
 
     def get_pos(self) -> int:
         return self.pos
@@ -128,6 +136,7 @@ class KVCache:
         out.dtype, out.pos = self.dtype, self.pos
         if self.kv is not None:
             out.kv = self.kv.repeat_interleave(n, dim=2)
+        out.inputs = self.inputs.repeat_interleave(n)
         if self.pad_lens is not None:
             out.pad_lens = self.pad_lens.repeat_interleave(n)
         return out

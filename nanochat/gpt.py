@@ -29,6 +29,7 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when < n_head)
     n_embd: int = 768
+    smear: bool = False  # token shift: mix a learned share of the previous input into each position
 
     @property
     def head_dim(self) -> int:
@@ -82,6 +83,32 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
+
+
+class InputHistory:
+    """The normed GPT inputs by position, kept by a KV cache for GPTConfig.smear: the first new position's
+    shift needs the input before it. Truncating a cache needs nothing here: positions < pos stay valid."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None  # [B, capacity, d]
+
+    def shifted(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """Store x [B, T, d] at positions pos.. and return the inputs one position earlier (zeros before 0)."""
+        B, T, d = x.shape
+        end = pos + T
+        if self.buf is None or end > self.buf.size(1) or self.buf.size(0) != B:
+            grown = x.new_zeros(B, max(end, 2 * (self.buf.size(1) if self.buf is not None else 0)), d)
+            if self.buf is not None and pos > 0:
+                grown[:, :pos] = self.buf[:, :pos].expand(B, -1, -1)
+            self.buf = grown
+        self.buf[:, pos:end] = x
+        first = self.buf[:, pos - 1 : pos] if pos > 0 else torch.zeros_like(x[:, :1])
+        return torch.cat([first, x[:, :-1]], dim=1)
+
+    def repeat_interleave(self, n: int) -> InputHistory:
+        out = InputHistory()
+        out.buf = None if self.buf is None else self.buf.repeat_interleave(n, dim=0)
+        return out
 
 
 class CausalSelfAttention(nn.Module):
@@ -152,6 +179,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.smear:  # per-channel share of x[t-1] added to x[t] (0 at init: the vanilla GPT)
+            self.smear = nn.Parameter(torch.zeros(config.n_embd))
         # Rotary table for ordinary integer positions, over-allocated so generation can run past
         # sequence_len. Not persistent: it is a pure function of the config.
         self.rotary_len = config.sequence_len * 10
@@ -176,6 +205,8 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -a, a)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        if self.config.smear:
+            nn.init.zeros_(self.smear)
         cos, sin = rotary_cos_sin(
             torch.arange(self.rotary_len, dtype=torch.float32, device=self.wte.weight.device),
             self.config.head_dim,
@@ -200,6 +231,17 @@ class GPT(nn.Module):
                 f"sequence of {start + T} positions exceeds the rotary table ({self.rotary_len})"
             )
         return self.cos[:, start : start + T], self.sin[:, start : start + T]
+
+    def smear_in(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """Token shift: x[t] += smear * x[t-1] (zeros before the first position). A previous-token feature in
+        every position lets one attention layer match on "what came before" (an induction head) without a
+        previous-token head first. Under a KV cache the inputs before the new chunk come from the cache
+        (`shifted_inputs`, kept by InputHistory)."""
+        if kv_cache is None:
+            prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        else:
+            prev = kv_cache.shifted_inputs(x)
+        return x + self.smear * prev
 
     def forward(
         self,
@@ -226,6 +268,8 @@ class GPT(nn.Module):
             rotary = self.default_rotary(T, start)
         cos, sin = rotary
         x = norm(x)
+        if self.config.smear:
+            x = self.smear_in(x, kv_cache)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache, attn_mask)
         x = norm(x)

@@ -97,6 +97,7 @@ def setup_optimizers(
     weight_decay: float = 0.0,
     extra_modules: Sequence[nn.Module] = (),
     extra_lr: float = 0.004,
+    smear_lr: float = 0.02,
 ) -> list[torch.optim.Optimizer]:
     """[AdamW, Muon] for a GPT plus optional extra modules (MegaContext's GistNet, LensNet).
 
@@ -117,6 +118,8 @@ def setup_optimizers(
         dict(name="lm_head", params=list(model.lm_head.parameters()), lr=unembedding_lr * dmodel_lr_scale),
         dict(name="wte", params=list(model.wte.parameters()), lr=embedding_lr * dmodel_lr_scale),
     ]
+    if getattr(model, "smear", None) is not None:  # the token-shift vector (GPTConfig.smear)
+        adam_groups.append(dict(name="smear", params=[model.smear], lr=smear_lr))
     muon_groups = [dict(name="blocks", params=block_params, lr=matrix_lr)]
 
     model_ids = {id(p) for p in model.parameters()}

@@ -117,6 +117,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--copy-frac", type=float, default=0.0, help="after the warm-up, this share of rows stays copy rows"
     )
     p.add_argument(
+        "--smear",
+        action="store_true",
+        help="token shift in the GPT input (GPTConfig.smear; docs/training.md)",
+    )
+    p.add_argument(
         "--mc-eval-rows", type=int, default=8, help="long val rows scored under the five views (with --mc)"
     )
     add_attention_args(p)
@@ -136,6 +141,7 @@ def main() -> None:
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)
+    config.smear = args.smear
     with torch.device("meta"):
         orig_model = GPT(config)
     orig_model.to_empty(device=device)
@@ -143,6 +149,8 @@ def main() -> None:
     # orig_model: the plain module (checkpoints, sampling); model: what the training step calls
     model = torch.compile(orig_model, dynamic=False) if device.type == "cuda" else orig_model
     attn_cfg = attention_config_from_args(args, args.max_seq_len)
+    if args.smear and attn_cfg.mode != "dense":  # MegaAttention packs nodes after the raw tokens
+        raise UserError(f"--smear works with --attention dense only, not {attn_cfg.mode}")
     # window/mega: the plain module under the mode's mask (+ GistNet and MegaPrediction for mega); dense: None
     attn = AttentionModel(orig_model, attn_cfg) if attn_cfg.mode != "dense" else None
     print0(f"attention: {describe(attn_cfg)}")
@@ -380,7 +388,11 @@ def main() -> None:
                     x, y = copy_warmup_batch(x, y, args.seed, args.copy_frac)
             aux = None
             with autocast():
-                if attn is not None:  # window / mega; MegaPrediction's loss trains but is not logged as loss
+                if step < args.copy_warmup_steps:  # short copy rows teach the GPT itself to copy: no MC here
+                    loss = model(x, y)
+                elif (
+                    attn is not None
+                ):  # window / mega; MegaPrediction's loss trains but is not logged as loss
                     loss, aux, m = attn.train_loss(x, y, step / num_iterations)
                     for k, v in m.items():
                         mc_metrics[k] = mc_metrics.get(k, 0.0) + v / grad_accum_steps

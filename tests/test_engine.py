@@ -23,12 +23,18 @@ class FakeTokenizer:
         return {"<|bos|>": self.bos, "<|assistant_end|>": self.assistant_end}[name]
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "smear"])
+def model(request):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    m = GPT(
+        GPTConfig(
+            sequence_len=64, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, smear=request.param
+        )
+    )
     m.init_weights()
-    with torch.no_grad():  # the init zeroes the output projections; make every layer matter
+    with torch.no_grad():  # the init zeroes the output projections (and the smear); make every layer matter
+        if request.param:
+            torch.nn.init.normal_(m.smear, std=0.5)
         for block in m.blocks:
             torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
             torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.2)

@@ -125,3 +125,37 @@ def test_training_steps_drive_loss_down():
         losses.append(loss.item())
     assert abs(losses[0] - torch.log(torch.tensor(64.0)).item()) < 0.1  # near-uniform start
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_smear_at_zero_is_the_vanilla_gpt_and_shifts_the_previous_input():
+    vanilla, smeared = make_model(), make_model(smear=True)
+    smeared.load_state_dict(vanilla.state_dict() | {"smear": torch.zeros(32)})
+    idx = tokens()
+    torch.testing.assert_close(smeared(idx), vanilla(idx), rtol=0, atol=0)  # init: exactly the vanilla GPT
+    with torch.no_grad():
+        smeared.smear.fill_(0.5)
+    a = smeared(idx)
+    assert not torch.allclose(a, vanilla(idx), atol=1e-4)
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 64
+    b = smeared(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)  # still causal
+    # position 11 sees token 10 twice: through attention and through the shift, so even a GPT with no
+    # attention or MLP output (blocks = identity) must see the change there
+    with torch.no_grad():
+        for block in smeared.blocks:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+    a, b = smeared(idx), smeared(changed)
+    assert not torch.allclose(a[:, 11], b[:, 11], atol=1e-4)
+    torch.testing.assert_close(a[:, 12:], b[:, 12:], rtol=0, atol=0)  # one position back only
+
+
+def test_smear_is_trained_and_saved_in_the_config():
+    model = make_model(smear=True)
+    opts = setup_optimizers(model)
+    smear_groups = [g for o in opts for g in o.param_groups if g["name"] == "smear"]
+    assert len(smear_groups) == 1 and smear_groups[0]["params"][0] is model.smear
+    model(tokens(), tokens(seed=2)).backward()
+    assert model.smear.grad is not None and model.smear.grad.abs().sum() > 0
+    assert GPTConfig(**model.config.to_dict()).smear  # checkpoints store the config: loading needs no flag

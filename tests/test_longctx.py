@@ -197,37 +197,48 @@ def test_training_row_is_the_end_of_a_document_cropped_little(length, monkeypatc
     assert sorted(crops)[len(crops) // 2] <= 0.12  # most rows lose at most ~10 % from the front
 
 
-def test_copy_warmup_batch_rows_are_segments_each_followed_by_itself():
+def parse_pairs(r: list[int]) -> list[int]:
+    """Segment lengths of a row made of (segment, segment) pairs; the last pair may be cut."""
+    lo, hi = copy_warmup.COPY_SEGMENT
+    n, lengths = 0, []
+    while n + 2 * hi <= len(r):
+        found = [L for L in range(lo, hi) if r[n : n + L] == r[n + L : n + 2 * L]]
+        assert found, f"no repeated segment at {n}"
+        lengths.append(found[0])
+        n += 2 * found[0]
+    return lengths
+
+
+def test_copy_warmup_batch_is_short_rows_of_segments_each_followed_by_itself():
     import torch
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 4096, (6, 513), generator=g)
     x, y = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
+    L = copy_warmup.COPY_ROW_LEN
+    assert x.shape == y.shape == (6 * 512 // L, L)  # the same tokens per step, in short rows
     full = torch.cat([x, y[:, -1:]], dim=1)
-    assert torch.equal(full[:, 1:], y) and x.shape == (6, 512)
-    offsets = set()
-    for r in full.tolist():
-        n = 0
-        while n + 2 * 256 <= len(r):  # parse whole (segment, segment) pairs of 32..256 ids
-            lengths = [L for L in range(32, 257) if r[n : n + L] == r[n + L : n + 2 * L]]
-            assert lengths, f"no repeated segment at {n}"
-            offsets.add(lengths[0])
-            n += 2 * lengths[0]
-    assert len(offsets) >= 3  # the look-back distance varies: no fixed positional shortcut
+    assert torch.equal(full[:, 1:], y)
+    offsets = {n for r in full.tolist() for n in parse_pairs(r)}
+    assert len(offsets) >= 5  # the look-back distance varies: no fixed positional shortcut
     lo, hi = copy_warmup.COPY_WARMUP_IDS
     assert int(full.min()) >= lo and int(full.max()) < hi
     x2, _ = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=1)
-    assert torch.equal(x, x2)  # seeded by row content and seed
+    assert torch.equal(x, x2)  # seeded by the batch content and seed
+    x3, _ = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=2)
+    assert not torch.equal(x, x3)
 
 
 def test_copy_warmup_batch_frac_replaces_a_share_of_rows():
     import torch
 
     g = torch.Generator().manual_seed(0)
-    rows = torch.randint(1000, 4096, (200, 65), generator=g)  # ids outside COPY_WARMUP_IDS
+    rows = torch.randint(1000, 4096, (200, 129), generator=g)  # ids outside COPY_WARMUP_IDS
     x, y = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=3, frac=0.25)
+    assert x.shape == (200, 128)
     full = torch.cat([x, y[:, -1:]], dim=1)
     replaced = (full < copy_warmup.COPY_WARMUP_IDS[1]).all(dim=1)
     assert 0.15 < replaced.float().mean() < 0.35
     assert torch.equal(full[~replaced], rows[~replaced])  # the others untouched
-    assert torch.equal(full[replaced][:, :32], full[replaced][:, 32:64])  # T/2 = 32: one 32-id segment twice
+    for r in full[replaced].tolist():
+        assert parse_pairs(r)  # full-length rows of pairs

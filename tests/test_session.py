@@ -36,12 +36,16 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train_from_iterator(docs, 320)
 
 
-def tiny_model(vocab: int, seed: int = 0) -> GPT:
-    """A 2-layer GPT whose every layer matters (the init zeroes output projections)."""
+def tiny_model(vocab: int, seed: int = 0, smear: bool = False) -> GPT:
+    """A 2-layer GPT whose every layer matters (the init zeroes output projections and the smear)."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=256, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    config = GPTConfig(sequence_len=256, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    config.smear = smear
+    model = GPT(config)
     model.init_weights()
     with torch.no_grad():
+        if smear:
+            torch.nn.init.normal_(model.smear, std=0.5)
         for block in model.blocks:
             torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
             torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.2)
@@ -73,9 +77,9 @@ def tiny_nets(cfg: MCConfig, n_embd: int = 32, seed: int = 0):
     return gistnet, lensnet
 
 
-def tiny_session(positions: str = "wc_index", tree=None, **kw) -> MCSession:
+def tiny_session(positions: str = "wc_index", tree=None, smear: bool = False, **kw) -> MCSession:
     tok = tiny_tokenizer()
-    model = tiny_model(tok.get_vocab_size())
+    model = tiny_model(tok.get_vocab_size(), smear=smear)
     cfg = tiny_cfg(positions=positions, **kw)
     gistnet, lensnet = tiny_nets(cfg)
     return MCSession(model, tok, gistnet, lensnet, cfg, tree=tree)
@@ -128,9 +132,13 @@ def test_50k_token_prompt_is_accepted_and_refocus_edits_follow():
     assert s.tree.num_tokens // K - 50_000 // K >= 10  # a refocus every block
 
 
-@pytest.mark.parametrize("positions", ["wc_index", "global"])
-def test_long_conversation_keeps_invariants_and_cached_logits_exact(positions):
-    s = tiny_session(positions)
+@pytest.mark.parametrize(
+    "positions,smear",
+    [("wc_index", False), ("global", False), ("wc_index", True)],
+    ids=["wc", "global", "smear"],
+)
+def test_long_conversation_keeps_invariants_and_cached_logits_exact(positions, smear):
+    s = tiny_session(positions, smear=smear)
     checks = {"refocuses": 0, "edits": 0, "compared": 0, "kept": 0}
     refocus = s.refocus
 

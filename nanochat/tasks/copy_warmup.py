@@ -1,10 +1,9 @@
 """Induction warm-up rows: random token segments, each followed by itself (docs/training.md).
 
-Nothing but looking back predicts a repeat, and since segment lengths vary, only matching content does. With
-one fixed offset the GPT learns a positional "copy from t - T/2" head in ~60 steps, which is useless on real
-text and vanished once the natural mix came back; with varied offsets the d4 CPU model stayed on the loss
-plateau for 400 steps. Kept as a flag (`base_train --copy-warmup-steps / --copy-frac`) for the experiments that
-continue from there.
+Nothing but looking back predicts a repeat, and since segment lengths vary, only matching content does (with
+one fixed offset the GPT learns a positional "copy from t - T/2" head in ~60 steps instead, useless on real
+text). `base_train --copy-warmup-steps N` trains the first N steps on these rows, `--copy-frac F` keeps a share
+of copy rows afterwards.
 """
 
 from __future__ import annotations
@@ -14,33 +13,44 @@ import zlib
 import torch
 
 COPY_WARMUP_IDS = (256, 768)  # token ids the warm-up copies: 512 ids just above the byte range
+COPY_ROW_LEN = 64  # warm-up rows are this short: see copy_warmup_batch
+COPY_SEGMENT = (8, 32)  # segment lengths [lo, hi): the offset of a repeat varies, so only content predicts it
+
+
+def copy_row(g: torch.Generator, length: int) -> torch.Tensor:
+    """`length` ids: random segments of COPY_SEGMENT length, each followed by itself, cut to length."""
+    pieces, n = [], 0
+    while n < length:
+        L = int(torch.randint(*COPY_SEGMENT, (1,), generator=g))
+        seg = torch.randint(*COPY_WARMUP_IDS, (L,), generator=g)
+        pieces += [seg, seg]
+        n += 2 * L
+    return torch.cat(pieces)[:length]
 
 
 def copy_warmup_batch(x, y, seed: int, frac: float = 1.0):
-    """Rows of a loader batch (x, y: [B, T]) replaced by random token segments, each followed by itself.
+    """Induction rows: random token segments, each followed by itself (docs/training.md).
 
-    An induction warm-up: nothing but looking back predicts a repeat, and since segment lengths vary, only
-    matching content does (with one fixed offset the GPT learns a positional "copy from t - T/2" head in ~60
-    steps, which is useless on real text and vanished once the mix came back). The ids come from a few hundred
-    frequent tokens: with thousands of rare ids the unembedding of each id is trained too rarely to learn to
-    match its embedding. Seeded by each row's content; frac < 1 replaces only about that share of the rows (the
-    rest stay as they are), for keeping some copy rows in the mix after the warm-up (docs/training.md).
+    frac = 1 (the warm-up): the whole batch becomes B·T/COPY_ROW_LEN short rows [B', COPY_ROW_LEN]. Short rows
+    are what lets an induction head form: at the start attention is spread evenly over every earlier position,
+    so the gradient that teaches "copy the token after the match" shrinks with the row length (d4 on CPU:
+    ~150 steps to copy at 64 tokens with GPTConfig.smear, none in 400 steps at 512). The ids come from a few
+    hundred frequent tokens: with thousands of rare ids each unembedding is trained too rarely to learn to
+    match its embedding. frac < 1 (after the warm-up): about that share of the rows, chosen by a hash of their
+    content, are replaced by full-length copy rows and the rest stay as they are. Seeded by the batch content.
     """
     rows = torch.cat([x, y[:, -1:]], dim=1)
-    T1 = rows.shape[1]
-    out = torch.empty_like(rows)
-    out.copy_(rows)
+    B, T1 = rows.shape
+    if frac >= 1:
+        h = zlib.crc32(rows.cpu().numpy().tobytes()) ^ seed
+        g = torch.Generator().manual_seed(h)
+        n = max(1, B * (T1 - 1) // COPY_ROW_LEN)
+        short = torch.stack([copy_row(g, COPY_ROW_LEN + 1) for _ in range(n)]).to(rows.device)
+        return short[:, :-1], short[:, 1:]
+    out = rows.clone()
     for i, row in enumerate(rows):
         h = zlib.crc32(row.cpu().numpy().tobytes()) ^ seed
-        if frac < 1 and (h % 10_000) >= frac * 10_000:
+        if (h % 10_000) >= frac * 10_000:
             continue
-        g = torch.Generator().manual_seed(h)
-        pieces, n = [], 0
-        while n < T1:  # segments of random length, each followed by itself: the offset varies, so only
-            # matching content (an induction head), not a fixed positional offset, predicts the repeats
-            L = int(torch.randint(32, max(33, T1 // 2 + 1), (1,), generator=g))
-            seg = torch.randint(*COPY_WARMUP_IDS, (L,), generator=g)
-            pieces += [seg, seg]
-            n += 2 * L
-        out[i] = torch.cat(pieces)[:T1].to(rows.device)
+        out[i] = copy_row(torch.Generator().manual_seed(h), T1).to(rows.device)
     return out[:, :-1], out[:, 1:]
