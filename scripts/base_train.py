@@ -381,11 +381,11 @@ def main() -> None:
         for _ in range(grad_accum_steps):
             x, y = next(train_loader)
             if step < args.copy_warmup_steps:
-                x, y = copy_warmup_batch(x, y, args.seed)
+                x, y = copy_warmup_batch(x, y, args.seed, vocab_size=config.vocab_size)
             else:
                 x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
                 if args.copy_frac > 0:
-                    x, y = copy_warmup_batch(x, y, args.seed, args.copy_frac)
+                    x, y = copy_warmup_batch(x, y, args.seed, args.copy_frac, config.vocab_size)
             aux = None
             with autocast():
                 if step < args.copy_warmup_steps:  # short copy rows teach the GPT itself to copy: no MC here
@@ -435,11 +435,12 @@ def main() -> None:
             loop["timed_tokens"] += args.total_batch_size
         tok_per_s = args.total_batch_size / dt
         step_flops = flops_per_token * args.total_batch_size
-        if mc_cfg is not None:  # MFU counts the forwards that ran: every working context + GistNet
+        mc_step = mc_cfg is not None and step >= args.copy_warmup_steps  # warm-up steps run the plain GPT
+        if mc_step:  # MFU counts the forwards that ran: every working context + GistNet
             step_flops = mc_step_flops(mc_metrics["mc/gpt_positions"] * grad_accum_steps * world_size)
         mfu = step_flops / dt / (peak * world_size)
         mc_line = ""
-        if mc_cfg is not None:
+        if mc_step:
             mc_line = " | " + " ".join(f"{k[3:]} {mc_metrics[k]:.4g}" for k in MC_LOG_KEYS)
         if attn is not None and mc_metrics:  # MegaPrediction: mp/lod1_cos, mp/lod2_cos, mp/loss
             mc_line = " | " + " ".join(f"{k} {v:.4g}" for k, v in sorted(mc_metrics.items()))

@@ -242,3 +242,13 @@ def test_copy_warmup_batch_frac_replaces_a_share_of_rows():
     assert torch.equal(full[~replaced], rows[~replaced])  # the others untouched
     for r in full[replaced].tolist():
         assert parse_pairs(r)  # full-length rows of pairs
+
+
+def test_copy_warmup_ids_fit_a_small_vocabulary():
+    import torch
+
+    rows = torch.zeros(2, 129, dtype=torch.long)
+    x, y = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=0, vocab_size=300)
+    assert int(x.min()) >= 150 and int(torch.cat([x, y], 1).max()) < 300
+    x, _ = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=0, vocab_size=4096)
+    assert int(x.min()) >= copy_warmup.COPY_WARMUP_IDS[0]

@@ -97,3 +97,33 @@ def test_bench_train_mc_reports_the_ratio_and_controller_time():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["mc_vs_vanilla_tokens_per_s"] > 0 and out["mc_time_controller_ms"] > 0
     assert out["mc_gpt_positions_per_token"] > 1  # N+2 working contexts per row actually ran
+
+
+def test_copy_warmup_with_smear_trains_the_plain_gpt_then_mc(tmp_path, monkeypatch):
+    """The warm-up steps (short copy rows) run the plain GPT, the later ones the MC step; the smear is saved."""
+    base = tmp_path / "nc"
+    make_corpus(base)
+    flags = [
+        *COMMON,
+        *MC,
+        "--num-iterations",
+        "4",
+        "--copy-warmup-steps",
+        "2",
+        "--smear",
+        "--eval-every",
+        "-1",
+    ]
+    run(base, [*flags, "--model-tag", "sw", "--log-json", str(tmp_path / "sw.jsonl")])
+    records = [json.loads(line) for line in (tmp_path / "sw.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r and "step" in r]
+    assert [("mc/token_loss" in r) for r in steps] == [False, False, True, True], steps
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    model, _, _ = build_model(*resolve_checkpoint("base", "sw", None), "cpu", phase="eval")
+    assert model.config.smear and model.smear.abs().sum() > 0  # trained, and loaded with no flag
+    env = {"NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.base_train", *COMMON, "--smear", "--attention", "mega"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--smear" in res.stderr

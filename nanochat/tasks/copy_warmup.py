@@ -17,18 +17,26 @@ COPY_ROW_LEN = 64  # warm-up rows are this short: see copy_warmup_batch
 COPY_SEGMENT = (8, 32)  # segment lengths [lo, hi): the offset of a repeat varies, so only content predicts it
 
 
-def copy_row(g: torch.Generator, length: int) -> torch.Tensor:
+def copy_ids(vocab_size: int | None) -> tuple[int, int]:
+    """[lo, hi) of the copied ids: COPY_WARMUP_IDS, or the upper half of a smaller vocabulary."""
+    lo, hi = COPY_WARMUP_IDS
+    if vocab_size is not None and vocab_size < hi:
+        lo, hi = vocab_size // 2, vocab_size
+    return lo, hi
+
+
+def copy_row(g: torch.Generator, length: int, ids: tuple[int, int] = COPY_WARMUP_IDS) -> torch.Tensor:
     """`length` ids: random segments of COPY_SEGMENT length, each followed by itself, cut to length."""
     pieces, n = [], 0
     while n < length:
         L = int(torch.randint(*COPY_SEGMENT, (1,), generator=g))
-        seg = torch.randint(*COPY_WARMUP_IDS, (L,), generator=g)
+        seg = torch.randint(*ids, (L,), generator=g)
         pieces += [seg, seg]
         n += 2 * L
     return torch.cat(pieces)[:length]
 
 
-def copy_warmup_batch(x, y, seed: int, frac: float = 1.0):
+def copy_warmup_batch(x, y, seed: int, frac: float = 1.0, vocab_size: int | None = None):
     """Induction rows: random token segments, each followed by itself (docs/training.md).
 
     frac = 1 (the warm-up): the whole batch becomes B·T/COPY_ROW_LEN short rows [B', COPY_ROW_LEN]. Short rows
@@ -36,21 +44,22 @@ def copy_warmup_batch(x, y, seed: int, frac: float = 1.0):
     so the gradient that teaches "copy the token after the match" shrinks with the row length (d4 on CPU:
     ~150 steps to copy at 64 tokens with GPTConfig.smear, none in 400 steps at 512). The ids come from a few
     hundred frequent tokens: with thousands of rare ids each unembedding is trained too rarely to learn to
-    match its embedding. frac < 1 (after the warm-up): about that share of the rows, chosen by a hash of their
+    match its embedding (a vocabulary smaller than COPY_WARMUP_IDS: its upper half). frac < 1 (after the warm-up): about that share of the rows, chosen by a hash of their
     content, are replaced by full-length copy rows and the rest stay as they are. Seeded by the batch content.
     """
     rows = torch.cat([x, y[:, -1:]], dim=1)
     B, T1 = rows.shape
+    ids = copy_ids(vocab_size)
     if frac >= 1:
         h = zlib.crc32(rows.cpu().numpy().tobytes()) ^ seed
         g = torch.Generator().manual_seed(h)
         n = max(1, B * (T1 - 1) // COPY_ROW_LEN)
-        short = torch.stack([copy_row(g, COPY_ROW_LEN + 1) for _ in range(n)]).to(rows.device)
+        short = torch.stack([copy_row(g, COPY_ROW_LEN + 1, ids) for _ in range(n)]).to(rows.device)
         return short[:, :-1], short[:, 1:]
     out = rows.clone()
     for i, row in enumerate(rows):
         h = zlib.crc32(row.cpu().numpy().tobytes()) ^ seed
         if (h % 10_000) >= frac * 10_000:
             continue
-        out[i] = copy_row(torch.Generator().manual_seed(h), T1).to(rows.device)
+        out[i] = copy_row(torch.Generator().manual_seed(h), T1, ids).to(rows.device)
     return out[:, :-1], out[:, 1:]
