@@ -259,14 +259,54 @@ def mega_forward(
 _compiled_flex = None
 
 
-def mega_block_mask(lay: MegaLayout, device="cpu", block_size: int = 128):
-    """flex_attention BlockMask for the packed sequence."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def key_ranges(lay: MegaLayout, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every packed query's visible keys as a few packed-index ranges: (lo, hi) [T, R], keys lo <= k < hi
+    (empty when lo >= hi). R = levels + 2: the raw window, one contiguous run of nodes per level, itself.
+    Derived from the same spans as _visible; O(T·levels), where evaluating the rule per pair is O(T²)."""
+    q = torch.arange(lay.T, device=device)
+    _, _, q_end = _spans(q, lay)
+    r = q_end - 1
+    a = torch.clamp(r - lay.W, min=0)
+    if lay.window_only:
+        return a[:, None], (r + 1)[:, None]
+    if lay.levels == 0:
+        return torch.zeros_like(r)[:, None], (r + 1)[:, None]
+    b = [None] + [(a // lay.K**lv) * lay.K**lv for lv in range(1, lay.levels + 1)] + [torch.zeros_like(a)]
+    lo, hi = [b[1], q], [r + 1, q + 1]
+    for lv in range(1, lay.levels + 1):
+        lo.append(lay.offsets[lv] + b[lv + 1] // lay.K**lv)
+        hi.append(lay.offsets[lv] + b[lv] // lay.K**lv)
+    return torch.stack(lo, 1), torch.stack(hi, 1)
 
+
+def mega_block_mask(lay: MegaLayout, device="cpu", block_size: int = 128):
+    """flex_attention BlockMask for the packed sequence, built from key_ranges: per block of queries, the key
+    blocks any of them may see (the hull of each range; the mask_mod decides inside them). Linear in T, so it
+    scales to 1M tokens, where create_block_mask's every-pair evaluation ran out of memory on an H200."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    T, B = lay.T, block_size
+    nb = (T + B - 1) // B
+    lo, hi = key_ranges(lay, device)
+    pad = nb * B - T  # the last query block: pad with an empty range
+    lo = torch.cat([lo, lo.new_full((pad, lo.size(1)), T)]).view(nb, B, -1)
+    hi = torch.cat([hi, hi.new_zeros((pad, hi.size(1)))]).view(nb, B, -1)
+    empty = lo >= hi
+    lo_b = torch.where(empty, T, lo).amin(1) // B  # [nb, R] first key block of each range's hull
+    hi_b = (torch.where(empty, 0, hi).amax(1) - 1) // B  # last key block (negative: none)
+    used = hi_b >= lo_b
+    marks = torch.zeros(nb, nb + 1, dtype=torch.int32, device=lo.device)
+    rows = torch.arange(nb, device=lo.device)[:, None].expand_as(lo_b)
+    one = used.to(torch.int32)
+    marks.index_put_((rows, lo_b.clamp(max=nb)), one, accumulate=True)
+    marks.index_put_((rows, (hi_b + 1).clamp(min=0, max=nb)), -one, accumulate=True)
+    visible = marks.cumsum(1)[:, :nb] > 0  # [nb, nb] key blocks per query block
+    kv_num = visible.sum(1, dtype=torch.int32)
+    kv_idx = torch.argsort((~visible).to(torch.int8), dim=1, stable=True).to(torch.int32)  # visible first
     mask_mod = lambda b, h, q_idx, kv_idx: _visible(q_idx, kv_idx, lay)
-    # create_block_mask evaluates the rule on all T² pairs: fine to 64k tokens on an H200, out of memory at 1M
-    # (its compiled variant failed at 64k under torch 2.11); 1M needs a BlockMask built from the block plan
-    return create_block_mask(mask_mod, None, None, lay.T, lay.T, device=device, BLOCK_SIZE=block_size)
+    return BlockMask.from_kv_blocks(
+        kv_num[None, None], kv_idx[None, None], BLOCK_SIZE=B, mask_mod=mask_mod, seq_lengths=(T, T)
+    )
 
 
 def flex_mega_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:

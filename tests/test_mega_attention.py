@@ -305,3 +305,28 @@ def test_render_writes_a_valid_png(tmp_path):
         pos += 12 + n
     raw = zlib.decompress(chunks[b"IDAT"])
     assert len(raw) == height * (1 + 3 * width) and width > height > 0
+
+
+@pytest.mark.parametrize("N,K,W,levels", [case for case in random_cases(25, seed=5)])
+def test_key_ranges_are_exactly_the_visible_keys(N, K, W, levels):
+    from megacontext.mega_attention import key_ranges
+
+    for lay in (build_mega_layout(N, K, W, levels), sliding_window_layout(N, W)):
+        lo, hi = key_ranges(lay)
+        k = torch.arange(lay.T)
+        in_ranges = ((k[None, :, None] >= lo[:, None]) & (k[None, :, None] < hi[:, None])).any(-1)
+        assert torch.equal(in_ranges, mega_mask(lay))
+
+
+@pytest.mark.parametrize("N,K,W,block", [(300, 4, 16, 128), (130, 3, 5, 32), (700, 2, 40, 16)])
+def test_block_mask_holds_every_visible_pair(N, K, W, block):
+    lay = build_mega_layout(N, K, W)
+    bm = mega_block_mask(lay, "cpu", block)
+    blocks = bm.to_dense()[0, 0].bool()  # [q blocks, kv blocks]
+    mask = mega_mask(lay)
+    nb = blocks.size(0)
+    padded = torch.zeros(nb * block, nb * block, dtype=torch.bool)
+    padded[: lay.T, : lay.T] = mask
+    needed = padded.view(nb, block, nb, block).any(3).any(1)
+    assert not (needed & ~blocks).any()  # no visible pair falls outside the listed blocks
+    assert blocks.sum() <= 2 * needed.sum()  # and the hulls add little
