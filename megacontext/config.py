@@ -55,6 +55,10 @@ class MCConfig:
     # context, far fewer than a vanilla step gives per row; this term lets every forward that already ran
     # teach language and reading gists. 0 = the horizon-only loss of DESIGN §4. See docs/training.md.
     lm_weight: float = 0.0
+    # Weight of the plain vanilla loss over each whole raw row (one more GPT forward per row, no gists): the
+    # GPT keeps what a vanilla model learns, in-context copying above all, which decayed under the
+    # working-context losses alone (probe 0.86 -> 0.08 in 350 steps; docs/training.md). 0 = off.
+    full_weight: float = 0.0
     # Highest gist level training makes and working contexts use (2 = LOD2, K² tokens). Levels above it are
     # hidden at evaluation (views.LevelCap): GistNet never learned to make them.
     wc_levels: int = 2
@@ -92,6 +96,7 @@ class MCConfig:
             "lens_weight",
             "gist_weight",
             "lm_weight",
+            "full_weight",
         ):
             if getattr(self, name) < 0:
                 raise UserError(f"MegaContext {name} must be >= 0, got {getattr(self, name)}")
@@ -123,6 +128,7 @@ FLAGS = {
     "--mc-lens-weight": "lens_weight",
     "--mc-gist-weight": "gist_weight",
     "--mc-lm-weight": "lm_weight",
+    "--mc-full-weight": "full_weight",
     "--mc-levels": "wc_levels",
     "--mc-positions": "positions",
     "--gistnet-type": "gistnet_type",

@@ -256,7 +256,9 @@ def mc_train_step(
     non-assistant tokens of a chat row). Returns (loss, metrics dict of floats).
 
     The loss = token loss (mean horizon loss over all working contexts) + lens_weight · lens loss
-    (+ gist_weight · gist loss) (+ lm_weight · next-token loss on the raw positions before the horizon). Backward it as usual: GPT, GistNet and LensNet all get gradients.
+    (+ gist_weight · gist loss) (+ lm_weight · next-token loss on the raw positions before the horizon)
+    (+ full_weight · the vanilla loss of the whole raw row). Backward it as usual: GPT, GistNet and LensNet all
+    get gradients.
     """
     t0 = time.perf_counter()
     B, T = x.shape[0], x.shape[1] - 1
@@ -347,6 +349,11 @@ def mc_train_step(
     loss = token_loss + cfg.lens_weight * lens_loss
     if cfg.lm_weight > 0:
         loss = loss + cfg.lm_weight * lm_loss
+    full_loss, full_positions = token_loss.new_zeros(()), 0
+    if cfg.full_weight > 0:  # the vanilla objective on the same rows (MCConfig.full_weight)
+        full_loss = model(inputs, targets)
+        loss = loss + cfg.full_weight * full_loss
+        full_positions = B * T
     gist_loss = token_loss.new_zeros(())
     if cfg.gist_weight > 0 and levels >= 1:
         gist_loss = soft_gist_loss(model, gistnet, logits, tgt, rows, targets, embeds, plans, cfg)
@@ -363,13 +370,14 @@ def mc_train_step(
         "mc/adv_delta_mean": float(all_u.mean()),
         "mc/lens_loss": float(lens_loss.detach()),
         "mc/gist_loss": float(gist_loss.detach()),
+        "mc/full_loss": float(full_loss.detach()),
         "mc/lens_rank_agreement": _nanmean(rank_agree),
         "mc/preference_agreement": _nanmean(sign_agree),
         "mc/swap_rate": sum(len(p.candidates) for p in plans) / max(1, sum(w.num_entries for w in bases)),
         "mc/residency": sum(w.residency for w in bases) / nb,
         "mc/wc_budget": float(budget),
         "mc/time_controller_ms": 1000.0 * t_ctrl,
-        "mc/gpt_positions": float(len(seqs) * L),
+        "mc/gpt_positions": float(len(seqs) * L + full_positions),
     }
     return loss, metrics
 

@@ -39,6 +39,7 @@ from nanochat.report import get_report
 from nanochat.tasks.copy_warmup import copy_warmup_batch
 from nanochat.tasks.longctx import mix_into_batch
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.train_flags import add_optim_flags, add_run_flags
 from scripts.bench_train import autocast_ctx, peak_flops, pick_dtype, sync
 
 MC_LOG_KEYS = ("mc/token_loss", "mc/baseline_loss", "mc/adv_delta_mean", "mc/lens_loss", "mc/lens_rank_agreement",
@@ -71,35 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="tokens per optimizer step (grad accumulation fills it)",
     )
     # optimization
-    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding")
-    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the LM head")
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add_optim_flags(p)
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warm-up")
-    p.add_argument(
-        "--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr decay at the end"
-    )
-    p.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier reached at the last step")
-    # evaluation, sampling, checkpoints, logging
-    p.add_argument(
-        "--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); -1 = end only"
-    )
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
+    # evaluation, sampling, checkpoints, logging, device
+    add_run_flags(p, eval_every=250)
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps; -1 = never")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
-    p.add_argument(
-        "--resume-from-step", type=int, default=-1, help="resume from this checkpoint step of --model-tag"
-    )
     p.add_argument("--model-tag", type=str, default="", help="checkpoint directory name (default d<depth>)")
-    p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-    p.add_argument(
-        "--log-json", type=str, default="", help="also append one JSON object per step to this file"
-    )
-    # runtime
-    p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument(
-        "--dtype", type=str, default="auto", help="auto|float32|bfloat16 (auto: bf16 on CUDA, probe on CPU)"
-    )
     p.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
     p.add_argument(
         "--longctx-frac",

@@ -44,6 +44,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_params, setup_optimizers, sync_gradients
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
+from nanochat.train_flags import add_optim_flags, add_run_flags
 from scripts.bench_train import autocast_ctx, pick_dtype, sync
 
 TITLES = {"mid": "Midtraining", "sft": "Chat SFT"}  # report section per stage
@@ -72,27 +73,9 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument(
         "--num-iterations", type=int, default=-1, help="optimizer steps (-1: one epoch of the data)"
     )
-    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding")
-    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the LM head")
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add_optim_flags(p)
     p.add_argument("--init-lr-frac", type=float, default=1.0, help="every lr is scaled by this")
-    p.add_argument(
-        "--warmdown-ratio", type=float, default=0.2, help="final share of training with linear lr decay"
-    )
-    p.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier reached at the end")
-    p.add_argument(
-        "--eval-every", type=int, default=150, help="val bpb every N steps (and at the end); -1: end"
-    )
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
-    p.add_argument(
-        "--resume-from-step", type=int, default=-1, help="resume this stage from its checkpoint step"
-    )
-    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    p.add_argument("--log-json", default="", help="also append one JSON object per step to this file")
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (auto: bf16 on CUDA, probe on CPU)")
+    add_run_flags(p, eval_every=150)
     p.add_argument("--seed", type=int, default=42, help="seed of the MC variant sampling and fresh MC nets")
     add_mc_args(p)
     return p

@@ -1,6 +1,7 @@
 """The MegaContext training step (megacontext/training.py): the ways such systems silently fail (issue 6)."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -117,6 +118,20 @@ def test_lm_weight_adds_the_vanilla_loss_on_raw_positions_before_the_horizon():
     with torch.no_grad():
         moved, _ = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, seed=0, targets=targets)
     assert not torch.equal(loss, moved)
+
+
+def test_full_weight_adds_the_vanilla_loss_of_the_whole_row():
+    model, gistnet, lensnet, cfg = tiny()
+    x = batch(2)
+    with torch.no_grad():
+        base, m0 = training.mc_train_step(model, gistnet, lensnet, x, cfg, 0.5, seed=0)
+        loss, m = training.mc_train_step(
+            model, gistnet, lensnet, x.clone(), replace(cfg, full_weight=0.5), 0.5, 0
+        )
+        vanilla = model(x[:, :T], x[:, 1:])
+    assert m["mc/full_loss"] == pytest.approx(float(vanilla), rel=1e-5)
+    assert float(loss) == pytest.approx(float(base) + 0.5 * float(vanilla), rel=1e-5)
+    assert m["mc/gpt_positions"] == m0["mc/gpt_positions"] + 2 * T  # MFU counts the extra forward
 
 
 def test_lens_loss_pushes_positive_utility_scores_up():
