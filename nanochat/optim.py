@@ -101,9 +101,10 @@ def setup_optimizers(
 ) -> list[torch.optim.Optimizer]:
     """[AdamW, Muon] for a GPT plus optional extra modules (MegaContext's GistNet, LensNet).
 
-    GPT: lm_head (unembedding_lr) and wte (embedding_lr) -> AdamW; every 2-D matrix in the blocks
-    -> Muon (matrix_lr). AdamW lrs are scaled by (n_embd/768)^-0.5: they were tuned at width 768 and
-    a wider model needs smaller steps. Extra modules: their true matrices, except embedding tables,
+    GPT: lm_head (unembedding_lr), wte (embedding_lr) and the token-shift vector of GPTConfig.smear
+    (smear_lr, unscaled) -> AdamW; every 2-D matrix in the blocks -> Muon (matrix_lr). The lm_head and
+    wte lrs are scaled by (n_embd/768)^-0.5: they were tuned at width 768 and a wider model needs smaller
+    steps. Extra modules: their true matrices, except embedding tables,
     -> Muon at matrix_lr (Muon's update size is width-free); everything else (vectors, embedding tables)
     -> AdamW at extra_lr (scaled like the other AdamW lrs). Parameters an extra module shares with the
     model (e.g. a reference to wte) are optimised once, in the model's group. weight_decay applies to
