@@ -91,11 +91,23 @@ def main() -> None:
     parser.add_argument("--model-tag", default=None)
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--wc-budget", type=int, default=None, help="override the checkpoint's W_max")
+    parser.add_argument(
+        "--tau-expand", type=float, default=None, help="override the allocator's expand threshold (mc views)"
+    )
+    parser.add_argument(
+        "--tau-collapse",
+        type=float,
+        default=None,
+        help="override the allocator's collapse threshold (mc views)",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
     args = parser.parse_args()
     views = [v for v in args.views.split(",") if v]
+    for flag in ("tau_expand", "tau_collapse"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if bad := [v for v in views if v not in VIEWS]:
         raise UserError(f"unknown view(s) {bad}; choose from {', '.join(VIEWS)}")
     try:
@@ -116,6 +128,9 @@ def main() -> None:
         print0("checkpoint has no MegaContext nets: running the full and window views only")
     if args.wc_budget:
         cfg.wc_budget = args.wc_budget
+    for name in ("tau_expand", "tau_collapse"):  # allocator thresholds of the mc views
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
     label = f"{args.source}/{ckpt_dir.name}@{step}"
     suites = list(SUITES) if args.task == "all" else [args.task]
     lines, table = [], []

@@ -127,3 +127,12 @@ def test_copy_warmup_with_smear_trains_the_plain_gpt_then_mc(tmp_path, monkeypat
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--smear" in res.stderr
+
+
+def test_mc_eval_rejects_a_negative_threshold_in_one_line():
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.mc_eval", "--tau-collapse", "-0.5"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2 and res.stderr.strip() == "error: --tau-collapse must be >= 0, got -0.5"
