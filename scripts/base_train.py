@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--copy-warmup-steps",
         type=int,
         default=0,
-        help="first N steps train on random token sequences repeated (induction warm-up; see docs/training.md)",
+        help="first N steps train the plain GPT on short rows of repeated random segments (docs/training.md)",
     )
     p.add_argument(
         "--copy-frac", type=float, default=0.0, help="after the warm-up, this share of rows stays copy rows"
@@ -356,9 +356,10 @@ def main() -> None:
         sync(device)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
+        warmup = step < args.copy_warmup_steps  # short copy rows teach the GPT itself to copy: no MC there
         for _ in range(grad_accum_steps):
             x, y = next(train_loader)
-            if step < args.copy_warmup_steps:
+            if warmup:
                 x, y = copy_warmup_batch(x, y, args.seed, vocab_size=config.vocab_size)
             else:
                 x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
@@ -366,7 +367,7 @@ def main() -> None:
                     x, y = copy_warmup_batch(x, y, args.seed, args.copy_frac, config.vocab_size)
             aux = None
             with autocast():
-                if step < args.copy_warmup_steps:  # short copy rows teach the GPT itself to copy: no MC here
+                if warmup:
                     loss = model(x, y)
                 elif (
                     attn is not None
@@ -413,7 +414,7 @@ def main() -> None:
             loop["timed_tokens"] += args.total_batch_size
         tok_per_s = args.total_batch_size / dt
         step_flops = flops_per_token * args.total_batch_size
-        mc_step = mc_cfg is not None and step >= args.copy_warmup_steps  # warm-up steps run the plain GPT
+        mc_step = mc_cfg is not None and not warmup
         if mc_step:  # MFU counts the forwards that ran: every working context + GistNet
             step_flops = mc_step_flops(mc_metrics["mc/gpt_positions"] * grad_accum_steps * world_size)
         mfu = step_flops / dt / (peak * world_size)
