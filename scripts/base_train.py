@@ -369,9 +369,7 @@ def main() -> None:
             with autocast():
                 if warmup:
                     loss = model(x, y)
-                elif (
-                    attn is not None
-                ):  # window / mega; MegaPrediction's loss trains but is not logged as loss
+                elif attn is not None:  # window / mega: MegaPrediction's loss trains, unlogged as loss
                     loss, aux, m = attn.train_loss(x, y, step / num_iterations)
                     for k, v in m.items():
                         mc_metrics[k] = mc_metrics.get(k, 0.0) + v / grad_accum_steps
