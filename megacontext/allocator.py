@@ -19,7 +19,7 @@ import torch
 from megacontext.entries import Edit, Entry, children
 from megacontext.working_context import WorkingContext, node_exists
 
-__all__ = ["Candidate", "Edit", "FocusAllocator", "random_variant"]
+__all__ = ["Candidate", "Edit", "FocusAllocator", "normalize_scores", "random_variant"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,17 @@ def _read_scores(scores, n: int) -> list[float]:
     if not all(math.isfinite(v) for v in values):
         raise ValueError("focus scores must be finite (LensNet emits tanh values in [-1, 1])")
     return values
+
+
+def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """ "z": tanh of the z-score over the entries (relative focus: above or below this WC's average by a
+    margin); "raw": unchanged. A WC whose scores are all equal gets zeros (nothing stands out)."""
+    if how == "raw":
+        return scores
+    if how != "z":
+        raise ValueError(f"score normalisation must be 'z' or 'raw', got {how!r}")
+    centred = scores - scores.mean()
+    return torch.tanh(centred / (scores.std(unbiased=False) + 1e-6))
 
 
 def collapse_groups(wc: WorkingContext, tree) -> list[tuple[Edit, tuple[int, ...]]]:

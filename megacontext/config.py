@@ -18,6 +18,7 @@ CHOICES = {
     "allocator": ("greedy", "stochastic"),
     "tree_backend": ("ram", "disk"),
     "positions": ("wc_index", "global"),
+    "score_norm": ("z", "raw"),
 }
 
 
@@ -41,6 +42,11 @@ class MCConfig:
     lensnet_head: str = "mlp"
     n_head: int = 4  # heads of GistNet and LensNet (head_dim = n_embd / n_head must be even for RoPE)
     allocator: str = "greedy"  # "stochastic" samples edits; used to draw training variants
+    # Scores the allocator sees: "z" = the scorer's scores standardised over the WC's entries (tanh of the
+    # z-score), so the thresholds are relative ("clearly above this WC's average") and LensNet and the
+    # attention-mass scorer meet them on one scale; "raw" = the scores as emitted. LensNet's raw scores
+    # stayed within ±0.05, under any useful threshold (docs/training.md).
+    score_norm: str = "z"
     tau_expand: float = 0.2  # expand only when score > tau_expand (hysteresis band around 0)
     tau_collapse: float = 0.2  # collapse only when score < -tau_collapse
     n_diff: int = 4  # at most this many edits per refocus

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megacontext.allocator import FocusAllocator
+from megacontext.allocator import FocusAllocator, normalize_scores
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Edit, Entry, gist_entry
 from megacontext.gistnet import GistNet
@@ -216,7 +216,8 @@ class MCSession:
         if self.wc is None or self.tree.num_tokens < self.K:
             return []  # LensNet needs K query tokens
         with self.telemetry.timer("refocus"):
-            self.wc, edits = self.allocator.refocus(self.wc, self.lens_scores(), self.tree)
+            scores = normalize_scores(self.lens_scores(), self.cfg.score_norm)
+            self.wc, edits = self.allocator.refocus(self.wc, scores, self.tree)
         self.telemetry.record_refocus(self.wc, edits)
         if edits:
             self.last_edits, self.last_edits_refocus = edits, self.telemetry.total_refocuses

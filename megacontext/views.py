@@ -6,7 +6,11 @@
               coarsest gists, never re-expanded (what a gist alone carries);
 * mc-attn   — the allocator refocusing on the GPT's own attention mass from the query tokens to each entry
               (no learned scorer; the way NSA / Landmark attention choose blocks);
-* mc-lens   — LensNet scores + allocator, refocusing until the allocator has nothing left to do.
+* mc-lens   — LensNet scores + allocator, refocusing until the allocator has nothing left to do;
+* mc-oracle — (diagnostic, tasks with a known evidence span only) mc-nolens with the blocks holding the
+              evidence raw: what a perfect scorer could give with this GistNet, GPT and positions. If
+              mc-oracle answers and mc-lens does not, the scorer/allocator limits; if full answers and mc-oracle
+              does not, the GPT cannot read raw evidence inside a working context.
 
 Every view scores the same *horizon*: the last `h` input positions, whose targets are the tokens to predict
 (the answer of a long-context task, or the tail of a validation document). The working context keeps the
@@ -20,16 +24,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megacontext.allocator import FocusAllocator
+from megacontext.allocator import FocusAllocator, normalize_scores
 from megacontext.config import MCConfig
 from megacontext.entries import InvariantError
 from megacontext.positional import gaussian_rotary
 from megacontext.training import lens_positions, run_lens
 from megacontext.tree import MegaContextTree
-from megacontext.working_context import WorkingContext
+from megacontext.working_context import WorkingContext, coarse_tiling, raw_blocks
 from nanochat.gpt import apply_rotary_emb, norm
 
 VIEWS = ("full", "window", "mc-nolens", "mc-attn", "mc-lens")
+ORACLE = "mc-oracle"
 MAX_REFOCUS_ROUNDS = 12
 
 
@@ -111,8 +116,7 @@ def lens_scores(wc: WorkingContext, tree, model, lensnet, cfg: MCConfig, query_i
 @torch.no_grad()
 def attention_scores(wc: WorkingContext, tree, model, cfg: MCConfig, q_slots: int, device):
     """Scores from the GPT's own attention: mass from the query slots to each entry, averaged over layers and
-    heads, standardised over the entries (a z-score squashed by tanh), so the most-attended gists expand and
-    the least-attended entries collapse."""
+    heads (the allocator sees them normalised like LensNet's, cfg.score_norm)."""
     embeds, (cos, sin) = gpt_inputs(wc, tree, model, cfg, device)
     L = embeds.shape[1]
     mass = torch.zeros(L, device=device)
@@ -139,9 +143,39 @@ def attention_scores(wc: WorkingContext, tree, model, cfg: MCConfig, q_slots: in
         for hk in hooks:
             hk.remove()
     t = wc.materialize(tree, lambda ids: torch.zeros(ids.shape[0], tree.d, device=device), device)
-    per_entry = torch.zeros(wc.num_entries, device=device).index_add_(0, t.entry_index, mass)
-    z = (per_entry - per_entry.mean()) / (per_entry.std() + 1e-9)
-    return torch.tanh(z)
+    return torch.zeros(wc.num_entries, device=device).index_add_(0, t.entry_index, mass)
+
+
+def oracle_wc(tree, budget: int, recent: int, evidence: tuple[int, int]) -> WorkingContext | None:
+    """The coarsest WC with the K-blocks holding tokens [evidence) raw, then as many raw recent blocks as the
+    budget allows (as WorkingContext.from_tree); None when the evidence blocks alone do not fit."""
+    K, N = tree.K, tree.num_tokens
+    base = WorkingContext.coarsest(tree, budget, recent)
+    raw_start = next((e.start for e in base.entries if e.level == 0), N)
+    a, b = evidence[0] // K * K, min(raw_start, -(-evidence[1] // K) * K)
+    if a >= b:  # the evidence is raw already
+        return WorkingContext.from_tree(tree, budget, recent)
+
+    def tiling(rs: int) -> list:
+        return (
+            coarse_tiling(tree, 0, a)
+            + raw_blocks(a, b, K)
+            + coarse_tiling(tree, b, rs)
+            + raw_blocks(rs, N, K)
+        )
+
+    best = tiling(raw_start)
+    if sum(e.cost for e in best) > budget:
+        return None
+    while raw_start - K >= b:
+        raw_start -= K
+        entries = tiling(raw_start)
+        if sum(e.cost for e in entries) > budget:
+            break
+        best = entries
+    wc = WorkingContext(best, K, budget, recent)
+    wc.check(tree)
+    return wc
 
 
 def focus(view, tree, model, lensnet, cfg: MCConfig, budget: int, recent: int, query_ids, query_end, device):
@@ -158,7 +192,7 @@ def focus(view, tree, model, lensnet, cfg: MCConfig, budget: int, recent: int, q
             scores = lens_scores(wc, tree, model, lensnet, cfg, query_ids, query_end, device)
         else:
             scores = attention_scores(wc, tree, model, cfg, cfg.block_size, device)
-        wc, edits = alloc.refocus(wc, scores.tolist(), tree)
+        wc, edits = alloc.refocus(wc, normalize_scores(scores, cfg.score_norm).tolist(), tree)
         n_edits += len(edits)
         if not edits:
             break
@@ -167,12 +201,22 @@ def focus(view, tree, model, lensnet, cfg: MCConfig, budget: int, recent: int, q
 
 @torch.no_grad()
 def horizon_logits(
-    view: str, ids: list[int], h: int, model, gistnet, lensnet, cfg: MCConfig, device, tree=None
+    view: str,
+    ids: list[int],
+    h: int,
+    model,
+    gistnet,
+    lensnet,
+    cfg: MCConfig,
+    device,
+    tree=None,
+    evidence: tuple[int, int] | None = None,
 ):
     """Logits [h, V] at the last h input positions of `ids` (inputs = ids[:-1]) under a view, plus info.
 
-    Returns None for `full` when the history does not fit the rotary table. `tree` may be passed in to share
-    one GistNet pass among the mc views.
+    Returns None for `full` when the history does not fit the rotary table, and for mc-oracle without an
+    `evidence` token span or when its blocks do not fit the budget. `tree` may be passed in to share one
+    GistNet pass among the mc views.
     """
     inputs = ids[:-1]
     n = len(inputs)
@@ -188,12 +232,38 @@ def horizon_logits(
         return model(idx=x)[0, -h:], info
     recent = eval_recent(cfg, h)
     tree = tree if tree is not None else build_tree(inputs, model, gistnet, cfg, device)
-    query = torch.tensor(inputs[n - h - cfg.block_size : n - h], dtype=torch.long)
-    wc, info["edits"] = focus(view, tree, model, lensnet, cfg, cfg.wc_budget, recent, query, n - h, device)
+    if view == ORACLE:
+        wc = oracle_wc(tree, cfg.wc_budget, recent, evidence) if evidence is not None else None
+        if wc is None:
+            return None, info
+    else:
+        query = torch.tensor(inputs[n - h - cfg.block_size : n - h], dtype=torch.long)
+        wc, info["edits"] = focus(
+            view, tree, model, lensnet, cfg, cfg.wc_budget, recent, query, n - h, device
+        )
     embeds, rotary = gpt_inputs(wc, tree, model, cfg, device)
     info["wc_size"] = embeds.shape[1]
     info["render"] = wc.render()
     return model(embeds=embeds, rotary=rotary)[0, -h:], info
+
+
+def val_rows(tokenizer, length: int, n: int, device) -> list[list[int]]:
+    """Up to n validation rows of `length` + 1 token ids for view_bpb. Use the training length: the full
+    view is then the in-distribution reference (beyond it a wc_index model meets positions it never saw,
+    and full scored worse than the window), while the history is still sequence_len / W_max times the
+    working context."""
+    from nanochat.common import UserError
+    from nanochat.dataloader import DataLoader
+
+    loader = DataLoader(tokenizer, 1, length, "val", device)
+    rows = []
+    for _ in range(n):
+        try:
+            x, y = next(loader)
+        except (StopIteration, UserError):
+            break
+        rows.append(torch.cat([x[0], y[0, -1:]]).tolist())
+    return rows
 
 
 def horizon_nll(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:

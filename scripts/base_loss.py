@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from megacontext.attention_modes import attention_model
 from megacontext.config import MCConfig
 from megacontext.session import load_mc_nets
-from megacontext.views import VIEWS, view_bpb
+from megacontext.views import VIEWS, val_rows, view_bpb
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, print0, run_main
 from nanochat.dataloader import DataLoader
@@ -49,14 +47,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--view-rows",
         type=int,
-        default=8,
-        help="long val rows (4x the training length) scored under the views",
+        default=32,
+        help="val rows of the training length whose last H tokens are scored under the views",
     )
     return p.parse_args()
 
 
 def view_table(model, tokenizer, meta, ckpt_dir, step, token_bytes, device, dtype, n_rows: int) -> str:
-    """bpb and ΔNLL@H (vs full) of the last H tokens of long val rows under the five views (issue 6): full and
+    """bpb and ΔNLL@H (vs full) of the last H tokens of val rows under the five views (issue 6): full and
     window for any model; the MC views too when the checkpoint holds GistNet and LensNet."""
     nets = load_mc_nets(ckpt_dir, step, meta, model.config.n_embd, device)
     if nets is not None:
@@ -67,14 +65,7 @@ def view_table(model, tokenizer, meta, ckpt_dir, step, token_bytes, device, dtyp
             block_size=16 if budget >= 64 else 2, wc_budget=budget, recent=budget // 2, horizon=budget // 4
         )
         gistnet = lensnet = None
-    loader = DataLoader(tokenizer, 1, 4 * model.config.sequence_len, "val", device)
-    rows = []
-    for _ in range(n_rows):
-        try:
-            x, y = next(loader)
-        except (StopIteration, UserError):
-            break
-        rows.append(torch.cat([x[0], y[0, -1:]]).tolist())
+    rows = val_rows(tokenizer, model.config.sequence_len, n_rows, device)
     with autocast_ctx(device, dtype):
         out = view_bpb(rows, cfg.horizon, model, gistnet, lensnet, cfg, token_bytes, device)
     lines = [

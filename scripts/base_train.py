@@ -27,7 +27,7 @@ from megacontext.attention_modes import (
 )
 from megacontext.config import MCConfig, add_mc_args, build_nets, mc_config_from_args
 from megacontext.training import auto_device_batch, mc_train_step
-from megacontext.views import view_bpb
+from megacontext.views import val_rows, view_bpb
 from nanochat.checkpoint_manager import load_checkpoint, load_mc_state, save_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
 from nanochat.dataloader import DataLoader
@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="token shift in the GPT input (GPTConfig.smear; docs/training.md)",
     )
     p.add_argument(
-        "--mc-eval-rows", type=int, default=8, help="long val rows scored under the five views (with --mc)"
+        "--mc-eval-rows", type=int, default=8, help="val rows scored under the five views (with --mc)"
     )
     add_attention_args(p)
     add_mc_args(p)
@@ -299,17 +299,10 @@ def main() -> None:
         return gpt_positions * per_pos + 6 * gist_params * args.total_batch_size
 
     def mc_views_eval(gpt, gist, lens, cfg) -> dict:
-        """bpb / ΔNLL@H of the last H tokens of long val rows (4x the training length) under the five views."""
+        """bpb / ΔNLL@H of the last H tokens of val rows (the training length) under the five views."""
         for m in (gist, lens):
             m.eval()
-        loader = DataLoader(tokenizer, 1, 4 * T, "val", device)
-        rows = []
-        for _ in range(args.mc_eval_rows):
-            try:
-                x, y = next(loader)
-            except StopIteration:
-                break
-            rows.append(torch.cat([x[0], y[0, -1:]]).tolist())
+        rows = val_rows(tokenizer, T, args.mc_eval_rows, device)
         with autocast():
             out = view_bpb(rows, cfg.horizon, gpt, gist, lens, cfg, token_bytes, device)
         for m in (gist, lens):

@@ -1,6 +1,6 @@
 """The long-context suite: passkey, multi-query associative recall and variable tracking, with the evidence
 placed 1x..64x the working-context budget before the question (so a recent window of the budget's size
-cannot see it), scored under five views of the same history (megacontext/views.py).
+cannot see it), scored under five views of the same history (megacontext/views.py), and the mc-oracle diagnostic.
 
 Accuracy is greedy exact match of the whole answer (teacher-forced argmax at every answer token, which is
 exactly what greedy decoding would produce), with a 95 % Wilson interval; dnll is the answer's mean NLL
@@ -22,7 +22,7 @@ import torch
 from megacontext.attention_modes import attention_model
 from megacontext.config import MCConfig
 from megacontext.session import load_mc_nets
-from megacontext.views import VIEWS, build_tree, horizon_logits, horizon_nll
+from megacontext.views import ORACLE, VIEWS, build_tree, horizon_logits, horizon_nll
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_init, print0, run_main
 from nanochat.tasks import longctx
@@ -45,6 +45,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def evidence_tokens(tokenizer, prompt: str, chars: tuple[int, int]) -> tuple[int, int]:
+    """Token span [start, end) of prompt[chars] in BOS + encode(prompt), one token wider on each side: a
+    prefix may tokenize one token differently at its cut."""
+    a = len(tokenizer.encode(prompt[: chars[0]])) + 1
+    b = len(tokenizer.encode(prompt[: chars[1]])) + 1
+    return max(0, a - 1), b + 1
+
+
 @torch.no_grad()
 def evaluate(examples, tokenizer, model, gistnet, lensnet, cfg: MCConfig, views, device) -> dict:
     """Per view: correct count, summed answer NLL, WC sizes and edits over the examples."""
@@ -56,11 +64,14 @@ def evaluate(examples, tokenizer, model, gistnet, lensnet, cfg: MCConfig, views,
         ids = prompt + answer
         h = len(answer)
         tree = build_tree(ids[:-1], model, gistnet, cfg, device) if gistnet is not None else None
+        evidence = evidence_tokens(tokenizer, ex["prompt"], ex["evidence_chars"])
         nll_full = None
         for v in views:
             if v.startswith("mc") and gistnet is None:
                 continue
-            logits, info = horizon_logits(v, ids, h, model, gistnet, lensnet, cfg, device, tree=tree)
+            logits, info = horizon_logits(
+                v, ids, h, model, gistnet, lensnet, cfg, device, tree=tree, evidence=evidence
+            )
             if logits is None:
                 continue
             nll = float(horizon_nll(logits, answer).mean())
@@ -85,7 +96,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="examples per (task, distance)")
     parser.add_argument("--distances", default="1,4,8,16,64", help="evidence distances, x the WC budget")
     parser.add_argument(
-        "--views", default=",".join(VIEWS), help=f"comma-separated subset of {','.join(VIEWS)}"
+        "--views",
+        default=",".join((*VIEWS, ORACLE)),
+        help=f"comma-separated subset of {','.join((*VIEWS, ORACLE))} ({ORACLE}: the evidence blocks raw, a "
+        "diagnostic upper bound for any scorer)",
     )
     parser.add_argument("--source", default="base", choices=["base", "mid", "sft", "rl"])
     parser.add_argument("--model-tag", default=None)
@@ -108,8 +122,8 @@ def main() -> None:
     for flag in ("tau_expand", "tau_collapse"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if bad := [v for v in views if v not in VIEWS]:
-        raise UserError(f"unknown view(s) {bad}; choose from {', '.join(VIEWS)}")
+    if bad := [v for v in views if v not in (*VIEWS, ORACLE)]:
+        raise UserError(f"unknown view(s) {bad}; choose from {', '.join((*VIEWS, ORACLE))}")
     try:
         distances = [int(x) for x in args.distances.split(",") if x]
     except ValueError:

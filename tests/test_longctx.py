@@ -48,6 +48,8 @@ def test_passkey_answer_distractors_and_distance(kind, pattern):
         ev_end = prompt.index(evidence) + len(evidence)
         q_start = prompt.index("What is the pass key")
         assert q_start - ev_end == ex["distance_chars"]
+        a, b = ex["evidence_chars"]  # the whole key sentence: label and key, both mentions
+        assert b == ev_end and prompt[a:b] == f"The pass key for the {label.group(1)} is {key}. " + evidence
         assert 1500 <= ex["distance_chars"] <= 1500 + 200 and ex["distance_tokens"] is None
         assert (
             prompt.index(f"The pass key for the {label.group(1)}") >= 600
@@ -93,6 +95,7 @@ def test_mqar_pairs_queries_and_answer():
         assert ex["answer"] == " " + pairs[last]
         pair = f"{last}: {pairs[last]}."
         assert prompt.index("Now recall") - (block.index(pair) + len(pair)) == ex["distance_chars"]
+        assert prompt[slice(*ex["evidence_chars"])] == pair
         assert 3000 <= ex["distance_chars"] <= 3000 + 200 + 20 * n_pairs
     with pytest.raises(ValueError):
         longctx.mqar(random.Random(0), 100, n_pairs=4, n_queries=5)
@@ -115,6 +118,7 @@ def test_vartrack_chain_resolves_to_answer():
             prompt.index("What is the value") - (prompt.index(evidence) + len(evidence))
             == ex["distance_chars"]
         )
+        assert prompt[slice(*ex["evidence_chars"])] == evidence
         assert 2500 <= ex["distance_chars"] <= 2500 + 200
 
 

@@ -4,11 +4,13 @@ These are the tasks where MegaContext must beat a same-budget recent window (DES
 sits `distance` units before the question, with filler in between, so a model that only sees the recent
 window is at chance. Every generator is seeded and returns an evaluation example:
 
-    {"task", "prompt", "answer", "distance_chars", "distance_tokens"}
+    {"task", "prompt", "answer", "evidence_chars", "distance_chars", "distance_tokens"}
 
 `prompt` is the text up to where the answer starts (it ends without a trailing space) and `answer` starts
-with a space, the way a continuation is tokenized. `distance_*` is measured between the END of the evidence
-and the START of the question section. Lengths are in characters by default; pass `count=` (say
+with a space, the way a continuation is tokenized. `evidence_chars` is the [start, end) char span of the
+statement the answer must come from (the key's sentence, the asked pair, the value's assignment);
+`distance_*` is measured between its END and the START of the question section. Lengths are in characters
+by default; pass `count=` (say
 `lambda s: len(tok.encode(s))`) to make `distance` and `prefix` token counts, so an evaluator can put the
 evidence 1x, 4x, ... 64x a working-context budget before the recent window. The layout is
 
@@ -173,35 +175,39 @@ def layout(
     before: list[str],
     after: list[str],
     avoid: tuple[str, ...],
-    evidence_end: int | None = None,
-) -> tuple[str, int, int]:
+    evidence_span: tuple[int, int] | None = None,
+) -> tuple[str, tuple[int, int], int]:
     """Join [prefix filler + `before`] evidence [gap filler + `after`] question.
 
-    The gap from the end of the evidence (or `evidence_end` chars into it) to the question start
-    measures at least `distance` by `count`, topped up with more filler if needed (token counts of
-    joined text need not be the sum of the pieces'). Returns (text, evidence_end_char, question_start_char).
+    The gap from the end of the evidence (or of `evidence_span`, the chars of it that answer the question)
+    to the question start measures at least `distance` by `count`, topped up with more filler if needed
+    (token counts of joined text need not be the sum of the pieces'). Returns (text, (evidence start char,
+    evidence end char), question start char).
     """
     # Inserted statements take up room too, so the filler covers only what they leave.
     room = lambda amount, inserts: max(0, amount - sum(count(" " + s) for s in inserts))
     head = interleave(rng, filler.take(room(prefix, before), count, avoid), before)
     gap = interleave(rng, filler.take(room(distance, after), count, avoid), after)
-    ev_end_in = len(evidence) if evidence_end is None else evidence_end
+    span = (0, len(evidence)) if evidence_span is None else evidence_span
     while True:
         left = " ".join(head + [evidence])
         text = " ".join(head + [evidence] + gap + [question])
-        ev_end = len(left) - len(evidence) + ev_end_in
+        ev = (len(left) - len(evidence) + span[0], len(left) - len(evidence) + span[1])
         q_start = len(text) - len(question)
-        if count(text[ev_end:q_start]) >= distance:
-            return text, ev_end, q_start
+        if count(text[ev[1] : q_start]) >= distance:
+            return text, ev, q_start
         gap.append(filler.sentence(avoid))
 
 
-def example(task: str, text: str, answer: str, ev_end: int, q_start: int, count: Count | None) -> dict:
-    between = text[ev_end:q_start]
+def example(
+    task: str, text: str, answer: str, ev: tuple[int, int], q_start: int, count: Count | None
+) -> dict:
+    between = text[ev[1] : q_start]
     return {
         "task": task,
         "prompt": text,
         "answer": answer,
+        "evidence_chars": list(ev),
         "distance_chars": len(between),
         "distance_tokens": count(between) if count is not None else None,
     }
@@ -244,7 +250,7 @@ def passkey(
     for label, key in zip(labels[1:], keys[1:]):
         (before if rng.random() * (prefix + distance) < prefix else after).append(say(label, key))
     question = f"What is the pass key for the {labels[0]}? The pass key for the {labels[0]} is"
-    text, ev_end, q_start = layout(
+    text, ev, q_start = layout(
         rng,
         Filler(rng, filler_texts),
         measure,
@@ -256,7 +262,7 @@ def passkey(
         after=after,
         avoid=tuple(keys),
     )
-    return example("passkey", text, " " + keys[0], ev_end, q_start, count)
+    return example("passkey", text, " " + keys[0], ev, q_start, count)
 
 
 def mqar(
@@ -284,7 +290,7 @@ def mqar(
     recalled = [f"{keys[i]}: {values[i]}." for i in asked[:-1]]
     question = " ".join(["Now recall the pairs."] + recalled + [f"{keys[last]}:"])
     pair = f"{keys[last]}: {values[last]}."
-    text, ev_end, q_start = layout(
+    text, ev, q_start = layout(
         rng,
         Filler(rng, filler_texts),
         measure,
@@ -295,9 +301,9 @@ def mqar(
         before=[],
         after=[],
         avoid=tuple(values),
-        evidence_end=block.index(pair) + len(pair),
+        evidence_span=(block.index(pair), block.index(pair) + len(pair)),
     )
-    return example("mqar", text, " " + values[last], ev_end, q_start, count)
+    return example("mqar", text, " " + values[last], ev, q_start, count)
 
 
 def vartrack(
@@ -328,7 +334,7 @@ def vartrack(
     target = names[n_hops]  # last variable of chain 0
     question = f"What is the value of VAR {target}? The value of VAR {target} is"
     after = merge_in_order(rng, [chains[0][1:]] + chains[1:])
-    text, ev_end, q_start = layout(
+    text, ev, q_start = layout(
         rng,
         Filler(rng, filler_texts),
         measure,
@@ -340,7 +346,7 @@ def vartrack(
         after=after,
         avoid=tuple(values),
     )
-    return example("vartrack", text, " " + values[0], ev_end, q_start, count)
+    return example("vartrack", text, " " + values[0], ev, q_start, count)
 
 
 TASKS = {"passkey": passkey, "mqar": mqar, "vartrack": vartrack}
