@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -226,15 +227,26 @@ class FocusAllocator:
         self.rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
 
 
-def random_variant(tree, budget: int, recent: int, rng: random.Random) -> WorkingContext:
+def random_variant(
+    tree, budget: int, recent: int, rng: random.Random, focus: Sequence[int] = ()
+) -> WorkingContext:
     """A legal working context covering the whole sequence, for training variants (DESIGN §4).
 
-    Starts from the coarsest tiling and expands random gists until the budget has no room for another
-    swap. Each draw first picks a level uniformly among those with expandable gists, then a gist of that
-    level, so variants mix LOD0/1/2 in different proportions instead of always zooming the finest level.
+    Starts from the coarsest tiling; first zooms the gists covering the token positions in `focus` down to
+    LOD1 (in order, while the budget has room), then expands random gists until the budget has no room for
+    another swap. Each random draw first picks a level uniformly among those with expandable gists, then a
+    gist of that level, so variants mix LOD0/1/2 in different proportions instead of always zooming the
+    finest level.
     """
     wc = WorkingContext.coarsest(tree, budget, recent)
     K, entries, cost = tree.K, list(wc.entries), wc.cost
+    for pos in focus:
+        while cost + K - 1 <= budget:
+            i = next((j for j, e in enumerate(entries) if e.start <= pos < e.end), None)
+            if i is None or entries[i].level <= 1 or not expandable(entries[i], tree, K):
+                break
+            entries[i : i + 1] = children(entries[i], K)
+            cost += K - 1
     while cost + K - 1 <= budget:
         by_level: dict[int, list[int]] = {}
         for i, e in enumerate(entries):

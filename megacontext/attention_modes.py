@@ -231,6 +231,7 @@ class AttentionModel(nn.Module):
                 rotary=mega_rotary(lay, self.gpt.config.head_dim, idx.device),
                 attn_mask=mask,
                 loss_reduction=loss_reduction,
+                shift_len=N,  # GPTConfig.smear shifts the raw tokens only, never into a node
             )
         finally:
             hook.remove()

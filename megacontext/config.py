@@ -53,6 +53,10 @@ class MCConfig:
     cooldown: int = 2  # refocuses before a block may flip direction again
     tree_backend: str = "ram"
     variants: int = 4  # N: random working contexts per training sequence besides the baseline
+    # Per row, the base working context zooms this many "copy hint" blocks to LOD1 and their expansions are
+    # variants first (training.copy_hints: blocks that hold an earlier occurrence of a horizon n-gram), so
+    # the designed experiment often measures the evidence block instead of ~1 in 30. 0 = all random.
+    copy_hints: int = 0
     horizon: int = 64  # H: shared recent tail where variants' losses are compared
     lens_weight: float = 0.1  # weight of the LensNet ranking loss in the total loss
     gist_weight: float = 0.0  # weight of the optional gist-consistency loss (DESIGN §4.5); 0 = off
@@ -96,6 +100,7 @@ class MCConfig:
         for name in (
             "cooldown",
             "variants",
+            "copy_hints",
             "horizon",
             "tau_expand",
             "tau_collapse",
@@ -130,6 +135,7 @@ FLAGS = {
     "--mc-wc-budget": "wc_budget",
     "--mc-recent": "recent",
     "--mc-variants": "variants",
+    "--mc-copy-hints": "copy_hints",
     "--mc-horizon": "horizon",
     "--mc-lens-weight": "lens_weight",
     "--mc-gist-weight": "gist_weight",
@@ -137,6 +143,7 @@ FLAGS = {
     "--mc-full-weight": "full_weight",
     "--mc-levels": "wc_levels",
     "--mc-positions": "positions",
+    "--mc-score-norm": "score_norm",
     "--gistnet-type": "gistnet_type",
     "--gistnet-layers": "gistnet_layers",
     "--gistnet-pooling": "gistnet_pooling",

@@ -41,6 +41,7 @@ from megacontext.entries import Edit, Entry
 from megacontext.positional import gaussian_rotary, span_mu_sigma
 from megacontext.working_context import WorkingContext
 
+COPY_NGRAM = 3  # copy_hints: tokens per n-gram matched between the horizon and older history
 UTILITY_SCALE = 0.05  # nats: a utility of this size maps to a regression target of tanh(1) = 0.76
 LOGIT_L2 = 0.01  # keeps LensNet's logits in tanh's responsive range
 
@@ -138,15 +139,37 @@ class RowPlan:
     expands: list[bool]  # True: variant 2 + j expands that gist; False: it collapses that raw block
 
 
-def plan_row(shape: SequenceShape, cfg: MCConfig, budget: int, recent: int, rng: random.Random) -> RowPlan:
+def copy_hints(row: list[int], horizon_start: int, before: int, K: int, limit: int, n: int = COPY_NGRAM):
+    """LOD1 block indices (at most `limit`, most matches first) of the tokens before position `before` that
+    hold an earlier occurrence of an n-gram of the horizon (its inputs and true next tokens).
+
+    Where a horizon repeats something older (a pass key, a value, a listed code, an identifier in code), the
+    block holding the first mention is the likeliest one whose detail pays. The hints only choose which
+    experiments a row runs (which gists the base zooms to LOD1 and which variants expand them): utilities are
+    still measured, and neither the GPT nor LensNet ever sees the horizon's tokens before predicting them.
+    """
+    tail = row[max(0, horizon_start - n + 1) :]
+    grams = {tuple(tail[i : i + n]) for i in range(len(tail) - n + 1)}
+    counts: dict[int, int] = {}
+    for p in range(max(0, before - n + 1)):
+        if tuple(row[p : p + n]) in grams:
+            counts[p // K] = counts.get(p // K, 0) + 1
+    return sorted(counts, key=lambda b: (-counts[b], -b))[:limit]
+
+
+def plan_row(
+    shape: SequenceShape, cfg: MCConfig, budget: int, recent: int, rng: random.Random, hints: list[int] = ()
+) -> RowPlan:
     """Baseline, a random base with room for one more swap, and up to N distinct one-edit variants.
 
     Candidates mix both directions so LensNet sees the value of detail everywhere: expanding a gist (what
     the allocator would spend budget on) and collapsing a raw block (what it would refund budget from).
+    With `hints` (copy_hints: LOD1 block indices), the base first zooms those blocks' gists to LOD1 and their
+    expansions are candidates first; the other candidates stay random.
     """
     K = cfg.block_size
     baseline = WorkingContext.from_tree(shape, budget, recent)
-    base = random_variant(shape, budget - (K - 1), recent, rng)
+    base = random_variant(shape, budget - (K - 1), recent, rng, focus=[b * K for b in hints])
     base = WorkingContext(base.entries, K, budget, recent)
     editable = [
         i
@@ -156,6 +179,8 @@ def plan_row(shape: SequenceShape, cfg: MCConfig, budget: int, recent: int, rng:
         and (e.level >= 1 or shape.max_level >= 1)
     ]
     rng.shuffle(editable)
+    hinted = {b * K for b in hints}
+    editable.sort(key=lambda i: not (base.entries[i].level == 1 and base.entries[i].start in hinted))
     candidates = sorted(editable[: cfg.variants])
     variants, expands = [], []
     for i in candidates:
@@ -270,7 +295,10 @@ def mc_train_step(
     levels = trained_levels(cfg, T)
     shape = SequenceShape(K, T, levels)
     budget = curriculum_budget(cfg, T, progress)
-    plans = [plan_row(shape, cfg, budget, recent, row_rng(seed, row)) for row in x]
+    hints = [
+        copy_hints(row.tolist(), T - H, T - recent, K, cfg.copy_hints) if cfg.copy_hints else [] for row in x
+    ]
+    plans = [plan_row(shape, cfg, budget, recent, row_rng(seed, row), h) for row, h in zip(x, hints)]
 
     t_ctrl = time.perf_counter() - t0
     embeds = model.wte(inputs)

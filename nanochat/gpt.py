@@ -232,13 +232,17 @@ class GPT(nn.Module):
             )
         return self.cos[:, start : start + T], self.sin[:, start : start + T]
 
-    def smear_in(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def smear_in(self, x: torch.Tensor, kv_cache=None, shift_len: int | None = None) -> torch.Tensor:
         """Token shift: x[t] += smear * x[t-1] (zeros before the first position). A previous-token feature in
         every position lets one attention layer match on "what came before" (an induction head) without a
         previous-token head first. Under a KV cache the inputs before the new chunk come from the cache
-        (`shifted_inputs`, kept by InputHistory)."""
+        (`shifted_inputs`, kept by InputHistory). `shift_len`: only the first shift_len positions are tokens
+        (MegaAttention packs its summary nodes after them); the rest get no shift, since the packed slot
+        before a node is no token of its past."""
         if kv_cache is None:
             prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+            if shift_len is not None:
+                prev[:, shift_len:] = 0
         else:
             prev = kv_cache.shifted_inputs(x)
         return x + self.smear * prev
@@ -252,6 +256,7 @@ class GPT(nn.Module):
         kv_cache=None,
         attn_mask: torch.Tensor | None = None,
         loss_reduction: str = "mean",
+        shift_len: int | None = None,
     ):
         """Token ids `idx` [B, T] or input embeddings `embeds` [B, T, d] (exactly one).
 
@@ -269,7 +274,7 @@ class GPT(nn.Module):
         cos, sin = rotary
         x = norm(x)
         if self.config.smear:
-            x = self.smear_in(x, kv_cache)
+            x = self.smear_in(x, kv_cache, shift_len)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache, attn_mask)
         x = norm(x)

@@ -127,8 +127,6 @@ def main() -> None:
     # orig_model: the plain module (checkpoints, sampling); model: what the training step calls
     model = torch.compile(orig_model, dynamic=False) if device.type == "cuda" else orig_model
     attn_cfg = attention_config_from_args(args, args.max_seq_len)
-    if args.smear and attn_cfg.mode != "dense":  # MegaAttention packs nodes after the raw tokens
-        raise UserError(f"--smear works with --attention dense only, not {attn_cfg.mode}")
     # window/mega: the plain module under the mode's mask (+ GistNet and MegaPrediction for mega); dense: None
     attn = AttentionModel(orig_model, attn_cfg) if attn_cfg.mode != "dense" else None
     print0(f"attention: {describe(attn_cfg)}")

@@ -195,6 +195,37 @@ def test_mega_prediction_gets_gradients_and_learns():
     assert set(dnll) == {"mp/lod1_dnll", "mp/lod2_dnll"} and all(map(math.isfinite, dnll.values()))
 
 
+@pytest.mark.parametrize("mode", ["mega", "window"])
+def test_smear_under_mega_and_window_is_causal_and_zero_is_exact(mode):
+    """GPTConfig.smear shifts raw tokens only: a node never takes the packed slot before it (the last raw
+    token, or a node of a later span), so no position reads a future token; smear 0 = no smear exactly."""
+    torch.manual_seed(0)
+    N = 64
+    plain = GPT(GPTConfig(sequence_len=N, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    plain.init_weights()
+    smeared = GPT(
+        GPTConfig(sequence_len=N, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, smear=True)
+    )
+    smeared.load_state_dict(plain.state_dict() | {"smear": torch.zeros(64)})
+    cfg = AttentionConfig(mode=mode, window=8, block_size=4, levels=2)
+    a, b = AttentionModel(plain, cfg), AttentionModel(smeared, cfg)
+    b.load_state_dict(a.state_dict() | {"gpt.smear": torch.zeros(64)})
+    x = torch.randint(0, 97, (1, N))
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+        torch.nn.init.normal_(smeared.smear, std=1.0)
+        for p in smeared.parameters():  # the init zeroes output projections: make every layer matter
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.3)
+        ref = b(x)
+        for j in (5, 30, 47, 63):
+            y = x.clone()
+            y[0, j] = (y[0, j] + 1) % 97
+            out = b(y)
+            torch.testing.assert_close(out[:, :j], ref[:, :j], rtol=0, atol=1e-5)
+            assert not torch.allclose(out[:, j:], ref[:, j:])
+
+
 def test_mega_loss_covers_raw_positions_only():
     """Per-position losses are the raw positions' (flat [B * N] as the vanilla forward), logits too."""
     _, model, row = tiny_mega()

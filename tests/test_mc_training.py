@@ -36,10 +36,11 @@ def batch(B=3, seed=0):
 
 @pytest.mark.parametrize("budget", [48, 64, 100])
 @pytest.mark.parametrize("seed", range(5))
-def test_variants_satisfy_invariants(budget, seed):
+@pytest.mark.parametrize("hints", [[], [3], [9, 0]])
+def test_variants_satisfy_invariants(budget, seed, hints):
     cfg = MCConfig(block_size=K, wc_budget=48, recent=24, horizon=16, variants=6)
     shape = training.SequenceShape(K, T, 2)
-    plan = training.plan_row(shape, cfg, budget, 24, random.Random(seed))
+    plan = training.plan_row(shape, cfg, budget, 24, random.Random(seed), hints)
     baseline, base, *variants = plan.wcs
     assert len(variants) == len(plan.candidates) > 0
     for wc in plan.wcs:
@@ -51,6 +52,26 @@ def test_variants_satisfy_invariants(budget, seed):
         changed = set(base.entries) ^ set(v.entries)
         assert base.entries[i] in changed
         assert v != base
+
+
+def test_copy_hints_find_the_earlier_mention_of_the_horizon():
+    row = list(range(100, 100 + T + 1))  # all distinct: no n-gram repeats
+    row[21:25] = [7, 8, 9, 10]  # block 21 // K holds the first mention...
+    row[T - 3 : T + 1] = [7, 8, 9, 10]  # ...of what the horizon (and its true next tokens) repeats
+    assert training.copy_hints(row, T - 16, T - 24, K, limit=2) == [21 // K]
+    assert training.copy_hints(list(range(T + 1)), T - 16, T - 24, K, limit=2) == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hinted_blocks_are_zoomed_and_expanded_first(seed):
+    """The base zooms each hint to LOD1 and the first variants expand those gists: the hinted block is raw in
+    a variant (the designed experiment measures it) while the others stay random."""
+    cfg = MCConfig(block_size=K, wc_budget=48, recent=24, horizon=16, variants=3)
+    shape = training.SequenceShape(K, T, 2)
+    plan = training.plan_row(shape, cfg, 48, 24, random.Random(seed), [2])
+    base, variants = plan.wcs[1], plan.wcs[2:]
+    assert Entry(1, 2 * K, 3 * K) in base.entries
+    assert any(Entry(0, 2 * K, 3 * K) in v.entries for v in variants)
 
 
 def test_all_raw_working_context_equals_vanilla_forward():
