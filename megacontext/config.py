@@ -19,6 +19,7 @@ CHOICES = {
     "tree_backend": ("ram", "disk"),
     "positions": ("wc_index", "global"),
     "score_norm": ("z", "raw"),
+    "token_loss": ("mean", "marginal"),
 }
 
 
@@ -58,6 +59,10 @@ class MCConfig:
     # the designed experiment often measures the evidence block instead of ~1 in 30. 0 = all random.
     copy_hints: int = 0
     horizon: int = 64  # H: shared recent tail where variants' losses are compared
+    # How a row's working contexts train the GPT on the horizon: "mean" of their losses (DESIGN §4), or the
+    # "marginal" -log mean_v p(horizon | WC_v), which credits the WCs that hold the evidence instead of
+    # teaching every gisted one to answer from the prior (training.marginal_horizon_loss).
+    token_loss: str = "mean"
     lens_weight: float = 0.1  # weight of the LensNet ranking loss in the total loss
     gist_weight: float = 0.0  # weight of the optional gist-consistency loss (DESIGN §4.5); 0 = off
     # Weight of an extra next-token loss on the raw positions BEFORE the horizon, in every working context
@@ -137,6 +142,7 @@ FLAGS = {
     "--mc-variants": "variants",
     "--mc-copy-hints": "copy_hints",
     "--mc-horizon": "horizon",
+    "--mc-token-loss": "token_loss",
     "--mc-lens-weight": "lens_weight",
     "--mc-gist-weight": "gist_weight",
     "--mc-lm-weight": "lm_weight",

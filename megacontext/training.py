@@ -343,6 +343,7 @@ def mc_train_step(
     h_mask = in_h & (tgt >= 0)
     per_wc = (tok_loss * h_mask).sum(dim=1) / h_mask.sum(dim=1).clamp(min=1)  # horizon loss of each WC
     token_loss = per_wc.mean()
+    train_loss = token_loss if cfg.token_loss == "mean" else marginal_horizon_loss(tok_loss, h_mask, plans)
     # Optional LM term on the raw positions before the horizon (see MCConfig.lm_weight)
     lm_mask = ~in_h & (tgt >= 0)
     lm_loss = (tok_loss * lm_mask).sum() / lm_mask.sum().clamp(min=1)
@@ -374,7 +375,7 @@ def mc_train_step(
     lens_loss = torch.stack(lens_losses).mean() if lens_losses else token_loss.new_zeros(())
     t_ctrl += time.perf_counter() - t1
 
-    loss = token_loss + cfg.lens_weight * lens_loss
+    loss = train_loss + cfg.lens_weight * lens_loss
     if cfg.lm_weight > 0:
         loss = loss + cfg.lm_weight * lm_loss
     full_loss, full_positions = token_loss.new_zeros(()), 0
@@ -408,6 +409,26 @@ def mc_train_step(
         "mc/gpt_positions": float(len(seqs) * L + full_positions),
     }
     return loss, metrics
+
+
+def marginal_horizon_loss(tok_loss: torch.Tensor, h_mask: torch.Tensor, plans) -> torch.Tensor:
+    """-log mean_v p(horizon | WC_v) per row, per horizon token, averaged over rows (MCConfig.token_loss).
+
+    The mean of per-WC losses teaches every working context to predict the horizon, also those whose evidence
+    is gisted: on a long-context row most of them, so the GPT learns to answer from its prior, which fought
+    the copying that the rows with raw evidence teach. The marginal gives each WC the gradient share of its
+    posterior (softmax of minus its summed horizon loss): where one WC holds the evidence it gets the gradient,
+    where none stands out (plain text) all share it alike.
+    """
+    summed = (tok_loss * h_mask).sum(dim=1)  # [V] summed horizon NLL per WC
+    out, v = [], 0
+    for plan in plans:
+        n = len(plan.wcs)
+        s = summed[v : v + n]
+        count = h_mask[v].sum().clamp(min=1)  # every WC of a row shares the same horizon
+        out.append((math.log(n) - torch.logsumexp(-s, dim=0)) / count)
+        v += n
+    return torch.stack(out).mean()
 
 
 def soft_gist_loss(model, gistnet, logits, tgt, rows, targets, embeds, plans, cfg: MCConfig) -> torch.Tensor:

@@ -74,6 +74,28 @@ def test_hinted_blocks_are_zoomed_and_expanded_first(seed):
     assert any(Entry(0, 2 * K, 3 * K) in v.entries for v in variants)
 
 
+def test_marginal_horizon_loss_credits_the_informed_working_context():
+    """Equal losses: the marginal is the mean. Unequal: the WC that predicts the horizon best gets the largest
+    share of the gradient, a WC that predicts it badly almost none (it is not taught to answer blind)."""
+    plans = [training.RowPlan([None] * 3, [], []), training.RowPlan([None] * 2, [], [])]
+    h_mask = torch.ones(5, 4, dtype=torch.bool)
+    flat = torch.full((5, 4), 2.0)
+    assert float(training.marginal_horizon_loss(flat, h_mask, plans)) == pytest.approx(2.0)
+    tok = torch.tensor([[0.1] * 4, [3.0] * 4, [3.0] * 4, [1.0] * 4, [1.0] * 4], requires_grad=True)
+    training.marginal_horizon_loss(tok, h_mask, plans).backward()
+    g = tok.grad.sum(dim=1)
+    assert g[0] > 0.99 * g[:3].sum() and g[1] < 1e-3 * g[0]
+    assert g[3] == pytest.approx(float(g[4]))
+
+
+def test_marginal_token_loss_trains_every_net():
+    model, gistnet, lensnet, cfg = tiny(token_loss="marginal")
+    loss, metrics = training.mc_train_step(model, gistnet, lensnet, batch(), cfg, 1.0, seed=0)
+    loss.backward()
+    assert all(p.grad is not None for p in gistnet.parameters()) and model.wte.weight.grad is not None
+    assert metrics["mc/token_loss"] > 0
+
+
 def test_all_raw_working_context_equals_vanilla_forward():
     model, gistnet, _, cfg = tiny()
     x = batch(1)[:, :T]
