@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +20,7 @@ import torch
 from megacontext.entries import Edit, Entry, children
 from megacontext.working_context import WorkingContext, node_exists
 
-__all__ = ["Candidate", "Edit", "FocusAllocator", "normalize_scores", "random_variant"]
+__all__ = ["Candidate", "Edit", "FocusAllocator", "lookahead_scores", "normalize_scores", "random_variant"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,38 @@ def expandable(entry: Entry, tree, K: int) -> bool:
     if entry.level == 1:
         return entry.end <= tree.num_tokens
     return node_exists(tree, entry.level - 1, (entry.index(K) + 1) * K - 1)
+
+
+def lookahead_scores(
+    wc: WorkingContext, tree, score_fn: Callable[[WorkingContext], torch.Tensor]
+) -> torch.Tensor:
+    """Per-entry scores from `score_fn`, where a gist of level >= 2 scores as the best of itself and its
+    descendants down to LOD1, each scored in a WC with its ancestors expanded (a what-if context).
+
+    Why: one expansion of a LOD2 gist yields K LOD1 gists, still no raw token, so a scorer trained on measured
+    one-edit utilities rates it low even when it hides the evidence; with look-ahead the allocator zooms in
+    over successive refocuses, the way a search descends a tree. Costs one scorer call per expandable gist
+    of level >= 2 (and per level below it on the path).
+    """
+    scores = score_fn(wc).detach().float().clone()
+    for i, e in enumerate(wc.entries):
+        if e.level >= 2 and expandable(e, tree, wc.K):
+            scores[i] = torch.maximum(scores[i], _subtree_best(wc, i, tree, score_fn))
+    return scores
+
+
+def _subtree_best(wc: WorkingContext, i: int, tree, score_fn) -> torch.Tensor:
+    """Best score among the descendants of entry i (down to LOD1), each level scored in context."""
+    K, kids = wc.K, children(wc.entries[i], wc.K)
+    entries = [*wc.entries[:i], *kids, *wc.entries[i + 1 :]]
+    cost = sum(e.cost for e in entries)
+    what_if = WorkingContext(entries, K, max(wc.budget, cost), wc.recent)  # for scoring only, never applied
+    s = score_fn(what_if).detach().float()
+    best = s[i : i + K].max()
+    for j, c in enumerate(kids):
+        if c.level >= 2 and expandable(c, tree, K):
+            best = torch.maximum(best, _subtree_best(what_if, i + j, tree, score_fn))
+    return best
 
 
 class FocusAllocator:

@@ -48,6 +48,9 @@ class MCConfig:
     # attention-mass scorer meet them on one scale; "raw" = the scores as emitted. LensNet's raw scores
     # stayed within ±0.05, under any useful threshold (docs/training.md).
     score_norm: str = "z"
+    # Refocusing scores a gist of level >= 2 as the best of its descendants too (allocator.lookahead_scores),
+    # so the allocator can zoom from LOD2 to the raw evidence over successive refocuses.
+    lookahead: bool = True
     tau_expand: float = 0.2  # expand only when score > tau_expand (hysteresis band around 0)
     tau_collapse: float = 0.2  # collapse only when score < -tau_collapse
     n_diff: int = 4  # at most this many edits per refocus

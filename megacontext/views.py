@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megacontext.allocator import FocusAllocator, normalize_scores
+from megacontext.allocator import FocusAllocator, lookahead_scores, normalize_scores
 from megacontext.config import MCConfig
 from megacontext.entries import InvariantError
 from megacontext.positional import gaussian_rotary
@@ -186,12 +186,13 @@ def focus(view, tree, model, lensnet, cfg: MCConfig, budget: int, recent: int, q
     alloc = FocusAllocator(
         cfg.block_size, budget, recent, cfg.tau_expand, cfg.tau_collapse, cfg.n_diff, cfg.cooldown
     )
+    if view == "mc-lens":
+        score_fn = lambda w: lens_scores(w, tree, model, lensnet, cfg, query_ids, query_end, device)  # noqa: E731
+    else:
+        score_fn = lambda w: attention_scores(w, tree, model, cfg, cfg.block_size, device)  # noqa: E731
     n_edits = 0
     for _ in range(MAX_REFOCUS_ROUNDS):
-        if view == "mc-lens":
-            scores = lens_scores(wc, tree, model, lensnet, cfg, query_ids, query_end, device)
-        else:
-            scores = attention_scores(wc, tree, model, cfg, cfg.block_size, device)
+        scores = lookahead_scores(wc, tree, score_fn) if cfg.lookahead else score_fn(wc)
         wc, edits = alloc.refocus(wc, normalize_scores(scores, cfg.score_norm).tolist(), tree)
         n_edits += len(edits)
         if not edits:

@@ -114,6 +114,11 @@ def main() -> None:
         default=None,
         help="override the allocator's collapse threshold (mc views)",
     )
+    parser.add_argument(
+        "--no-lookahead",
+        action="store_true",
+        help="refocus on the entries' own scores only (no look-ahead into LOD2+ gists: MCConfig.lookahead)",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
@@ -142,6 +147,7 @@ def main() -> None:
         print0("checkpoint has no MegaContext nets: running the full and window views only")
     if args.wc_budget:
         cfg.wc_budget = args.wc_budget
+    cfg.lookahead = cfg.lookahead and not args.no_lookahead
     for name in ("tau_expand", "tau_collapse"):  # allocator thresholds of the mc views
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
