@@ -7,7 +7,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megacontext.allocator import FocusAllocator, collapse_groups, expandable, random_variant
+from megacontext.allocator import (
+    FocusAllocator,
+    collapse_groups,
+    expandable,
+    lookahead_scores,
+    normalize_scores,
+    random_variant,
+)
 from megacontext.entries import BudgetError, Edit, Entry
 from megacontext.telemetry import Telemetry, format_line
 from megacontext.working_context import WorkingContext
@@ -253,3 +260,31 @@ def test_entry_text():
     assert (
         str(Entry(2, 0, 1024)) == "[L2 0:1024]" and Entry(0, 64, 96).cost == 32 and Entry(1, 0, 32).cost == 1
     )
+
+
+def test_lookahead_lets_the_allocator_zoom_from_lod3_to_the_raw_evidence():
+    """A scorer that only recognises the evidence at LOD1 or raw (as one trained on one-edit utilities does):
+    without look-ahead the LOD2 gist hiding it never expands; with it, refocusing reaches the raw block."""
+    K, n, recent, target = 4, 200, 8, 21  # target token inside the LOD3 gist [0, 64)
+    tree = tree_with(K, n)
+
+    def scorer(wc):  # the evidence's own LOD1/raw 1, other raw blocks -1, other gists 0.5, its ancestors 0
+        def score(e):
+            if e.start <= target < e.end:
+                return 1.0 if e.level <= 1 else 0.0
+            return -1.0 if e.level == 0 else 0.5
+
+        return torch.tensor([score(e) for e in wc.entries])
+
+    wc0 = WorkingContext.from_tree(tree, 40, recent)
+    lod2 = next(i for i, e in enumerate(wc0.entries) if e.start <= target < e.end)
+    assert wc0.entries[lod2].level == 3  # two levels of gists between it and the raw evidence
+    assert float(scorer(wc0)[lod2]) == 0.0 and float(lookahead_scores(wc0, tree, scorer)[lod2]) == 1.0
+    for lookahead, reached in ((False, False), (True, True)):
+        alloc, wc = FocusAllocator(K, 40, recent, 0.2, 0.2), wc0
+        for _ in range(8):
+            scores = lookahead_scores(wc, tree, scorer) if lookahead else scorer(wc)
+            wc, _ = alloc.refocus(wc, normalize_scores(scores, "z"), tree)
+            wc.check(tree)
+        raw = any(e.level == 0 and e.start <= target < e.end for e in wc.entries)
+        assert raw == reached, wc.render()
