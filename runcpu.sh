@@ -80,8 +80,11 @@ WC=128  # working-context budget of the MC model; the vanilla window view is sco
 # already ran (docs/training.md); without it the MC model's val bpb trailed the vanilla one's by 0.5 here.
 # --mc-full-weight 1: and from the vanilla loss of each whole row, which keeps the copying the warm-up taught
 # (it decayed from 0.86 to 0.08 under the working-context losses alone).
-MC=(--mc --mc-auto-batch --mc-block-size 16 --mc-wc-budget "$WC" --mc-recent 64 --mc-horizon 32 --mc-variants 4
-    --mc-curriculum-start 0.5 --mc-lm-weight 1.0 --mc-full-weight 1.0)
+# --mc-copy-hints 2 --mc-token-loss marginal: variants measure the block a horizon copies from, and the GPT learns
+# from the working contexts that hold it, not to answer blind from the rest; --mc-horizon 8: LensNet's query
+# (the K tokens before the horizon) then holds the question, as in evaluation (docs/training.md, measured).
+MC=(--mc --mc-auto-batch --mc-block-size 16 --mc-wc-budget "$WC" --mc-recent 64 --mc-horizon 8 --mc-variants 4
+    --mc-curriculum-start 0.5 --mc-lm-weight 1.0 --mc-full-weight 1.0 --mc-copy-hints 2 --mc-token-loss marginal)
 
 MARK=$PREFIX
 # shellcheck source=recipe_lib.sh
