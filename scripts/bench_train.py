@@ -125,7 +125,7 @@ def parse_args() -> argparse.Namespace:
         "--mc",
         action="store_true",
         help="also time the MegaContext step at equal tokens (MCConfig defaults scaled to --max-seq-len: "
-        "K=16, budget max(128, T/4), horizon 32) and report the MC/vanilla tokens/s ratio and controller time",
+        "K=16, budget max(128, T/4), horizon 32, 2 copy hints, marginal loss) and report the MC/vanilla tokens/s ratio and controller time",
     )
     return parser.parse_args()
 
@@ -137,7 +137,15 @@ def bench_mc(args, model, device, dtype, vanilla_tokens_per_s: float) -> dict:
     from nanochat.optim import setup_optimizers
 
     T = args.max_seq_len
-    cfg = MCConfig(block_size=16, wc_budget=max(128, T // 4), recent=64, horizon=32, curriculum_start=0.0)
+    cfg = MCConfig(
+        block_size=16,
+        wc_budget=max(128, T // 4),
+        recent=64,
+        horizon=32,
+        curriculum_start=0.0,
+        copy_hints=2,  # as runcpu.sh: the hints are controller time, the marginal loss a little GPU time
+        token_loss="marginal",
+    )
     gistnet, lensnet = build_nets(cfg, model.config.n_embd)
     gistnet.to(device)
     lensnet.to(device)
