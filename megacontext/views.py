@@ -30,7 +30,7 @@ from megacontext.entries import InvariantError
 from megacontext.positional import gaussian_rotary
 from megacontext.training import lens_positions, run_lens
 from megacontext.tree import MegaContextTree
-from megacontext.working_context import WorkingContext, coarse_tiling, raw_blocks
+from megacontext.working_context import WorkingContext, coarse_tiling, raw_blocks, widest_raw_tail
 from nanochat.gpt import apply_rotary_emb, norm
 
 VIEWS = ("full", "window", "mc-nolens", "mc-attn", "mc-lens")
@@ -164,16 +164,9 @@ def oracle_wc(tree, budget: int, recent: int, evidence: tuple[int, int]) -> Work
             + raw_blocks(rs, N, K)
         )
 
-    best = tiling(raw_start)
-    if sum(e.cost for e in best) > budget:
+    if sum(e.cost for e in tiling(raw_start)) > budget:
         return None
-    while raw_start - K >= b:
-        raw_start -= K
-        entries = tiling(raw_start)
-        if sum(e.cost for e in entries) > budget:
-            break
-        best = entries
-    wc = WorkingContext(best, K, budget, recent)
+    wc = WorkingContext(widest_raw_tail(tiling, raw_start, b, K, budget), K, budget, recent)
     wc.check(tree)
     return wc
 

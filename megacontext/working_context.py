@@ -61,6 +61,20 @@ def raw_blocks(start: int, end: int, K: int) -> list[Entry]:
     return [Entry(0, p, min(p + K, end)) for p in range(start, end, K)]
 
 
+def widest_raw_tail(tiling, raw_start: int, floor: int, K: int, budget: int) -> list[Entry]:
+    """tiling(rs) for the earliest raw-tail start rs (stepping back from raw_start by K, not below floor) whose
+    cost fits the budget. Moving the start one block back always costs more (K raw tokens come in, at most one
+    gist leaves), so the first start that does not fit ends the search."""
+    best = tiling(raw_start)
+    while raw_start - K >= floor:
+        raw_start -= K
+        entries = tiling(raw_start)
+        if sum(e.cost for e in entries) > budget:
+            break
+        best = entries
+    return best
+
+
 @dataclass
 class WCTensors:
     """A materialised working context: one row per position (a raw token or a gist)."""
@@ -182,22 +196,12 @@ class WorkingContext:
     @classmethod
     def from_tree(cls, tree, budget: int, recent: int) -> WorkingContext:
         """Initial assembly: the newest tokens raw (at least `recent`, as many whole blocks as the budget
-        allows once the older part is covered by its coarsest gists), everything older as coarsest gists.
-
-        Moving the raw boundary one block back always costs more (K raw tokens come in, at most one gist
-        leaves the coarse tiling), so the first block that does not fit ends the search.
-        """
+        allows once the older part is covered by its coarsest gists), everything older as coarsest gists."""
         K, N = tree.K, tree.num_tokens
         base = cls.coarsest(tree, budget, recent)
         raw_start = next((e.start for e in base.entries if e.level == 0), N)
-        best = base.entries
-        while raw_start >= K:
-            raw_start -= K
-            entries = coarse_tiling(tree, 0, raw_start) + raw_blocks(raw_start, N, K)
-            if sum(e.cost for e in entries) > budget:
-                break
-            best = entries
-        wc = cls(best, K, budget, recent)
+        tiling = lambda rs: coarse_tiling(tree, 0, rs) + raw_blocks(rs, N, K)  # noqa: E731
+        wc = cls(widest_raw_tail(tiling, raw_start, 0, K, budget), K, budget, recent)
         wc.check(tree)
         return wc
 
