@@ -7,10 +7,12 @@ Per training row x[0..T] (inputs x[:T], labels x[1:T+1]):
 2. Working contexts at budget C2 (curriculum: 0.8·T down to the target). The *baseline* is the coarsest
    history plus as many raw recent tokens as fit. The *base* is a random legal mix of LOD0/1/2
    (megacontext.allocator.random_variant) built with K-1 budget to spare, and each *one-edit variant*
-   expands one of the base's gists. The newest `recent` tokens are raw in all of them, so every working
+   expands one of the base's gists. With cfg.copy_hints the base first zooms the blocks the horizon copies
+   from (copy_hints) and their expansions are variants first. The newest `recent` tokens are raw in all of them, so every working
    context ends with the same raw horizon of H tokens, where the variants are compared.
 3. All working contexts are gathered from the bank into one padded batch and run through the GPT; the loss
-   is next-token cross-entropy on raw horizon positions only, with the true next tokens as labels.
+   is next-token cross-entropy on raw horizon positions only, with the true next tokens as labels (the mean
+   over working contexts, or with cfg.token_loss="marginal" -log mean_v p(horizon | WC_v)).
 4. The variants are a designed experiment: base and variant differ in exactly one entry, so
    utility(entry) = loss(base) - loss(variant) is the loss saved by expanding that entry, measured, not
    guessed. LensNet scores the base's entries against the query (the K raw tokens just before the horizon:
