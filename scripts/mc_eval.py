@@ -189,6 +189,7 @@ def main() -> None:
                             "ci95_low": lo,
                             "ci95_high": hi,
                             "dnll": dnll,
+                            "nll": s["nll"] / s["n"],  # the answer's mean NLL under this view (nats/token)
                             "wc_size": s["wc"] / s["n"],
                             "edits": s["edits"] / s["n"],
                         }

@@ -73,6 +73,13 @@ def test_mc_checkpoint_round_trips_and_needs_no_flags(tmp_path, monkeypatch):
     assert lines[0]["task"].startswith("passkey") and lines[0]["wc_budget"] == 24
     got = {(r["view"], r["distance_x"]) for r in lines[0]["results"]}
     assert ("mc-lens", 4) in got and ("window", 1) in got
+    # every view that ran reports the answer's absolute NLL next to its ΔNLL vs full
+    ran = [r for r in lines[0]["results"] if r["n"]]
+    assert all(r["nll"] > 0 for r in ran)
+    full = {r["distance_x"]: r["nll"] for r in ran if r["view"] == "full"}
+    assert all(
+        abs(r["dnll"] - (r["nll"] - full[r["distance_x"]])) < 1e-9 for r in ran if r["dnll"] is not None
+    )
     assert "| task | view |" in res.stdout
     # base_loss prints bpb and ΔNLL@H under the five views, MC nets loaded from the checkpoint alone
     res = subprocess.run(
