@@ -3,9 +3,9 @@ placed 1x..64x the working-context budget before the question (so a recent windo
 cannot see it), scored under five views of the same history (megacontext/views.py), and the mc-oracle diagnostic.
 
 Accuracy is greedy exact match of the whole answer (teacher-forced argmax at every answer token, which is
-exactly what greedy decoding would produce), with a 95 % Wilson interval; dnll is the answer's mean NLL
-under the view minus under full attention. Prints one JSON line per task and a Markdown table, and appends
-the table to the report.
+exactly what greedy decoding would produce), with a 95 % Wilson interval; nll is the answer's mean NLL under
+the view (nats per token), dnll the same minus under full attention. Prints one JSON line per task and a
+Markdown table, and appends the table to the report.
 
     python -m scripts.mc_eval --task all --n 50 --source base
 """
