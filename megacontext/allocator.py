@@ -228,6 +228,34 @@ class FocusAllocator:
                 break
             if not progressed:
                 break
+        # Budget swaps: an expansion still waiting for room may take it from the lowest-scoring collapsible
+        # group even when that group is not below -tau_collapse, as long as the trade is clearly worth it
+        # (scores differ by more than the whole hysteresis band). Otherwise a full WC keeps detail it no
+        # longer needs while the evidence the lens ranks first stays gisted: the thresholds are absolute,
+        # the budget is zero-sum.
+        band = self.tau_expand + self.tau_collapse
+        pending = [c for c in expands[ei:] if touched.isdisjoint(c.members)]
+        if pending and len(edits) + 2 <= self.n_diff:
+            s = _read_scores(scores, wc.num_entries)
+            groups = []
+            for edit, members in collapse_groups(wc, tree):
+                if self.allowed(edit):
+                    groups.append(Candidate(edit, sum(s[i] for i in members) / len(members), members))
+            groups.sort(key=lambda c: c.score)
+            for e in pending:
+                if len(edits) + 2 > self.n_diff or not touched.isdisjoint(e.members):
+                    continue
+                if cost + swing <= self.budget:
+                    take(e)
+                    continue
+                g = next(
+                    (g for g in groups if touched.isdisjoint(g.members) and e.members[0] not in g.members),
+                    None,
+                )
+                if g is None or e.score - g.score <= band:
+                    break
+                take(g)
+                take(e)
         return edits
 
     def commit(self, edits: list[Edit]) -> None:

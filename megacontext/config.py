@@ -15,6 +15,7 @@ CHOICES = {
     "gistnet_pooling": ("mean", "query", "cls"),
     "gistnet_head": ("linear", "mlp"),
     "lensnet_head": ("linear", "mlp"),
+    "lensnet_input": ("gist", "gist+mean"),
     "allocator": ("greedy", "stochastic"),
     "tree_backend": ("ram", "disk"),
     "positions": ("wc_index", "global"),
@@ -41,6 +42,9 @@ class MCConfig:
     gistnet_head: str = "mlp"
     lensnet_layers: int = 2
     lensnet_head: str = "mlp"
+    # What LensNet sees of an entry: its "gist" only, or "gist+mean": also the mean token embedding of its span,
+    # so the lens can match the question's words against the entry's (lensnet.py).
+    lensnet_input: str = "gist"
     n_head: int = 4  # heads of GistNet and LensNet (head_dim = n_embd / n_head must be even for RoPE)
     allocator: str = "greedy"  # "stochastic" samples edits; used to draw training variants
     # Scores the allocator sees: "z" = the scorer's scores standardised over the WC's entries (tanh of the
@@ -68,6 +72,9 @@ class MCConfig:
     # teaching every gisted one to answer from the prior (training.marginal_horizon_loss).
     token_loss: str = "mean"
     lens_weight: float = 0.1  # weight of the LensNet ranking loss in the total loss
+    # Weight, inside the lens loss, of the listwise term (training.lens_top_loss): the best measured candidate
+    # should outscore every editable entry of the WC, not only the other measured candidates. 0 = off.
+    lens_listwise: float = 0.0
     gist_weight: float = 0.0  # weight of the optional gist-consistency loss (DESIGN §4.5); 0 = off
     # Weight of an extra next-token loss on the raw positions BEFORE the horizon, in every working context
     # (true labels, as in the horizon). The horizon loss alone gives the GPT ~H loss positions per working
@@ -114,6 +121,7 @@ class MCConfig:
             "tau_expand",
             "tau_collapse",
             "lens_weight",
+            "lens_listwise",
             "gist_weight",
             "lm_weight",
             "full_weight",
@@ -148,6 +156,7 @@ FLAGS = {
     "--mc-horizon": "horizon",
     "--mc-token-loss": "token_loss",
     "--mc-lens-weight": "lens_weight",
+    "--mc-lens-listwise": "lens_listwise",
     "--mc-gist-weight": "gist_weight",
     "--mc-lm-weight": "lm_weight",
     "--mc-full-weight": "full_weight",
@@ -160,6 +169,7 @@ FLAGS = {
     "--gistnet-head": "gistnet_head",
     "--lensnet-layers": "lensnet_layers",
     "--lensnet-head": "lensnet_head",
+    "--lensnet-input": "lensnet_input",
     "--allocator": "allocator",
     "--mc-curriculum-start": "curriculum_start",
 }
@@ -208,5 +218,12 @@ def build_nets(cfg: MCConfig, d_model: int):
         cfg.gistnet_head,
         cfg.max_level,
     )
-    lensnet = LensNet(d_model, cfg.n_head, cfg.lensnet_layers, cfg.lensnet_head, cfg.max_level)
+    lensnet = LensNet(
+        d_model,
+        cfg.n_head,
+        cfg.lensnet_layers,
+        cfg.lensnet_head,
+        cfg.max_level,
+        lexical=cfg.lensnet_input == "gist+mean",
+    )
     return gistnet, lensnet

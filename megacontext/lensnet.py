@@ -9,6 +9,11 @@ and ordinary RoPE (sigma = 0). Output: tanh(head(entry state)) in [-1, 1]. It ru
 
 An entry is whatever the working context hands in with one vector each: a gist (its embedding, its level)
 or a raw block (LOD 0; e.g. its LOD1 gist or the mean of its token embeddings, with the span's mu/sigma).
+
+With `lexical=True` each entry also brings the mean of its span's token embeddings (`entry_lex`), added
+through a zero-initialised projection. The query tokens are token embeddings too, so the lens can match the
+words of the question against the words of an entry directly; a gist is shaped by what the GPT needs to
+continue the text, not by what makes the entry easy to find.
 """
 
 from __future__ import annotations
@@ -25,13 +30,22 @@ from nanochat.gpt import norm
 
 
 class LensNet(nn.Module):
-    def __init__(self, d_model: int, n_head: int, n_layer: int = 2, head: str = "mlp", max_level: int = 8):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        n_layer: int = 2,
+        head: str = "mlp",
+        max_level: int = 8,
+        lexical: bool = False,
+    ):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"LensNet head={head!r}; choose one of {', '.join(HEADS)}")
         self.d_model, self.n_head, self.max_level = d_model, n_head, max_level
         self.lod_emb = nn.Embedding(max_level + 1, d_model)  # LOD 0 (raw block) .. max_level
         self.query_type = nn.Parameter(torch.empty(d_model))  # marks the raw query tokens
+        self.lex = nn.Linear(d_model, d_model, bias=False) if lexical else None
         self.blocks = nn.ModuleList([Block(d_model, n_head) for _ in range(n_layer)])
         self.fc = nn.Linear(d_model, 4 * d_model, bias=False) if head == "mlp" else None
         self.out = nn.Linear(4 * d_model if head == "mlp" else d_model, 1, bias=False)
@@ -51,6 +65,10 @@ class LensNet(nn.Module):
             a = math.sqrt(3.0 / self.d_model)
             nn.init.uniform_(self.fc.weight, -a, a)
         nn.init.zeros_(self.out.weight)
+        if self.lex is not None:
+            nn.init.zeros_(
+                self.lex.weight
+            )  # the lexical channel starts silent: the lens begins as without it
 
     def forward(
         self,
@@ -62,16 +80,20 @@ class LensNet(nn.Module):
         query_pos: torch.Tensor,
         entry_mask: torch.Tensor | None = None,
         return_logits: bool = False,
+        entry_lex: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """entries [B, N, d] / [B, N] (lod long, mu and sigma in global token positions), query tokens
         [B, Q, d] at positions [B, Q] (Q >= 1), entry_mask bool [B, N] (True = real entry, False = padding;
-        padding may hold anything). Returns scores [B, N] in [-1, 1]; padded entries score 0."""
+        padding may hold anything), entry_lex [B, N, d] (mean token embedding of each entry's span; needed
+        exactly when the lens is lexical). Returns scores [B, N] in [-1, 1]; padded entries score 0."""
         B, N, d = entry_embeds.shape
         Q = query_embeds.shape[1]
         if Q < 1:
             raise ValueError(
                 "LensNet needs at least one query token (the raw tail it judges entries against)"
             )
+        if (entry_lex is None) != (self.lex is None):
+            raise ValueError("a lexical LensNet needs entry_lex, and only a lexical one takes it")
         if entry_mask is not None:
             # Sanitise padding so nothing it holds (NaN, out-of-range LOD) can leak through 0 * NaN.
             keep = entry_mask.bool()
@@ -79,7 +101,11 @@ class LensNet(nn.Module):
             entry_lod = entry_lod.masked_fill(~keep, 0)
             entry_mu = entry_mu.masked_fill(~keep, 0.0)
             entry_sigma = entry_sigma.masked_fill(~keep, 0.0)
+            if entry_lex is not None:
+                entry_lex = entry_lex.masked_fill(~keep[..., None], 0.0)
         entries = norm(entry_embeds) + self.lod_emb(entry_lod)
+        if entry_lex is not None:
+            entries = entries + self.lex(norm(entry_lex))
         queries = norm(query_embeds) + self.query_type
         x = torch.cat([entries, queries], dim=1)
         # RoPE is relative: measure positions from the newest query token (in float64, then fp32), so the
@@ -135,3 +161,50 @@ def _entry_fields(wc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
         return get("embeds"), get("lod").long(), get("mu").float(), get("sigma").float()
     except (KeyError, AttributeError) as e:
         raise TypeError(f"LensNet.score needs per-entry embeds, lod, mu and sigma; missing {e}") from None
+
+
+@torch.no_grad()
+def tree_entry_inputs(entries, tree, embed, device, lexical: bool, mean_cache: dict | None = None):
+    """What LensNet sees of working-context entries read from a tree (evaluation views, chat session), as
+    training.lens_inputs builds it from a training row: (rows [N, d], lod, lex [N, d] or None).
+
+    A gist is its stored embedding; a complete raw block its LOD1 gist; the incomplete newest block the mean
+    of its token embeddings. `lex` (lexical lens) is the mean token embedding of each entry's span; a complete
+    node's mean is the mean of its children's, kept in `mean_cache` ((level, index) -> [d]; nodes never change
+    once complete), so each node is read once and a refocus costs O(entries), not O(history)."""
+    K = tree.K
+    rows = torch.empty(len(entries), tree.d, device=device)
+    by_level: dict[int, list[tuple[int, int]]] = {}
+    for i, e in enumerate(entries):
+        if e.level >= 1 or (e.size == K and tree.num_nodes(1) > e.start // K):
+            by_level.setdefault(max(e.level, 1), []).append((i, e.start // K ** max(e.level, 1)))
+        else:  # the newest, incomplete block
+            rows[i] = embed(tree.tokens(e.start, e.end, device=device)).float().mean(dim=0)
+    for level, pairs in by_level.items():
+        at = torch.tensor([i for i, _ in pairs], device=device)
+        rows[at] = tree.gists(level, [j for _, j in pairs], device=device).float()
+    lex = None
+    if lexical:
+        cache = {} if mean_cache is None else mean_cache
+        lex = torch.stack([_span_mean(e, tree, embed, device, cache) for e in entries])
+    return rows, [e.level for e in entries], lex
+
+
+def _span_mean(e, tree, embed, device, cache: dict) -> torch.Tensor:
+    K = tree.K
+    if e.level == 0 and e.size < K:  # the newest, incomplete block: not cached, it still grows
+        return embed(tree.tokens(e.start, e.end, device=device)).float().mean(dim=0)
+    level = max(e.level, 1)
+    return _node_mean(level, e.start // K**level, tree, embed, device, cache)
+
+
+def _node_mean(level: int, index: int, tree, embed, device, cache: dict) -> torch.Tensor:
+    key = (level, index)
+    if key not in cache:
+        K = tree.K
+        if level == 1:
+            cache[key] = embed(tree.tokens(index * K, (index + 1) * K, device=device)).float().mean(dim=0)
+        else:
+            kids = [_node_mean(level - 1, index * K + j, tree, embed, device, cache) for j in range(K)]
+            cache[key] = torch.stack(kids).mean(dim=0)
+    return cache[key]

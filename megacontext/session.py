@@ -35,7 +35,7 @@ from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Edit, Entry, gist_entry
 from megacontext.gistnet import GistNet
 from megacontext.kv_cache import SlotKVCache, key_index, key_level, slot_key
-from megacontext.lensnet import LensNet
+from megacontext.lensnet import LensNet, tree_entry_inputs
 from megacontext.positional import gaussian_rotary
 from megacontext.telemetry import Telemetry
 from megacontext.training import lens_positions, run_lens
@@ -128,6 +128,7 @@ class MCSession:
             seed=seed,
         )
         self.telemetry = Telemetry()
+        self._mean_cache: dict = {}  # span means of complete tree nodes, for a lexical LensNet
         g = model.config
         self.cache = SlotKVCache(g.n_layer, g.n_kv_head, g.head_dim, cfg.wc_budget + 1, self.device)
         # wc_index: slot s always has RoPE phase s, so one table serves every WC
@@ -191,23 +192,18 @@ class MCSession:
         return self.tree.num_tokens // self.K > self.refocus_at // self.K
 
     @torch.no_grad()
-    def lens_scores(self) -> torch.Tensor:
-        """LensNet's focus score per WC entry, against the K newest tokens (as in training)."""
-        K, entries, N = self.K, self.wc.entries, self.tree.num_tokens
-        d, dtype = self.tree.d, self.model.wte.weight.dtype
-        rows = torch.empty(len(entries), d, device=self.device, dtype=dtype)
-        by_level: dict[int, list[tuple[int, int]]] = {}
-        for i, e in enumerate(entries):
-            if e.level >= 1 or (e.size == K and self.tree.num_nodes(1) > e.start // K):
-                by_level.setdefault(max(e.level, 1), []).append((i, e.start // K ** max(e.level, 1)))
-            else:  # the newest, incomplete block: the mean of its token embeddings
-                rows[i] = self.model.wte(self.tree.tokens(e.start, e.end, device=self.device)).mean(dim=0)
-        for level, pairs in by_level.items():
-            at = torch.tensor([i for i, _ in pairs], device=self.device)
-            rows[at] = self.tree.gists(level, [j for _, j in pairs], device=self.device).to(dtype)
+    def lens_scores(self, wc: WorkingContext | None = None) -> torch.Tensor:
+        """LensNet's focus score per entry of `wc` (default: the session's WC), against the K newest tokens
+        (as in training)."""
+        K, N, dtype = self.K, self.tree.num_tokens, self.model.wte.weight.dtype
+        entries = (wc or self.wc).entries
+        rows, lod, lex = tree_entry_inputs(
+            entries, self.tree, self.model.wte, self.device, self.lensnet.lex is not None, self._mean_cache
+        )
         mu, sigma, q_pos = lens_positions(entries, self.positions, N, K)
         q_emb = self.model.wte(self.tree.tokens(N - K, N, device=self.device))
-        return run_lens(self.lensnet, rows, [e.level for e in entries], mu, sigma, q_emb, q_pos)
+        lex = None if lex is None else lex.to(dtype)
+        return run_lens(self.lensnet, rows.to(dtype), lod, mu, sigma, q_emb, q_pos, lex=lex)
 
     def refocus(self) -> list[Edit]:
         """LensNet scores -> allocator edits -> new WC. The KV cache is invalidated lazily, from the first slot

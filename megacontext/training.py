@@ -45,6 +45,7 @@ from megacontext.working_context import WorkingContext
 
 COPY_NGRAM = 3  # copy_hints: tokens per n-gram matched between the horizon and older history
 UTILITY_SCALE = 0.05  # nats: a utility of this size maps to a regression target of tanh(1) = 0.76
+TOP_MARGIN = 0.05  # nats: lens_top_loss only where the best candidate beats the median one by this much
 LOGIT_L2 = 0.01  # keeps LensNet's logits in tanh's responsive range
 
 
@@ -139,6 +140,7 @@ class RowPlan:
     wcs: list[WorkingContext]
     candidates: list[int]  # index into base.entries of the entry edited by variant 2 + j
     expands: list[bool]  # True: variant 2 + j expands that gist; False: it collapses that raw block
+    editable: list[int]  # every entry of the base a one-edit variant could have edited (sorted)
 
 
 def copy_hints(row: list[int], horizon_start: int, before: int, K: int, limit: int, n: int = COPY_NGRAM):
@@ -192,7 +194,7 @@ def plan_row(
         else:
             variants.append(base.apply([Edit("collapse", 1, e.start // K)], shape))
         expands.append(e.level >= 1)
-    return RowPlan([baseline, base, *variants], candidates, expands)
+    return RowPlan([baseline, base, *variants], candidates, expands, sorted(editable))
 
 
 def row_rng(seed: int, row: torch.Tensor) -> random.Random:
@@ -212,9 +214,10 @@ def lens_positions(entries, positions: str, query_end: int, K: int):
     return [float(m) for m, _ in ms], [float(s) for _, s in ms], [float(query_end - K + j) for j in range(K)]
 
 
-def lens_inputs(entries: tuple[Entry, ...], bank: torch.Tensor, offsets: list[int], K: int):
-    """Per-entry (embeds [N, d], lod) for LensNet. A raw block is represented by its LOD1 gist when the
-    block is complete (what the lens would collapse it into), else by the mean of its token embeddings."""
+def lens_inputs(entries: tuple[Entry, ...], bank: torch.Tensor, offsets: list[int], K: int, lexical: bool):
+    """Per-entry (embeds [N, d], lod, lex [N, d] or None) for LensNet. A raw block is represented by its LOD1
+    gist when the block is complete (what the lens would collapse it into), else by the mean of its token
+    embeddings; `lex` is the mean token embedding of every entry's span (LensNet lexical input)."""
     rows = []
     for e in entries:
         if e.level >= 1:
@@ -223,11 +226,19 @@ def lens_inputs(entries: tuple[Entry, ...], bank: torch.Tensor, offsets: list[in
             rows.append(bank[offsets[1] + e.start // K])
         else:
             rows.append(bank[e.start : e.end].mean(dim=0))
-    return torch.stack(rows), [e.level for e in entries]
+    lex = None
+    if lexical:
+        T = offsets[1] if len(offsets) > 1 else bank.shape[0]
+        csum = torch.cat([bank.new_zeros(1, bank.shape[1]), bank[:T].cumsum(dim=0)])
+        starts = torch.tensor([e.start for e in entries], device=bank.device)
+        ends = torch.tensor([e.end for e in entries], device=bank.device)
+        lex = (csum[ends] - csum[starts]) / (ends - starts)[:, None]
+    return torch.stack(rows), [e.level for e in entries], lex
 
 
-def run_lens(lensnet, embeds, lod, mu, sigma, query_embeds, query_pos, return_logits: bool = False):
-    """LensNet on one working context given as lists/tensors; returns scores [N] (or pre-tanh logits)."""
+def run_lens(lensnet, embeds, lod, mu, sigma, query_embeds, query_pos, return_logits: bool = False, lex=None):
+    """LensNet on one working context given as lists/tensors; returns scores [N] (or pre-tanh logits).
+    `lex` [N, d]: mean token embedding per entry, for a lexical LensNet."""
     dev = embeds.device
     return lensnet(
         embeds[None],
@@ -237,6 +248,7 @@ def run_lens(lensnet, embeds, lod, mu, sigma, query_embeds, query_pos, return_lo
         query_embeds[None],
         torch.tensor(query_pos, device=dev)[None],
         return_logits=return_logits,
+        entry_lex=None if lex is None else lex[None],
     )[0]
 
 
@@ -267,6 +279,27 @@ def lens_loss_fn(logits: torch.Tensor, utility: torch.Tensor) -> tuple[torch.Ten
     if signed.any():
         sign_agree = float(((logits[signed] > 0) == (utility[signed] > 0)).float().mean())
     return loss, rank_agree, sign_agree
+
+
+def lens_top_loss(logits: torch.Tensor, plan: RowPlan, utility: torch.Tensor):
+    """Listwise term (MCConfig.lens_listwise): where some measured candidates clearly pay more than the row's
+    typical candidate (by TOP_MARGIN over the median utility), they should score highest among ALL the base's
+    editable entries: -log of the softmax mass, over the editable entries, of the candidates within TOP_MARGIN
+    of the best. The pairwise loss only orders the few measured candidates; the allocator picks among every
+    entry of the WC, and the unmeasured ones are what crowds out the evidence.
+
+    Returns (loss, hit) — hit: LensNet's first choice among the editable entries is one of those candidates
+    (logged as mc/lens_top1) — or None where no candidate stands out (plain text; ties)."""
+    if float(utility.max() - utility.median()) < TOP_MARGIN:
+        return None
+    idx = torch.tensor(plan.editable, device=logits.device)
+    good = {
+        plan.candidates[j] for j in range(len(plan.candidates)) if utility[j] >= utility.max() - TOP_MARGIN
+    }
+    is_good = torch.tensor([i in good for i in plan.editable], device=logits.device)
+    logp = logits[idx].log_softmax(dim=0)
+    loss = -torch.logsumexp(logp[is_good], dim=0)
+    return loss, float(is_good[int(logits[idx].argmax())])
 
 
 def mc_train_step(
@@ -352,7 +385,7 @@ def mc_train_step(
 
     # LensNet on each row's base: utilities measured from its one-edit variants
     t1 = time.perf_counter()
-    lens_losses, rank_agree, sign_agree, utilities = [], [], [], []
+    lens_losses, rank_agree, sign_agree, utilities, top1 = [], [], [], [], []
     v = 0
     for b, plan in enumerate(plans):
         n_wc = len(plan.wcs)
@@ -364,12 +397,17 @@ def mc_train_step(
         sign = torch.tensor([1.0 if ex else -1.0 for ex in plan.expands], device=device)
         utility = sign * (losses[1] - losses[2:])
         base = plan.wcs[1]
-        e_emb, lod = lens_inputs(base.entries, bank[b].detach(), offsets, K)
+        e_emb, lod, lex = lens_inputs(base.entries, bank[b].detach(), offsets, K, lensnet.lex is not None)
         e_mu, e_sig, q_pos = lens_positions(base.entries, cfg.positions, horizon_start, K)
         q_emb = embeds[b, horizon_start - K : horizon_start].detach()
-        scores = run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos, return_logits=True)
+        scores = run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos, return_logits=True, lex=lex)
         cand = torch.tensor(plan.candidates, device=device)
         loss_b, ra, sa = lens_loss_fn(scores[cand], utility)
+        top = lens_top_loss(scores, plan, utility)
+        if top is not None:
+            top1.append(top[1])
+            if cfg.lens_listwise > 0:
+                loss_b = loss_b + cfg.lens_listwise * top[0]
         lens_losses.append(loss_b)
         rank_agree.append(ra)
         sign_agree.append(sa)
@@ -404,6 +442,7 @@ def mc_train_step(
         "mc/full_loss": float(full_loss.detach()),
         "mc/lens_rank_agreement": _nanmean(rank_agree),
         "mc/preference_agreement": _nanmean(sign_agree),
+        "mc/lens_top1": _nanmean(top1),
         "mc/swap_rate": sum(len(p.candidates) for p in plans) / max(1, sum(w.num_entries for w in bases)),
         "mc/residency": sum(w.residency for w in bases) / nb,
         "mc/wc_budget": float(budget),

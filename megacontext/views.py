@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from megacontext.allocator import FocusAllocator, lookahead_scores, normalize_scores
 from megacontext.config import MCConfig
 from megacontext.entries import InvariantError
+from megacontext.lensnet import tree_entry_inputs
 from megacontext.positional import gaussian_rotary
 from megacontext.training import lens_positions, run_lens
 from megacontext.tree import MegaContextTree
@@ -99,18 +100,16 @@ def gpt_inputs(wc: WorkingContext, tree, model, cfg: MCConfig, device):
 def lens_scores(wc: WorkingContext, tree, model, lensnet, cfg: MCConfig, query_ids, query_end: int, device):
     """LensNet's score per entry, with the K tokens before the horizon as the query (as in training)."""
     K = cfg.block_size
-    emb = []
-    for e in wc.entries:
-        if e.level >= 1:
-            emb.append(tree.gists(e.level, [e.start // K**e.level], device=device)[0])
-        elif e.size == K and tree.num_nodes(1) > e.start // K:
-            emb.append(tree.gists(1, [e.start // K], device=device)[0])
-        else:
-            emb.append(model.wte(tree.tokens(e.start, e.end, device=device)).mean(dim=0))
-    lod = [e.level for e in wc.entries]
+    if not hasattr(tree, "mean_cache"):
+        tree.mean_cache = {}  # span means of complete nodes, for a lexical lens (tree_entry_inputs)
+    rows, lod, lex = tree_entry_inputs(
+        wc.entries, tree, model.wte, device, lensnet.lex is not None, tree.mean_cache
+    )
     mu, sigma, q_pos = lens_positions(wc.entries, cfg.positions, query_end, K)
     q_emb = model.wte(query_ids.to(device))
-    return run_lens(lensnet, torch.stack(emb).to(q_emb.dtype), lod, mu, sigma, q_emb, q_pos)
+    dtype = q_emb.dtype
+    lex = None if lex is None else lex.to(dtype)
+    return run_lens(lensnet, rows.to(dtype), lod, mu, sigma, q_emb, q_pos, lex=lex)
 
 
 @torch.no_grad()
@@ -183,12 +182,16 @@ def focus(view, tree, model, lensnet, cfg: MCConfig, budget: int, recent: int, q
         score_fn = lambda w: lens_scores(w, tree, model, lensnet, cfg, query_ids, query_end, device)  # noqa: E731
     else:
         score_fn = lambda w: attention_scores(w, tree, model, cfg, cfg.block_size, device)  # noqa: E731
-    n_edits = 0
+    # Refocus until the WC settles: no edit for cooldown + 1 rounds in a row. An edit-less round still counts
+    # for the cooldown (as a refocus every K tokens does in a chat), so a node just expanded may be collapsed
+    # again once its cooldown is over, e.g. to refund the raw evidence found inside a sibling.
+    n_edits = idle = 0
     for _ in range(MAX_REFOCUS_ROUNDS):
         scores = lookahead_scores(wc, tree, score_fn) if cfg.lookahead else score_fn(wc)
         wc, edits = alloc.refocus(wc, normalize_scores(scores, cfg.score_norm).tolist(), tree)
         n_edits += len(edits)
-        if not edits:
+        idle = 0 if edits else idle + 1
+        if idle > cfg.cooldown:
             break
     return wc, n_edits
 

@@ -173,8 +173,17 @@ def test_greedy_alternates_most_extreme_first_within_budget():
         Edit("expand", 2, 0),
     ]
     assert FocusAllocator(4, 20, 6, n_diff=2).propose(wc, scores, tree) == edits[:2]
-    # no refund available: an expand needs 3 free slots, there is 1, so nothing is emitted
-    assert alloc.propose(wc, [0.9, 0.9, 0.9, 0.9, 0.9, 0, 0, 0, 0], tree) == []
+    # no block below -tau_collapse and an expand needs 3 free slots (there is 1): within the hysteresis band
+    # (0.25 vs 0.1: a gain of 0.15 <= tau_expand + tau_collapse) nothing is emitted ...
+    assert alloc.propose(wc, [0.25, 0.25, 0.25, 0.25, 0.25, 0.1, 0.1, 0, 0], tree) == []
+    # ... but a clearly better use of the room is taken: the lowest-scoring collapsible blocks (not below
+    # -tau_collapse themselves) refund the gists the scorer ranks far above them (budget swaps)
+    assert alloc.propose(wc, [0.9, 0.9, 0.9, 0.9, 0.9, 0, 0, 0, 0], tree) == [
+        Edit("collapse", 1, 14),
+        Edit("expand", 2, 0),
+        Edit("collapse", 1, 15),
+        Edit("expand", 2, 1),
+    ]
 
 
 def test_illegal_moves_are_never_emitted():

@@ -62,7 +62,7 @@ def test_planted_evidence_block_is_kept_raw_and_ranked_first():
             row = x[i : i + 1]
             bank, offsets = training.build_bank(model.wte(row[:, :T]), gistnet, K, 1)
             wc = WorkingContext.coarsest(shape, cfg.wc_budget, cfg.recent)
-            emb, lod = training.lens_inputs(wc.entries, bank[0], offsets, K)
+            emb, lod, _ = training.lens_inputs(wc.entries, bank[0], offsets, K, False)
             mu, sigma, q_pos = training.lens_positions(wc.entries, "wc_index", T - cfg.horizon, K)
             query = model.wte(row[0, T - cfg.horizon - K : T - cfg.horizon])
             scores = training.run_lens(lensnet, emb, lod, mu, sigma, query, q_pos)

@@ -77,7 +77,7 @@ def test_hinted_blocks_are_zoomed_and_expanded_first(seed):
 def test_marginal_horizon_loss_credits_the_informed_working_context():
     """Equal losses: the marginal is the mean. Unequal: the WC that predicts the horizon best gets the largest
     share of the gradient, a WC that predicts it badly almost none (it is not taught to answer blind)."""
-    plans = [training.RowPlan([None] * 3, [], []), training.RowPlan([None] * 2, [], [])]
+    plans = [training.RowPlan([None] * 3, [], [], []), training.RowPlan([None] * 2, [], [], [])]
     h_mask = torch.ones(5, 4, dtype=torch.bool)
     flat = torch.full((5, 4), 2.0)
     assert float(training.marginal_horizon_loss(flat, h_mask, plans)) == pytest.approx(2.0)
