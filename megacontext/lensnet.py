@@ -131,20 +131,21 @@ class LensNet(nn.Module):
     def score(self, wc, query_embeds: torch.Tensor, query_pos: torch.Tensor):
         """Convenience for one working context or a list of them.
 
-        wc: a dict or object with per-entry `embeds` [N, d], `lod` [N], `mu` [N], `sigma` [N]; query_embeds
-        [Q, d] and query_pos [Q]. A list of such WCs is padded into one batch (query_embeds [B, Q, d],
-        query_pos [B, Q]) and gives a list of score tensors [N_i].
+        wc: a dict or object with per-entry `embeds` [N, d], `lod` [N], `mu` [N], `sigma` [N] (and `lex`
+        [N, d] for a lexical lens); query_embeds [Q, d] and query_pos [Q]. A list of such WCs is padded into
+        one batch (query_embeds [B, Q, d], query_pos [B, Q]) and gives a list of score tensors [N_i].
         """
         wcs = wc if isinstance(wc, (list, tuple)) else [wc]
-        fields = [_entry_fields(w) for w in wcs]
+        fields = [_entry_fields(w, self.lex is not None) for w in wcs]
         n_max = max(f[0].shape[0] for f in fields)
         device = fields[0][0].device
         lengths = torch.tensor([f[0].shape[0] for f in fields], device=device)
         mask = torch.arange(n_max, device=device)[None, :] < lengths[:, None]
-        padded = [torch.stack([_pad_to(f[i], n_max) for f in fields]) for i in range(4)]
+        padded = [torch.stack([_pad_to(f[i], n_max) for f in fields]) for i in range(len(fields[0]))]
         if not isinstance(wc, (list, tuple)):
             query_embeds, query_pos = query_embeds[None], query_pos[None]
-        scores = self(*padded, query_embeds, query_pos, entry_mask=mask)
+        lex = padded[4] if self.lex is not None else None
+        scores = self(*padded[:4], query_embeds, query_pos, entry_mask=mask, entry_lex=lex)
         if not isinstance(wc, (list, tuple)):
             return scores[0]
         return [scores[b, : f[0].shape[0]] for b, f in enumerate(fields)]
@@ -155,12 +156,15 @@ def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((n - t.shape[0], *t.shape[1:]))])
 
 
-def _entry_fields(wc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _entry_fields(wc, lexical: bool) -> tuple[torch.Tensor, ...]:
     get = wc.__getitem__ if isinstance(wc, dict) else lambda name: getattr(wc, name)
     try:
-        return get("embeds"), get("lod").long(), get("mu").float(), get("sigma").float()
+        out = (get("embeds"), get("lod").long(), get("mu").float(), get("sigma").float())
+        return (*out, get("lex")) if lexical else out
     except (KeyError, AttributeError) as e:
-        raise TypeError(f"LensNet.score needs per-entry embeds, lod, mu and sigma; missing {e}") from None
+        raise TypeError(
+            f"LensNet.score needs per-entry embeds, lod, mu and sigma (and lex if lexical); missing {e}"
+        ) from None
 
 
 @torch.no_grad()

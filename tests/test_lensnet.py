@@ -129,3 +129,29 @@ def test_every_parameter_gets_a_gradient(head):
             opt.step()
     for name, p in lens.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_lexical_input_starts_silent_then_matters():
+    """A lexical lens (entry_lex: the mean token embedding of each entry) scores exactly like the same lens
+    without it until its zero-initialised projection moves; then the entries' words change the scores."""
+    torch.manual_seed(0)
+    plain = LensNet(D, H, n_layer=2)
+    lexical = LensNet(D, H, n_layer=2, lexical=True)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0.0, 0.1)
+    lexical.load_state_dict(plain.state_dict(), strict=False)  # everything but lex.weight (still zero)
+    embeds, lod, mu, sigma, query, query_pos = _wc()
+    lex = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(9))
+    base = plain(embeds, lod, mu, sigma, query, query_pos)
+    torch.testing.assert_close(lexical(embeds, lod, mu, sigma, query, query_pos, entry_lex=lex), base)
+    with torch.no_grad():
+        lexical.lex.weight.normal_(0.0, 0.1)
+    moved = lexical(embeds, lod, mu, sigma, query, query_pos, entry_lex=lex)
+    assert ((moved - base).abs() > 1e-4).any()
+    one = {"embeds": embeds[0], "lod": lod[0], "mu": mu[0], "sigma": sigma[0], "lex": lex[0]}
+    torch.testing.assert_close(lexical.score(one, query[0], query_pos[0]), moved[0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="entry_lex"):
+        lexical(embeds, lod, mu, sigma, query, query_pos)
+    with pytest.raises(ValueError, match="entry_lex"):
+        plain(embeds, lod, mu, sigma, query, query_pos, entry_lex=lex)

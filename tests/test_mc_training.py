@@ -186,8 +186,28 @@ def test_lens_loss_pushes_positive_utility_scores_up():
     assert scores.grad[2] > 0  # and lowers the one whose detail hurts
 
 
-def test_every_parameter_of_gpt_gistnet_and_lensnet_gets_a_gradient():
-    model, gistnet, lensnet, cfg = tiny()
+def test_lens_top_loss_lifts_the_paying_candidate_above_every_editable_entry():
+    """The measured candidate that clearly pays (entry 3) must outscore all seven editable entries, not only
+    the three other candidates: gradient descent raises it and lowers every other entry, measured or not."""
+    plan = training.RowPlan([None] * 6, [1, 3, 4, 5], [True] * 4, list(range(7)))
+    logits = torch.zeros(9, requires_grad=True)  # entries 7, 8: protected recent text, never editable
+    loss, hit = training.lens_top_loss(logits, plan, torch.tensor([0.01, 0.5, 0.0, 0.02]))
+    loss.backward()
+    assert logits.grad[3] < 0 and (logits.grad[[0, 1, 2, 4, 5, 6]] > 0).all()
+    assert (logits.grad[7:] == 0).all()
+    assert (
+        training.lens_top_loss(
+            torch.tensor([0, 0, 0, 5.0, 0, 0, 0, 9, 9]), plan, torch.tensor([0.01, 0.5, 0.0, 0.02])
+        )[1]
+        == 1.0
+    )
+    # nothing stands out (plain text, or every variant equally better): no target
+    assert training.lens_top_loss(logits, plan, torch.tensor([0.5, 0.5, 0.49, 0.5])) is None
+
+
+@pytest.mark.parametrize("kw", [{}, {"lensnet_input": "gist+mean", "lens_listwise": 1.0}])
+def test_every_parameter_of_gpt_gistnet_and_lensnet_gets_a_gradient(kw):
+    model, gistnet, lensnet, cfg = tiny(**kw)
     opts = setup_optimizers(model, extra_modules=[gistnet, lensnet])
     in_opt = {id(p) for o in opts for g in o.param_groups for p in g["params"]}
     for mod in (gistnet, lensnet):

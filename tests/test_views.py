@@ -1,11 +1,15 @@
 """Evaluation views (megacontext/views.py): the mc-oracle working context, score normalisation for the
 allocator, and the evidence token span mc_eval hands the oracle."""
 
+import random
+
 import pytest
 import torch
 
-from megacontext.allocator import normalize_scores
+from megacontext import training, views
+from megacontext.allocator import normalize_scores, random_variant
 from megacontext.config import MCConfig, build_nets
+from megacontext.lensnet import tree_entry_inputs
 from megacontext.views import build_tree, focus, horizon_logits, oracle_wc
 from megacontext.working_context import WorkingContext, coarse_tiling
 from nanochat.gpt import GPT, GPTConfig
@@ -101,3 +105,49 @@ def test_evidence_tokens_cover_the_evidence_with_bos_shift():
     s, e = evidence_tokens(CharTokenizer(), prompt, (a, b))
     ids = CharTokenizer().encode(prompt, prepend=0)
     assert "".join(chr(i) for i in ids[s + 1 : e - 1]) == "The key is 42."
+
+
+def test_a_full_working_context_makes_room_for_the_entry_the_scorer_wants(monkeypatch):
+    """The scorer points at one old token; a high collapse threshold keeps every other entry out of the
+    collapse candidates. The WC starts full, so only budget swaps — the least useful detail refunding the
+    wanted expansion — can zoom the gist holding that token down to raw, over successive refocuses."""
+    model, cfg, gistnet, lensnet = tiny(tau_collapse=0.9)
+    ids = torch.randint(0, V, (120,), generator=torch.Generator().manual_seed(3)).tolist()
+    tree = build_tree(ids, model, gistnet, cfg, "cpu")
+    p = 5  # inside the oldest, coarsest gist
+
+    def scripted(wc, *args):
+        return torch.tensor([1.0 if e.start <= p < e.end else 0.0 for e in wc.entries])
+
+    monkeypatch.setattr(views, "lens_scores", scripted)
+    start = WorkingContext.from_tree(tree, cfg.wc_budget, cfg.recent)
+    assert start.cost > cfg.wc_budget - (K - 1)  # no room for an expansion without a refund
+    assert next(e for e in start.entries if e.start <= p < e.end).level >= 2
+    query = torch.tensor(ids[-K:])
+    wc, n_edits = focus(
+        "mc-lens", tree, model, lensnet, cfg, cfg.wc_budget, cfg.recent, query, len(ids), "cpu"
+    )
+    wc.check(tree)
+    assert next(e for e in wc.entries if e.start <= p < e.end).level == 0 and n_edits > 0
+
+
+def test_lens_inputs_from_a_tree_equal_those_of_training():
+    """Evaluation and the chat session build LensNet's inputs from a tree (lensnet.tree_entry_inputs),
+    training from the row's bank (training.lens_inputs): the same entries must give the same gists and
+    mean token embeddings, or the lens is evaluated on inputs it was not trained on."""
+    model, cfg, gistnet, _ = tiny(lensnet_input="gist+mean")
+    ids = torch.randint(0, V, (64,), generator=torch.Generator().manual_seed(4)).tolist()
+    tree = build_tree(ids, model, gistnet, cfg, "cpu")
+    with torch.no_grad():
+        levels = training.trained_levels(cfg, len(ids))
+        bank, offsets = training.build_bank(model.wte(torch.tensor(ids))[None], gistnet, K, levels)
+    for seed in range(5):
+        wc = random_variant(tree, cfg.wc_budget, cfg.recent, random.Random(seed))
+        want_rows, want_lod, want_lex = training.lens_inputs(wc.entries, bank[0], offsets, K, True)
+        cache: dict = {}
+        rows, lod, lex = tree_entry_inputs(wc.entries, tree, model.wte, "cpu", True, cache)
+        assert lod == want_lod
+        torch.testing.assert_close(rows, want_rows, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lex, want_lex, atol=1e-5, rtol=1e-5)
+        again = tree_entry_inputs(wc.entries, tree, model.wte, "cpu", True, cache)[2]  # from the cache
+        torch.testing.assert_close(again, lex, atol=0, rtol=0)
