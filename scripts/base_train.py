@@ -43,7 +43,7 @@ from nanochat.train_flags import add_optim_flags, add_run_flags
 from scripts.bench_train import autocast_ctx, peak_flops, pick_dtype, sync
 
 MC_LOG_KEYS = ("mc/token_loss", "mc/baseline_loss", "mc/adv_delta_mean", "mc/lens_loss", "mc/lens_rank_agreement",
-               "mc/residency", "mc/time_controller_ms")  # fmt: skip
+               "mc/lens_top1", "mc/residency", "mc/time_controller_ms")  # fmt: skip
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -285,6 +285,7 @@ def main() -> None:
     print0(f"peak FLOP/s for MFU: {peak:.3e} per rank ({peak_source})")
     start_step, val_bpb = step, float("nan")
     mc_metrics: dict = {}
+    mc_counts: dict = {}  # MC path: micro-batches that measured each metric
 
     def mc_step_flops(gpt_positions: float) -> float:
         """Training FLOPs of an MC step: the GPT over every working-context slot that ran (attention at the
@@ -371,13 +372,18 @@ def main() -> None:
                     loss, m = mc_train_step(
                         orig_model, gistnet, lensnet, row, mc_cfg, step / num_iterations, step
                     )
-                    for k, v in m.items():
-                        mc_metrics[k] = mc_metrics.get(k, 0.0) + v / grad_accum_steps
+                    for k, v in m.items():  # mean over the micro-batches that measured it (nan: nothing to)
+                        measured = not math.isnan(v)
+                        mc_metrics[k] = mc_metrics.get(k, 0.0) + (v if measured else 0.0)
+                        mc_counts[k] = mc_counts.get(k, 0) + measured
             loss_sum += loss.detach()
             if aux is not None:
                 loss = loss + aux
             (loss / grad_accum_steps).backward()
         sync_gradients(sync_params, world_size)
+        for k, n in mc_counts.items():
+            mc_metrics[k] = mc_metrics[k] / n if n else math.nan
+        mc_counts.clear()
         lrm = lr_multiplier(step)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -409,7 +415,7 @@ def main() -> None:
         mfu = step_flops / dt / (peak * world_size)
         mc_line = ""
         if mc_step:
-            mc_line = " | " + " ".join(f"{k[3:]} {mc_metrics[k]:.4g}" for k in MC_LOG_KEYS)
+            mc_line = " | " + " ".join(f"{k[3:]} {mc_metrics.get(k, math.nan):.4g}" for k in MC_LOG_KEYS)
         if attn is not None and mc_metrics:  # MegaPrediction: mp/lod1_cos, mp/lod2_cos, mp/loss
             mc_line = " | " + " ".join(f"{k} {v:.4g}" for k, v in sorted(mc_metrics.items()))
         print0(
