@@ -85,19 +85,24 @@ def expandable(entry: Entry, tree, K: int) -> bool:
 
 
 def lookahead_scores(
-    wc: WorkingContext, tree, score_fn: Callable[[WorkingContext], torch.Tensor]
+    wc: WorkingContext,
+    tree,
+    score_fn: Callable[[WorkingContext], torch.Tensor],
+    max_level: int | None = None,
 ) -> torch.Tensor:
-    """Per-entry scores from `score_fn`, where a gist of level >= 2 scores as the best of itself and its
-    descendants down to LOD1, each scored in a WC with its ancestors expanded (a what-if context).
+    """Per-entry scores from `score_fn`, where a gist of level >= 2 (and <= max_level, if given) scores as the
+    best of itself and its descendants down to LOD1, each scored in a WC with its ancestors expanded (a what-if
+    context).
 
     Why: one expansion of a LOD2 gist yields K LOD1 gists, still no raw token, so a scorer trained on measured
     one-edit utilities rates it low even when it hides the evidence; with look-ahead the allocator zooms in
     over successive refocuses, the way a search descends a tree. Costs one scorer call per expandable gist
-    of level >= 2 (and per level below it on the path).
+    of level >= 2 (and per level below it on the path): a level-L gist costs 1 + K + ... + K^(L-2) calls,
+    which is why the chat session caps it (max_level).
     """
     scores = score_fn(wc).detach().float().clone()
     for i, e in enumerate(wc.entries):
-        if e.level >= 2 and expandable(e, tree, wc.K):
+        if e.level >= 2 and (max_level is None or e.level <= max_level) and expandable(e, tree, wc.K):
             scores[i] = torch.maximum(scores[i], _subtree_best(wc, i, tree, score_fn))
     return scores
 

@@ -54,7 +54,7 @@ class MCConfig:
     score_norm: str = "z"
     # Refocusing scores a gist of level >= 2 as the best of its descendants too (allocator.lookahead_scores),
     # so the allocator can zoom from LOD2 to the raw evidence over successive refocuses. Used by the mc-lens and
-    # mc-attn evaluation views; MCSession.refocus does not use it yet (its lens_scores reads self.wc only).
+    # mc-attn evaluation views and by the chat session (MCSession.refocus, for gists up to LOD2).
     lookahead: bool = True
     tau_expand: float = 0.2  # expand only when score > tau_expand (hysteresis band around 0)
     tau_collapse: float = 0.2  # collapse only when score < -tau_collapse

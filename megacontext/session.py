@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megacontext.allocator import FocusAllocator, normalize_scores
+from megacontext.allocator import FocusAllocator, lookahead_scores, normalize_scores
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Edit, Entry, gist_entry
 from megacontext.gistnet import GistNet
@@ -48,6 +48,10 @@ STATE_FILE = "session.json"
 STATE_FORMAT, STATE_VERSION = "megacontext-session", 1
 INGEST_CHUNK = 8192  # tokens appended per step of a long ingest: bounds the GistNet batch and the WC growth
 GIST_BATCH = 256  # blocks per GistNet call while gisting (one batched call per 256 blocks)
+# Look-ahead (MCConfig.lookahead) for gists up to this level: a LOD2 gist costs one extra LensNet call per
+# refocus, a LOD3 one 1 + K (allocator.lookahead_scores), and a long chat holds gists up to LOD5 and beyond.
+# The evaluation views reach the same bound through views.LevelCap (the trained levels, 2 in runcpu).
+LOOKAHEAD_MAX_LEVEL = 2
 
 
 def model_fingerprint(model, gistnet) -> str:
@@ -212,7 +216,11 @@ class MCSession:
         if self.wc is None or self.tree.num_tokens < self.K:
             return []  # LensNet needs K query tokens
         with self.telemetry.timer("refocus"):
-            scores = normalize_scores(self.lens_scores(), self.cfg.score_norm)
+            if self.cfg.lookahead:  # as the evaluation views do (views.focus), LOD2 gists only: see below
+                raw = lookahead_scores(self.wc, self.tree, self.lens_scores, max_level=LOOKAHEAD_MAX_LEVEL)
+            else:
+                raw = self.lens_scores()
+            scores = normalize_scores(raw, self.cfg.score_norm)
             self.wc, edits = self.allocator.refocus(self.wc, scores, self.tree)
         self.telemetry.record_refocus(self.wc, edits)
         if edits:

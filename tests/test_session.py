@@ -304,3 +304,29 @@ def test_tree_of_another_model_is_refused():
     assert model_fingerprint(model, gistnet) != model_fingerprint(
         tiny_model(tok.get_vocab_size(), 1), gistnet
     )
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_refocus_looks_ahead_into_lod2_gists(lookahead):
+    """As in the evaluation views: a scorer that only recognises the evidence at LOD1 or raw (as one trained on
+    one-edit utilities does) zooms the chat's WC from the LOD2 gist hiding it down to the raw block over
+    successive refocuses, only with look-ahead."""
+    s = tiny_session(lookahead=lookahead)
+    s.ingest(np.random.default_rng(3).integers(20, s.model.config.vocab_size, 200))
+    lod2 = next(e for e in s.wc.entries if e.level == 2)
+    target = lod2.start + 5
+
+    def scripted(wc=None):  # the evidence's own LOD1/raw 1, other raw blocks -1, other gists 0.5, ancestors 0
+        def score(e):
+            if e.start <= target < e.end:
+                return 1.0 if e.level <= 1 else 0.0
+            return -1.0 if e.level == 0 else 0.5
+
+        return torch.tensor([score(e) for e in (wc or s.wc).entries])
+
+    s.lens_scores = scripted
+    for _ in range(8):
+        s.refocus()
+        s.wc.check(s.tree)
+    reached = any(e.level == 0 and e.start <= target < e.end for e in s.wc.entries)
+    assert reached == lookahead, s.wc.render()
