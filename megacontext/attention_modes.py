@@ -13,6 +13,11 @@ under its own attention mode unchanged. A call with embeddings, rotary phases, a
 MegaContext views, Engine sampling) goes to the plain GPT: for a short prompt (at most W + K tokens) that
 is the mode's own attention, since no node is complete yet and the window still reaches back to 0.
 
+window and mega keep raw position 0 visible to every query by default (`sink`, issue 8): the first token of
+the row (BOS at the start of a document or prompt), which dense attention always has as a place to park
+attention. The hypothesis it tests: without it the always-visible nodes get recruited as sinks, and a sink
+wants a constant key, i.e. the collapse of the gists.
+
 Both paths build the dense boolean [T, T] mask (mega_attention's SDPA reference, cached per length): fine at
 training lengths of a few thousand tokens on CPU; longer ones need the GPT to take a flex BlockMask or the
 block-sparse path (docs/mega_attention.md, "Limits").
@@ -20,6 +25,7 @@ block-sparse path (docs/mega_attention.md, "Limits").
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -56,16 +62,21 @@ class AttentionConfig:
     gistnet_heads: int = 4
     mp_alpha1: tuple[float, float] = (0.02, 0.05)  # MegaPrediction LOD1 weight, first -> last step; 0 = off
     mp_alpha2: tuple[float, float] = (0.01, 0.03)  # LOD2
+    # window and mega: raw position 0 visible to every query, an attention sink (mega_attention).
+    # New runs have it; meta written before it existed has no key and loads as False (from_dict).
+    sink: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AttentionConfig:
-        """None (a checkpoint from before attention modes) is dense."""
+        """None (a checkpoint from before attention modes) is dense. A checkpoint from before the sink was
+        trained without one: a missing `sink` is False, not the dataclass default."""
         d = dict(d or {})
         if unknown := sorted(set(d) - {f.name for f in fields(cls)}):
             raise UserError(f"unknown attention config keys {unknown} (written by another version?)")
+        d.setdefault("sink", False)
         for key in ("mp_alpha1", "mp_alpha2"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -86,6 +97,14 @@ def add_attention_args(parser) -> None:
     g.add_argument("--mega-window", type=int, default=None, help=f"W of window and mega (default {d.window})")
     g.add_argument(
         "--mega-block-size", type=int, default=None, help=f"K of --attention mega (default {d.block_size})"
+    )
+    g.add_argument(
+        "--mega-sink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="window and mega: keep raw position 0 (the row's first token, BOS) visible to every query, an "
+        "attention sink "
+        f"(default {'on' if d.sink else 'off'}; --no-mega-sink is the mask without it)",
     )
     for lv, alpha in ((1, d.mp_alpha1), (2, d.mp_alpha2)):
         g.add_argument(
@@ -113,10 +132,11 @@ def attention_config_from_args(args, seq_len: int) -> AttentionConfig:
     given = {
         "--mega-window": args.mega_window is not None,
         "--mega-block-size": args.mega_block_size is not None,
+        "--[no-]mega-sink": getattr(args, "mega_sink", None) is not None,
         "--mp-alpha1": args.mp_alpha1 is not None,
         "--mp-alpha2": args.mp_alpha2 is not None,
     }
-    allowed = {"dense": (), "window": ("--mega-window",), "mega": tuple(given)}[mode]
+    allowed = {"dense": (), "window": ("--mega-window", "--[no-]mega-sink"), "mega": tuple(given)}[mode]
     if bad := [flag for flag, on in given.items() if on and flag not in allowed]:
         raise UserError(f"{bad[0]} does not apply to --attention {mode}")
     if mode != "dense" and getattr(args, "mc", False):
@@ -125,9 +145,10 @@ def attention_config_from_args(args, seq_len: int) -> AttentionConfig:
             "working contexts; train one or the other"
         )
     d = AttentionConfig()
-    cfg = AttentionConfig(mode=mode, mp_alpha1=(0.0, 0.0), mp_alpha2=(0.0, 0.0))
-    if mode == "dense":
+    cfg = AttentionConfig(mode=mode, mp_alpha1=(0.0, 0.0), mp_alpha2=(0.0, 0.0), sink=False)
+    if mode == "dense":  # sees every past position, BOS included: no sink to add
         return cfg
+    cfg.sink = d.sink if getattr(args, "mega_sink", None) is None else args.mega_sink
     cfg.window = d.window if args.mega_window is None else args.mega_window
     if cfg.window < 1:
         raise UserError(f"--mega-window must be >= 1, got {cfg.window}")
@@ -199,10 +220,11 @@ class AttentionModel(nn.Module):
     # ---- forward
     def layout(self, N: int):
         """Layout for N raw positions, or None when the mode's mask is plain causal (then the GPT runs as is)."""
-        if self.cfg.mode == "window":
-            return sliding_window_layout(N, self.cfg.window) if N - 1 > self.cfg.window else None
-        levels = min(auto_levels(N, self.cfg.block_size, self.cfg.window), self.cfg.levels)
-        return build_mega_layout(N, self.cfg.block_size, self.cfg.window, levels) if levels else None
+        cfg = self.cfg
+        if cfg.mode == "window":
+            return sliding_window_layout(N, cfg.window, cfg.sink) if N - 1 > cfg.window else None
+        levels = min(auto_levels(N, cfg.block_size, cfg.window), cfg.levels)
+        return build_mega_layout(N, cfg.block_size, cfg.window, levels, cfg.sink) if levels else None
 
     def run(self, idx, targets=None, loss_reduction="mean", nodes=None, capture=False):
         """(loss or raw logits, layout, node embeddings, final hidden states) for token ids [B, N].
@@ -260,9 +282,14 @@ class AttentionModel(nn.Module):
         MegaPrediction's weighted 1 - cos; it trains with the LM loss but stays out of the logged loss, so
         losses compare across modes."""
         loss, lay, nodes, hidden = self.run(x, y, capture=self.predictor is not None)
-        if self.predictor is None or lay is None:
+        if nodes is None:  # window, or no node level at this length
             return loss, None, {}
-        aux, metrics = None, {}
+        metrics = {}
+        if lay.counts[1] >= 2:
+            metrics["mp/node_cos"] = node_cos(nodes[:, : lay.counts[1]])
+        if self.predictor is None:
+            return loss, None, metrics
+        aux = None
         alphas = {1: self.cfg.mp_alpha1, 2: self.cfg.mp_alpha2}
         for lv, cos in self.predictor.cosines(hidden, nodes, lay).items():
             term = ramp(alphas[lv], progress) * (1 - cos).mean()
@@ -318,6 +345,21 @@ class AttentionModel(nn.Module):
         return flops / N
 
 
+@torch.no_grad()
+def node_cos(nodes: torch.Tensor, max_nodes: int = 256) -> float:
+    """Mean cosine between two distinct wLOD1 nodes of the same row, over all pairs (the expectation over
+    random pairs, without drawing random numbers in training), nodes [B, n, d] with n >= 2. Near 1: the gists
+    collapsed to one direction (issue 8 measured 0.92-0.99); a long row uses max_nodes evenly spaced nodes."""
+    n = nodes.size(1)
+    if n > max_nodes:
+        nodes = nodes[:, torch.linspace(0, n - 1, max_nodes, device=nodes.device).long()]
+        n = max_nodes
+    u = F.normalize(nodes.float(), dim=-1)
+    gram = u @ u.transpose(1, 2)  # [B, n, n]
+    off_diagonal = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)
+    return float((off_diagonal / (n * (n - 1))).mean())
+
+
 def attention_model(gpt, ckpt_dir, step: int, meta: dict, device):
     """The GPT under the attention mode its checkpoint records (the GPT itself for dense), nets loaded."""
     cfg = AttentionConfig.from_dict(meta.get("attention"))
@@ -335,9 +377,10 @@ def attention_model(gpt, ckpt_dir, step: int, meta: dict, device):
 
 def describe(cfg: AttentionConfig) -> str:
     """One line for logs: the mode and its geometry."""
+    sink = "sink" if cfg.sink else "no sink"
     if cfg.mode == "window":
-        return f"window W={cfg.window}"
+        return f"window W={cfg.window} {sink}"
     if cfg.mode == "mega":
         mp = f"mp α1 {cfg.mp_alpha1} α2 {cfg.mp_alpha2}" if cfg.prediction else "mp off"
-        return f"mega W={cfg.window} K={cfg.block_size} levels={cfg.levels} {mp}"
+        return f"mega W={cfg.window} K={cfg.block_size} levels={cfg.levels} {sink} {mp}"
     return "dense"

@@ -9,7 +9,11 @@ every complete run of K wLOD1 nodes a wLOD2 node, and so on. A raw query i sees:
     wLODL nodes tiling [0, bL)    (at most N / K**L of them; L = top level)
 
 so the past [0, i] is tiled exactly once, finer near i, and every visible node ends at or before
-b1 <= i (strictly causal, no overshoot). The raw window reaches back from i - W to the K-aligned boundary
+b1 <= i (strictly causal, no overshoot). With `sink` (window and mega layouts) raw position 0 (the row's
+first token, BOS at the start of a document) is visible to every query as well: an attention sink, as in
+StreamingLLM. Without it no query more than W past position 0 has a fixed key to park attention on, and the
+always-visible nodes may get recruited as sinks, which wants them constant (issue 8: the gists collapsed).
+Position 0 is then the one exception to "seen once": it may be seen raw and inside the first node. The raw window reaches back from i - W to the K-aligned boundary
 b1 (at most K - 1 extra positions): the wLOD1 node holding i - W also holds positions inside the window,
 so it cannot stand in for the older part of its span without covering some positions twice.
 A node sees exactly what its last raw child sees, plus itself (every query sees its own key, as a raw
@@ -59,6 +63,7 @@ class MegaLayout:
     counts: tuple[int, ...]  # counts[l] nodes of level l; counts[0] = N
     offsets: tuple[int, ...]  # packed index of the first node of level l; offsets[0] = 0
     window_only: bool = False  # the baseline: sliding window [i - W, i] and nothing older (no nodes)
+    sink: bool = False  # raw position 0 (BOS) visible to every query: the attention sink
 
     @property
     def T(self) -> int:
@@ -103,8 +108,9 @@ def auto_levels(N: int, K: int, W: int) -> int:
     return levels
 
 
-def build_mega_layout(N: int, K: int, W: int, levels: int | None = None) -> MegaLayout:
-    """Layout of the packed sequence for N raw positions, block size K, raw window W (levels None = auto)."""
+def build_mega_layout(N: int, K: int, W: int, levels: int | None = None, sink: bool = False) -> MegaLayout:
+    """Layout of the packed sequence for N raw positions, block size K, raw window W (levels None = auto);
+    `sink` keeps raw position 0 visible to every query."""
     if N < 1 or K < 2 or W < 0:
         raise ValueError(f"need N >= 1, K >= 2, W >= 0; got N={N}, K={K}, W={W}")
     if levels is None:
@@ -113,14 +119,15 @@ def build_mega_layout(N: int, K: int, W: int, levels: int | None = None) -> Mega
         raise ValueError(f"levels must be >= 0, got {levels}")
     counts = (N, *[N // K**lv for lv in range(1, levels + 1)])
     offsets = tuple(int(x) for x in np.cumsum((0, *counts[:-1])))
-    return MegaLayout(N, K, W, levels, counts, offsets)
+    return MegaLayout(N, K, W, levels, counts, offsets, sink=sink)
 
 
-def sliding_window_layout(N: int, W: int) -> MegaLayout:
-    """The comparison baseline through the same machinery: raw [i - W, i] only (K is unused)."""
+def sliding_window_layout(N: int, W: int, sink: bool = False) -> MegaLayout:
+    """The comparison baseline through the same machinery: raw [i - W, i] only (K is unused), plus raw
+    position 0 with `sink`."""
     if N < 1 or W < 0:
         raise ValueError(f"need N >= 1, W >= 0; got N={N}, W={W}")
-    return MegaLayout(N, 1, W, 0, (N,), (0,), window_only=True)
+    return MegaLayout(N, 1, W, 0, (N,), (0,), window_only=True, sink=sink)
 
 
 # -----------------------------------------------------------------------------
@@ -142,6 +149,12 @@ def _spans(p: torch.Tensor, lay: MegaLayout):
 
 def _visible(q: torch.Tensor, k: torch.Tensor, lay: MegaLayout) -> torch.Tensor:
     """May packed query q attend to packed key k? (broadcasts)"""
+    seen = _visible_no_sink(q, k, lay)
+    return seen | (k == 0) if lay.sink else seen  # packed index 0 is raw position 0 (BOS)
+
+
+def _visible_no_sink(q: torch.Tensor, k: torch.Tensor, lay: MegaLayout) -> torch.Tensor:
+    """The window and the pyramid alone."""
     _, _, q_end = _spans(q, lay)
     r = q_end - 1  # the anchor: a raw query itself, a node's last raw child
     k_level, k_start, k_end = _spans(k, lay)
@@ -188,12 +201,12 @@ def coverage(lay: MegaLayout, i: int) -> list[list[int]]:
 
 
 def cost_bound(lay: MegaLayout) -> int:
-    """Most keys any raw query sees: (W + 1) + levels·(K - 1) + N // K**levels (raw window: W + 1)."""
-    if lay.window_only:
-        return lay.W + 1
-    if lay.levels == 0:
+    """Most keys any raw query sees: (W + 1) + levels·(K - 1) + N // K**levels (raw window: W + 1), plus
+    the sink."""
+    if lay.levels == 0 and not lay.window_only:
         return lay.N
-    return lay.W + 1 + lay.levels * (lay.K - 1) + lay.N // lay.K**lay.levels
+    nodes = 0 if lay.window_only else lay.levels * (lay.K - 1) + lay.N // lay.K**lay.levels
+    return lay.W + 1 + nodes + int(lay.sink)
 
 
 # -----------------------------------------------------------------------------
@@ -229,14 +242,16 @@ def mega_forward(
     K: int = 32,
     levels: int | None = None,
     loss_reduction: str = "mean",
+    sink: bool = False,
 ):
     """Run the GPT with MegaAttention over idx [B, N]: the loss on raw positions, or raw logits [B, N, V].
 
     With no levels (auto when N - 1 - W < K, i.e. no node could ever be visible) the mask is plain causal,
-    so none is passed and the GPT takes its is_causal path: bit for bit the vanilla forward.
+    so none is passed and the GPT takes its is_causal path: bit for bit the vanilla forward (with or without
+    the sink, which causal attention already has).
     """
     B, N = idx.shape
-    lay = build_mega_layout(N, K, W, levels)
+    lay = build_mega_layout(N, K, W, levels, sink)
     embeds = model.wte(idx)
     packed = torch.cat([embeds, build_nodes(embeds, lay, gistnet)], dim=1)
     rotary = mega_rotary(lay, model.config.head_dim, idx.device)
@@ -261,21 +276,27 @@ _compiled_flex = None
 
 def key_ranges(lay: MegaLayout, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every packed query's visible keys as a few packed-index ranges: (lo, hi) [T, R], keys lo <= k < hi
-    (empty when lo >= hi). R = levels + 2: the raw window, one contiguous run of nodes per level, itself.
-    Derived from the same spans as _visible; O(T·levels), where evaluating the rule per pair is O(T²)."""
+    (empty when lo >= hi; ranges may overlap). R = levels + 2 (+ 1 with the sink): the raw window, one
+    contiguous run of nodes per level, itself, [0, 1). Derived from the same spans as _visible; O(T·levels),
+    where evaluating the rule per pair is O(T²)."""
     q = torch.arange(lay.T, device=device)
     _, _, q_end = _spans(q, lay)
     r = q_end - 1
     a = torch.clamp(r - lay.W, min=0)
     if lay.window_only:
-        return a[:, None], (r + 1)[:, None]
-    if lay.levels == 0:
-        return torch.zeros_like(r)[:, None], (r + 1)[:, None]
-    b = [None] + [(a // lay.K**lv) * lay.K**lv for lv in range(1, lay.levels + 1)] + [torch.zeros_like(a)]
-    lo, hi = [b[1], q], [r + 1, q + 1]
-    for lv in range(1, lay.levels + 1):
-        lo.append(lay.offsets[lv] + b[lv + 1] // lay.K**lv)
-        hi.append(lay.offsets[lv] + b[lv] // lay.K**lv)
+        lo, hi = [a], [r + 1]
+    elif lay.levels == 0:
+        lo, hi = [torch.zeros_like(r)], [r + 1]
+    else:
+        zero = torch.zeros_like(a)
+        b = [None] + [(a // lay.K**lv) * lay.K**lv for lv in range(1, lay.levels + 1)] + [zero]
+        lo, hi = [b[1], q], [r + 1, q + 1]
+        for lv in range(1, lay.levels + 1):
+            lo.append(lay.offsets[lv] + b[lv + 1] // lay.K**lv)
+            hi.append(lay.offsets[lv] + b[lv] // lay.K**lv)
+    if lay.sink:
+        lo.append(torch.zeros_like(r))
+        hi.append(torch.ones_like(r))
     return torch.stack(lo, 1), torch.stack(hi, 1)
 
 
@@ -348,7 +369,7 @@ def plan_blocksparse(lay: MegaLayout, block: int = 128, device=None) -> BlockPla
         t1 = min(t0 + block, lay.N) - 1
         a0, a1 = max(t0 - W, 0), max(t1 - W, 0)
         first = a0 if lay.window_only else (0 if L == 0 else floor_to(a0, 1))
-        keys = [np.arange(first, t1 + 1)]
+        keys = [np.arange(first, t1 + 1), np.zeros(int(lay.sink), dtype=np.int64)]
         selves = []
         for lv in range(1, L + 1):
             lo = floor_to(a0, lv + 1) // K**lv if lv < L else 0

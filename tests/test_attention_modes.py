@@ -16,7 +16,13 @@ import pytest
 import torch
 from test_base_train import COMMON, T, make_corpus, read_log
 
-from megacontext.attention_modes import AttentionConfig, AttentionModel, attention_model
+from megacontext.attention_modes import (
+    AttentionConfig,
+    AttentionModel,
+    attention_config_from_args,
+    attention_model,
+    node_cos,
+)
 from megacontext.mega_attention import build_mega_layout
 from nanochat.checkpoint_manager import build_model, load_mc_state, resolve_checkpoint
 from nanochat.common import run_main
@@ -82,13 +88,14 @@ def test_window_and_mega_learn_and_log(base, mega_run, monkeypatch, capsys):
     assert losses[5] < losses[0] - 1.0 and bpb[6] < bpb[0]
     records = [json.loads(line) for line in (base / "mega.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
-    assert all({"mp/lod1_cos", "mp/lod2_cos", "mp/loss"} <= set(r) for r in train_records)
+    assert all({"mp/lod1_cos", "mp/lod2_cos", "mp/loss", "mp/node_cos"} <= set(r) for r in train_records)
+    assert all(-1 <= r["mp/node_cos"] <= 1 for r in train_records)
     assert train_records[-1]["mp/lod1_cos"] > train_records[0]["mp/lod1_cos"]
     assert any("mp/lod1_dnll" in r for r in records if "val_bpb" in r)  # ΔNLL at evaluation
     meta = json.loads((base / "base_checkpoints/mega/meta_000006.json").read_text())
     assert meta["attention"] | {"mp_alpha1": None, "mp_alpha2": None} == {
         "mode": "mega", "window": 8, "block_size": 4, "levels": 2, "gistnet_layers": 2, "gistnet_heads": 4,
-        "mp_alpha1": None, "mp_alpha2": None,
+        "mp_alpha1": None, "mp_alpha2": None, "sink": True,
     }  # fmt: skip
     assert set(load_mc_state(base / "base_checkpoints/mega", 6, "cpu")) == {"mega_gistnet", "mega_prediction"}
 
@@ -157,6 +164,66 @@ def test_resume_refuses_another_mode(base, mega_run, monkeypatch, capsys):
     )
 
 
+def test_sink_config_defaults_flag_and_old_meta():
+    """New runs get the sink; meta written before the sink existed (no key) loads as trained, without it."""
+    assert AttentionConfig().sink and AttentionConfig.from_dict(AttentionConfig().to_dict()).sink
+    old = {"mode": "mega", "window": 8, "block_size": 4, "levels": 2}
+    assert AttentionConfig.from_dict(old).sink is False
+    assert AttentionConfig.from_dict(old | {"sink": True}).sink is True
+    import argparse
+
+    from megacontext.attention_modes import add_attention_args
+
+    parser = argparse.ArgumentParser()
+    add_attention_args(parser)
+    parse = lambda *argv: attention_config_from_args(parser.parse_args(argv), 64)
+    assert parse("--attention", "mega").sink and parse("--attention", "window").sink
+    assert not parse("--attention", "mega", "--no-mega-sink").sink
+    assert not parse("--attention", "window", "--no-mega-sink").sink
+    assert parse("--attention", "window", "--mega-sink").sink
+    assert not parse().sink  # dense sees position 0 anyway: nothing to add
+
+
+@pytest.mark.parametrize("mode", ["window", "mega"])
+def test_sink_lets_every_position_read_token_zero(mode):
+    """Window W = 8 over two layers reaches 16 positions back: without the sink token 0 cannot move the
+    logits at position 40 and later (mega: only through its nodes, held fixed here by a zero GistNet); with
+    it, it does. With W covering the sequence the sink changes nothing: bit for bit the plain GPT."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    gpt.init_weights()
+    with torch.no_grad():
+        for p in gpt.parameters():  # the init zeroes output projections: make every layer matter
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.3)
+    x = torch.randint(0, 97, (1, 64))
+    y = x.clone()
+    y[0, 0] = (y[0, 0] + 1) % 97
+    moved = {}
+    for sink in (False, True):
+        model = AttentionModel(gpt, AttentionConfig(mode=mode, window=8, block_size=4, levels=2, sink=sink))
+        if model.gistnet is not None:
+            model.gistnet.forward = lambda blocks, level: torch.zeros_like(blocks[:, 0])
+        with torch.no_grad():
+            moved[sink] = float((model(y)[0, 40:] - model(x)[0, 40:]).abs().amax())
+        wide = AttentionModel(gpt, AttentionConfig(mode=mode, window=63, block_size=4, levels=2, sink=sink))
+        with torch.no_grad():
+            assert torch.equal(wide(x), gpt(x))
+    assert moved[False] == 0 and moved[True] > 1e-3, moved
+
+
+def test_node_cos_measures_collapse():
+    same = torch.randn(1, 1, 16).expand(2, 5, 16)
+    assert node_cos(same) == pytest.approx(1.0, abs=1e-6)
+    assert node_cos(torch.eye(8)[None].repeat(3, 1, 1)) == pytest.approx(0.0, abs=1e-7)
+    pair = torch.tensor([[[1.0, 0.0], [-2.0, 0.0]]])
+    assert node_cos(pair) == pytest.approx(-1.0)
+    many = torch.randn(2, 1000, 32, generator=torch.Generator().manual_seed(0))
+    assert abs(node_cos(many)) < 0.05 and abs(node_cos(many + 10)) > 0.9  # a shared offset: collapse
+    long = many[:, :300]  # a long row: evenly spaced nodes stand in for all of them
+    assert node_cos(long, max_nodes=7) == node_cos(long[:, torch.linspace(0, 299, 7).long()])
+
+
 def tiny_mega(N: int = 64):
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(sequence_len=N, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
@@ -169,7 +236,7 @@ def test_mega_prediction_gets_gradients_and_learns():
     gpt, model, row = tiny_mega()
     x, y = row[:, :-1], row[:, 1:]
     _, aux, metrics = model.train_loss(x, y, progress=0.0)
-    assert {"mp/lod1_cos", "mp/lod2_cos"} <= set(metrics)
+    assert {"mp/lod1_cos", "mp/lod2_cos", "mp/node_cos"} <= set(metrics)
     aux.backward()
     for head in model.predictor.heads:  # both levels; the residual head's output projection moves first
         assert head.proj.weight.grad is not None and head.proj.weight.grad.abs().sum() > 0
@@ -230,7 +297,7 @@ def test_mega_loss_covers_raw_positions_only():
     """Per-position losses are the raw positions' (flat [B * N] as the vanilla forward), logits too."""
     _, model, row = tiny_mega()
     x, y = row[:, :-1], row[:, 1:]
-    assert model.layout(64) == build_mega_layout(64, 4, 8, 2)
+    assert model.layout(64) == build_mega_layout(64, 4, 8, 2, sink=True)  # the default: with the sink
     with torch.no_grad():
         per_pos, mean = model(x, y, loss_reduction="none"), model(x, y)
     assert per_pos.shape == (2 * 64,)
@@ -253,6 +320,8 @@ def test_mega_loss_covers_raw_positions_only():
         (["--attention", "mega", "--mp-alpha1", "0.1,-1"], "error: --mp-alpha1 takes START[,END]"),
         (["--attention", "mega", "--mega-window", "0"], "error: --mega-window must be >= 1"),
         (["--attention", "mega", "--mega-block-size", "1"], "error: --mega-block-size must be >= 2"),
+        (["--no-mega-sink"], "error: --[no-]mega-sink does not apply to --attention dense"),
+        (["--attention", "dense", "--mega-sink"], "error: --[no-]mega-sink does not apply"),
     ],
 )
 def test_bad_flag_combinations_are_one_line_errors(base, monkeypatch, capsys, args, message):
