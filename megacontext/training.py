@@ -282,14 +282,10 @@ def lens_loss_fn(logits: torch.Tensor, utility: torch.Tensor) -> tuple[torch.Ten
 
 
 def lens_top_loss(logits: torch.Tensor, plan: RowPlan, utility: torch.Tensor):
-    """Listwise term (MCConfig.lens_listwise): where some measured candidates clearly pay more than the row's
-    typical candidate (by TOP_MARGIN over the median utility), they should score highest among ALL the base's
-    editable entries: -log of the softmax mass, over the editable entries, of the candidates within TOP_MARGIN
-    of the best. The pairwise loss only orders the few measured candidates; the allocator picks among every
-    entry of the WC, and the unmeasured ones are what crowds out the evidence.
-
-    Returns (loss, hit) — hit: LensNet's first choice among the editable entries is one of those candidates
-    (logged as mc/lens_top1) — or None where no candidate stands out (plain text; ties)."""
+    """Listwise term (MCConfig.lens_listwise): where some candidates clearly pay (best utility >= median +
+    TOP_MARGIN), those within TOP_MARGIN of the best should outscore ALL editable entries (-log of their softmax
+    mass over them): the pairwise loss only orders the few measured candidates, the allocator picks among all.
+    Returns (loss, hit: LensNet's first choice is one of them, mc/lens_top1), or None where none stands out."""
     if float(utility.max() - utility.median()) < TOP_MARGIN:
         return None
     idx = torch.tensor(plan.editable, device=logits.device)
