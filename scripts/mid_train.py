@@ -18,6 +18,7 @@ comes from the checkpoint); --mc on a vanilla source starts fresh nets from the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -78,6 +79,13 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     add_run_flags(p, eval_every=150)
     p.add_argument("--seed", type=int, default=42, help="seed of the MC variant sampling and fresh MC nets")
     add_mc_args(p)
+    p.add_argument(
+        "--mc-stage-recent",
+        type=int,
+        default=None,
+        help="raw recent tokens the working contexts of this stage protect (default: the source's MC config); "
+        "a chat stage may keep more than the base did, so a short conversation's question stays raw",
+    )
     return p
 
 
@@ -118,6 +126,11 @@ def train(args, stage: str) -> None:
         mc_cfg = mc_config_from_args(args)
         nets = [net.to(device).train() for net in build_nets(mc_cfg, config.n_embd)]
         print0("MegaContext: the source has no MC nets; training fresh ones from the --mc-* flags")
+    if mc_cfg is not None and args.mc_stage_recent is not None and args.mc_stage_recent != mc_cfg.recent:
+        print0(
+            f"MegaContext: this stage protects {args.mc_stage_recent} recent tokens (source: {mc_cfg.recent})"
+        )
+        mc_cfg = dataclasses.replace(mc_cfg, recent=args.mc_stage_recent)  # validated by MCConfig
     if mc_cfg is not None:
         if T % mc_cfg.block_size:
             raise UserError(f"--max-seq-len {T} must be a multiple of the MC block size {mc_cfg.block_size}")

@@ -277,11 +277,12 @@ def test_mc_nets_trained_saved_and_carried_into_sft(base):
     # the lens head starts at exactly 0 (lensnet.init_weights); training must have moved it
     assert mid_state["lensnet"]["out.weight"].abs().sum() > 0
 
-    # no --mc: a source with MC nets keeps training them, with its own config
-    run_stage("chat_sft", [*TINY, "--num-iterations", "2", "--eval-every", "-1"])
+    # no --mc: a source with MC nets keeps training them, with its own config, except the recent text a chat
+    # stage may choose to keep raw (--mc-stage-recent), which its checkpoint then records
+    run_stage("chat_sft", [*TINY, "--num-iterations", "2", "--eval-every", "-1", "--mc-stage-recent", "8"])
     sft = base / "chatsft_checkpoints" / "d2"
     _, _, sft_meta = load_checkpoint(sft, 2, "cpu")
-    assert sft_meta["mc"] == meta["mc"]
+    assert meta["mc"]["recent"] == 16 and sft_meta["mc"] == {**meta["mc"], "recent": 8}
     sft_state = load_mc_state(sft, 2, "cpu")
     assert not torch.equal(sft_state["lensnet"]["out.weight"], mid_state["lensnet"]["out.weight"])
     assert "- megacontext: on" in (base / "report" / "chat-sft-d2.md").read_text()
