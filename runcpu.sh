@@ -128,9 +128,7 @@ stage d4-mc-longctx-eval python -m scripts.mc_eval --task all "${MCEVAL[@]}" --m
 for TAG in d4 d4-mc; do
     FLAGS=()
     if [ "$TAG" = d4-mc ]; then
-        # MC config comes from the base checkpoint; the chat stages keep 64 recent tokens raw, not the base's 32:
-        # with 32 a short conversation's question was gisted in most training contexts (docs/training.md)
-        FLAGS=(--mc --mc-auto-batch --mc-stage-recent 64 "${EXTRA[@]}")
+        FLAGS=(--mc --mc-auto-batch "${EXTRA[@]}")  # MC config comes from the base checkpoint
     fi
     read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")"
     stage "$TAG-mid-train" python -m scripts.mid_train --dataset offline --model-tag "$TAG" "${CHAT[@]}" \
