@@ -65,10 +65,8 @@ class LensNet(nn.Module):
             a = math.sqrt(3.0 / self.d_model)
             nn.init.uniform_(self.fc.weight, -a, a)
         nn.init.zeros_(self.out.weight)
-        if self.lex is not None:
-            nn.init.zeros_(
-                self.lex.weight
-            )  # the lexical channel starts silent: the lens begins as without it
+        if self.lex is not None:  # the lexical channel starts silent: the lens begins as without it
+            nn.init.zeros_(self.lex.weight)
 
     def forward(
         self,

@@ -44,6 +44,7 @@ class LevelCap:
 
     def __init__(self, tree, max_level: int):
         self.tree, self.cap = tree, max_level
+        self.mean_cache: dict = {}  # span means of complete nodes, for a lexical LensNet (tree_entry_inputs)
 
     def __getattr__(self, name):
         return getattr(self.tree, name)
@@ -100,11 +101,8 @@ def gpt_inputs(wc: WorkingContext, tree, model, cfg: MCConfig, device):
 def lens_scores(wc: WorkingContext, tree, model, lensnet, cfg: MCConfig, query_ids, query_end: int, device):
     """LensNet's score per entry, with the K tokens before the horizon as the query (as in training)."""
     K = cfg.block_size
-    if not hasattr(tree, "mean_cache"):
-        tree.mean_cache = {}  # span means of complete nodes, for a lexical lens (tree_entry_inputs)
-    rows, lod, lex = tree_entry_inputs(
-        wc.entries, tree, model.wte, device, lensnet.lex is not None, tree.mean_cache
-    )
+    cache = getattr(tree, "mean_cache", None)  # LevelCap keeps one per tree: every refocus reuses it
+    rows, lod, lex = tree_entry_inputs(wc.entries, tree, model.wte, device, lensnet.lex is not None, cache)
     mu, sigma, q_pos = lens_positions(wc.entries, cfg.positions, query_end, K)
     q_emb = model.wte(query_ids.to(device))
     dtype = q_emb.dtype
