@@ -13,7 +13,8 @@ b1 <= i (strictly causal, no overshoot). With `sink` (window and mega layouts) r
 first token, BOS at the start of a document) is visible to every query as well: an attention sink, as in
 StreamingLLM. Without it no query more than W past position 0 has a fixed key to park attention on, and the
 always-visible nodes may get recruited as sinks, which wants them constant (issue 8: the gists collapsed).
-Position 0 is then the one exception to "seen once": it may be seen raw and inside the first node. The raw window reaches back from i - W to the K-aligned boundary
+Position 0 is then the one exception to "seen once": it may be seen raw and inside the first node.
+The raw window reaches back from i - W to the K-aligned boundary
 b1 (at most K - 1 extra positions): the wLOD1 node holding i - W also holds positions inside the window,
 so it cannot stand in for the older part of its span without covering some positions twice.
 A node sees exactly what its last raw child sees, plus itself (every query sees its own key, as a raw
