@@ -15,7 +15,7 @@ CHOICES = {
     "gistnet_pooling": ("mean", "query", "cls"),
     "gistnet_head": ("linear", "mlp"),
     "lensnet_head": ("linear", "mlp"),
-    "lensnet_input": ("gist", "gist+mean"),
+    "lensnet_input": ("gist", "gist+mean", "gist+mean+match"),
     "allocator": ("greedy", "stochastic"),
     "tree_backend": ("ram", "disk"),
     "positions": ("wc_index", "global"),
@@ -43,7 +43,8 @@ class MCConfig:
     lensnet_layers: int = 2
     lensnet_head: str = "mlp"
     # What LensNet sees of an entry: its "gist" only, or "gist+mean": also the mean token embedding of its span,
-    # so the lens can match the question's words against the entry's (lensnet.py).
+    # so the lens can match the question's words against the entry's, or "gist+mean+match": also which query
+    # tokens occur in its span, exactly (lensnet.py, lens_inputs.py).
     lensnet_input: str = "gist"
     n_head: int = 4  # heads of GistNet and LensNet (head_dim = n_embd / n_head must be even for RoPE)
     allocator: str = "greedy"  # "stochastic" samples edits; used to draw training variants
@@ -224,6 +225,7 @@ def build_nets(cfg: MCConfig, d_model: int):
         cfg.lensnet_layers,
         cfg.lensnet_head,
         cfg.max_level,
-        lexical=cfg.lensnet_input == "gist+mean",
+        lexical=cfg.lensnet_input != "gist",
+        match=cfg.lensnet_input.endswith("+match"),
     )
     return gistnet, lensnet

@@ -14,6 +14,14 @@ With `lexical=True` each entry also brings the mean of its span's token embeddin
 through a zero-initialised projection. The query tokens are token embeddings too, so the lens can match the
 words of the question against the words of an entry directly; a gist is shaped by what the GPT needs to
 continue the text, not by what makes the entry easy to find.
+
+With `match=True` the lens also gets `entry_match` [N, Q] (1 where query token q occurs in the entry's span,
+megacontext/lens_inputs.py) and adds scale[LOD of n] * sum_q match[n, q] * w(q) to each entry's logit: the weight
+w of a query token is read from its final state (the transformer decides which words of the question name what
+is sought, a lock's label or a key, and which are filler), the same at every level, while a hit is worth less in
+a wide gist that holds many words (scale per LOD, starting at 1). w starts at zero, so the channel starts
+silent. (Weighting hits by the query word's inverse frequency over the WC's entries was tried and measured
+worse: passkey 4x 70 -> 50 %, docs/training.md.)
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ class LensNet(nn.Module):
         head: str = "mlp",
         max_level: int = 8,
         lexical: bool = False,
+        match: bool = False,
     ):
         super().__init__()
         if head not in HEADS:
@@ -46,6 +55,8 @@ class LensNet(nn.Module):
         self.lod_emb = nn.Embedding(max_level + 1, d_model)  # LOD 0 (raw block) .. max_level
         self.query_type = nn.Parameter(torch.empty(d_model))  # marks the raw query tokens
         self.lex = nn.Linear(d_model, d_model, bias=False) if lexical else None
+        self.match = nn.Linear(d_model, 1, bias=False) if match else None  # w(q)
+        self.match_scale = nn.Parameter(torch.ones(max_level + 1)) if match else None
         self.blocks = nn.ModuleList([Block(d_model, n_head) for _ in range(n_layer)])
         self.fc = nn.Linear(d_model, 4 * d_model, bias=False) if head == "mlp" else None
         self.out = nn.Linear(4 * d_model if head == "mlp" else d_model, 1, bias=False)
@@ -67,6 +78,9 @@ class LensNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         if self.lex is not None:  # the lexical channel starts silent: the lens begins as without it
             nn.init.zeros_(self.lex.weight)
+        if self.match is not None:  # and so does the match channel
+            nn.init.zeros_(self.match.weight)
+            nn.init.ones_(self.match_scale)
 
     def forward(
         self,
@@ -79,11 +93,13 @@ class LensNet(nn.Module):
         entry_mask: torch.Tensor | None = None,
         return_logits: bool = False,
         entry_lex: torch.Tensor | None = None,
+        entry_match: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """entries [B, N, d] / [B, N] (lod long, mu and sigma in global token positions), query tokens
-        [B, Q, d] at positions [B, Q] (Q >= 1), entry_mask bool [B, N] (True = real entry, False = padding;
-        padding may hold anything), entry_lex [B, N, d] (mean token embedding of each entry's span; needed
-        exactly when the lens is lexical). Returns scores [B, N] in [-1, 1]; padded entries score 0."""
+                [B, Q, d] at positions [B, Q] (Q >= 1), entry_mask bool [B, N] (True = real entry, False = padding;
+                padding may hold anything), entry_lex [B, N, d] (mean token embedding of each entry's span; needed
+                exactly when the lens is lexical), entry_match [B, N, Q] (0/1: query token q occurs in entry n's span;
+        needed exactly when the lens matches). Returns scores [B, N] in [-1, 1]; padded entries score 0."""
         B, N, d = entry_embeds.shape
         Q = query_embeds.shape[1]
         if Q < 1:
@@ -92,6 +108,8 @@ class LensNet(nn.Module):
             )
         if (entry_lex is None) != (self.lex is None):
             raise ValueError("a lexical LensNet needs entry_lex, and only a lexical one takes it")
+        if (entry_match is None) != (self.match is None):
+            raise ValueError("a matching LensNet needs entry_match, and only a matching one takes it")
         if entry_mask is not None:
             # Sanitise padding so nothing it holds (NaN, out-of-range LOD) can leak through 0 * NaN.
             keep = entry_mask.bool()
@@ -101,6 +119,8 @@ class LensNet(nn.Module):
             entry_sigma = entry_sigma.masked_fill(~keep, 0.0)
             if entry_lex is not None:
                 entry_lex = entry_lex.masked_fill(~keep[..., None], 0.0)
+            if entry_match is not None:
+                entry_match = entry_match.masked_fill(~keep[..., None], 0.0)
         entries = norm(entry_embeds) + self.lod_emb(entry_lod)
         if entry_lex is not None:
             entries = entries + self.lex(norm(entry_lex))
@@ -122,6 +142,10 @@ class LensNet(nn.Module):
         if self.fc is not None:
             h = F.relu(self.fc(h)).square()
         logits = self.out(h).squeeze(-1)
+        if self.match is not None:
+            w = self.match(norm(x[:, N:])).squeeze(-1)  # [B, Q]: what a hit on each query token is worth
+            hits = torch.einsum("bnq,bq->bn", entry_match.to(w.dtype), w)
+            logits = logits + self.match_scale[entry_lod] * hits
         # training ranks on the logits (tanh saturates and would stop the ranking gradient)
         scores = logits if return_logits else torch.tanh(logits)
         return scores if entry_mask is None else scores.masked_fill(~keep, 0.0)
@@ -130,11 +154,11 @@ class LensNet(nn.Module):
         """Convenience for one working context or a list of them.
 
         wc: a dict or object with per-entry `embeds` [N, d], `lod` [N], `mu` [N], `sigma` [N] (and `lex`
-        [N, d] for a lexical lens); query_embeds [Q, d] and query_pos [Q]. A list of such WCs is padded into
+        [N, d] for a lexical lens, `match` [N, Q] for a matching one); query_embeds [Q, d] and query_pos [Q]. A list of such WCs is padded into
         one batch (query_embeds [B, Q, d], query_pos [B, Q]) and gives a list of score tensors [N_i].
         """
         wcs = wc if isinstance(wc, (list, tuple)) else [wc]
-        fields = [_entry_fields(w, self.lex is not None) for w in wcs]
+        fields = [_entry_fields(w, self.lex is not None, self.match is not None) for w in wcs]
         n_max = max(f[0].shape[0] for f in fields)
         device = fields[0][0].device
         lengths = torch.tensor([f[0].shape[0] for f in fields], device=device)
@@ -142,8 +166,10 @@ class LensNet(nn.Module):
         padded = [torch.stack([_pad_to(f[i], n_max) for f in fields]) for i in range(len(fields[0]))]
         if not isinstance(wc, (list, tuple)):
             query_embeds, query_pos = query_embeds[None], query_pos[None]
-        lex = padded[4] if self.lex is not None else None
-        scores = self(*padded[:4], query_embeds, query_pos, entry_mask=mask, entry_lex=lex)
+        extra = iter(padded[4:])
+        lex = next(extra) if self.lex is not None else None
+        match = next(extra) if self.match is not None else None
+        scores = self(*padded[:4], query_embeds, query_pos, entry_mask=mask, entry_lex=lex, entry_match=match)
         if not isinstance(wc, (list, tuple)):
             return scores[0]
         return [scores[b, : f[0].shape[0]] for b, f in enumerate(fields)]
@@ -154,59 +180,12 @@ def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((n - t.shape[0], *t.shape[1:]))])
 
 
-def _entry_fields(wc, lexical: bool) -> tuple[torch.Tensor, ...]:
+def _entry_fields(wc, lexical: bool, match: bool) -> tuple[torch.Tensor, ...]:
     get = wc.__getitem__ if isinstance(wc, dict) else lambda name: getattr(wc, name)
     try:
         out = (get("embeds"), get("lod").long(), get("mu").float(), get("sigma").float())
-        return (*out, get("lex")) if lexical else out
+        return out + ((get("lex"),) if lexical else ()) + ((get("match").float(),) if match else ())
     except (KeyError, AttributeError) as e:
         raise TypeError(
-            f"LensNet.score needs per-entry embeds, lod, mu and sigma (and lex if lexical); missing {e}"
+            f"LensNet.score needs per-entry embeds, lod, mu and sigma (and lex if lexical, match if matching); missing {e}"
         ) from None
-
-
-@torch.no_grad()
-def tree_entry_inputs(entries, tree, embed, device, lexical: bool, mean_cache: dict | None = None):
-    """What LensNet sees of working-context entries read from a tree (evaluation views, chat session), as
-    training.lens_inputs builds it from a training row: (rows [N, d], lod, lex [N, d] or None).
-
-    A gist is its stored embedding; a complete raw block its LOD1 gist; the incomplete newest block the mean
-    of its token embeddings. `lex` (lexical lens) is the mean token embedding of each entry's span; a complete
-    node's mean is the mean of its children's, kept in `mean_cache` ((level, index) -> [d]; nodes never change
-    once complete), so each node is read once and a refocus costs O(entries), not O(history)."""
-    K = tree.K
-    rows = torch.empty(len(entries), tree.d, device=device)
-    by_level: dict[int, list[tuple[int, int]]] = {}
-    for i, e in enumerate(entries):
-        if e.level >= 1 or (e.size == K and tree.num_nodes(1) > e.start // K):
-            by_level.setdefault(max(e.level, 1), []).append((i, e.start // K ** max(e.level, 1)))
-        else:  # the newest, incomplete block
-            rows[i] = embed(tree.tokens(e.start, e.end, device=device)).float().mean(dim=0)
-    for level, pairs in by_level.items():
-        at = torch.tensor([i for i, _ in pairs], device=device)
-        rows[at] = tree.gists(level, [j for _, j in pairs], device=device).float()
-    lex = None
-    if lexical:
-        cache = {} if mean_cache is None else mean_cache
-        lex = torch.stack([_span_mean(e, tree, embed, device, cache) for e in entries])
-    return rows, [e.level for e in entries], lex
-
-
-def _span_mean(e, tree, embed, device, cache: dict) -> torch.Tensor:
-    K = tree.K
-    if e.level == 0 and e.size < K:  # the newest, incomplete block: not cached, it still grows
-        return embed(tree.tokens(e.start, e.end, device=device)).float().mean(dim=0)
-    level = max(e.level, 1)
-    return _node_mean(level, e.start // K**level, tree, embed, device, cache)
-
-
-def _node_mean(level: int, index: int, tree, embed, device, cache: dict) -> torch.Tensor:
-    key = (level, index)
-    if key not in cache:
-        K = tree.K
-        if level == 1:
-            cache[key] = embed(tree.tokens(index * K, (index + 1) * K, device=device)).float().mean(dim=0)
-        else:
-            kids = [_node_mean(level - 1, index * K + j, tree, embed, device, cache) for j in range(K)]
-            cache[key] = torch.stack(kids).mean(dim=0)
-    return cache[key]

@@ -35,10 +35,10 @@ from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Edit, Entry, gist_entry
 from megacontext.gistnet import GistNet
 from megacontext.kv_cache import SlotKVCache, key_index, key_level, slot_key
-from megacontext.lensnet import LensNet, tree_entry_inputs
+from megacontext.lens_inputs import tree_lens_scores
+from megacontext.lensnet import LensNet
 from megacontext.positional import gaussian_rotary
 from megacontext.telemetry import Telemetry
-from megacontext.training import lens_positions, run_lens
 from megacontext.tree import MegaContextTree, copy_tree
 from megacontext.working_context import WorkingContext
 from nanochat.common import UserError, atomic_write_json
@@ -132,7 +132,7 @@ class MCSession:
             seed=seed,
         )
         self.telemetry = Telemetry()
-        self._mean_cache: dict = {}  # span means of complete tree nodes, for a lexical LensNet
+        self._node_cache: dict = {}  # span means / token sets of complete tree nodes, for LensNet
         g = model.config
         self.cache = SlotKVCache(g.n_layer, g.n_kv_head, g.head_dim, cfg.wc_budget + 1, self.device)
         # wc_index: slot s always has RoPE phase s, so one table serves every WC
@@ -199,15 +199,20 @@ class MCSession:
     def lens_scores(self, wc: WorkingContext | None = None) -> torch.Tensor:
         """LensNet's focus score per entry of `wc` (default: the session's WC), against the K newest tokens
         (as in training)."""
-        K, N, dtype = self.K, self.tree.num_tokens, self.model.wte.weight.dtype
+        K, N = self.K, self.tree.num_tokens
+        query = self.tree.tokens(N - K, N, device=self.device)
         entries = (wc or self.wc).entries
-        rows, lod, lex = tree_entry_inputs(
-            entries, self.tree, self.model.wte, self.device, self.lensnet.lex is not None, self._mean_cache
+        return tree_lens_scores(
+            self.lensnet,
+            entries,
+            self.tree,
+            self.model.wte,
+            query,
+            N,
+            self.positions,
+            self.device,
+            self._node_cache,
         )
-        mu, sigma, q_pos = lens_positions(entries, self.positions, N, K)
-        q_emb = self.model.wte(self.tree.tokens(N - K, N, device=self.device))
-        lex = None if lex is None else lex.to(dtype)
-        return run_lens(self.lensnet, rows.to(dtype), lod, mu, sigma, q_emb, q_pos, lex=lex)
 
     def refocus(self) -> list[Edit]:
         """LensNet scores -> allocator edits -> new WC. The KV cache is invalidated lazily, from the first slot

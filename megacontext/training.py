@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from megacontext.allocator import random_variant
 from megacontext.config import MCConfig
-from megacontext.entries import Edit, Entry
+from megacontext.entries import Edit
+from megacontext.lens_inputs import lens_inputs, lens_positions, row_entry_match, run_lens
 from megacontext.positional import gaussian_rotary, span_mu_sigma
 from megacontext.working_context import WorkingContext
 
@@ -203,55 +204,6 @@ def row_rng(seed: int, row: torch.Tensor) -> random.Random:
     return random.Random(f"{seed}:{zlib.crc32(row.detach().cpu().numpy().tobytes())}")
 
 
-def lens_positions(entries, positions: str, query_end: int, K: int):
-    """(entry mu, entry sigma, query positions) for LensNet, numbered like the GPT's (cfg.positions):
-    `wc_index` = entry number with sigma 0 and the K query tokens right after the last entry; `global` =
-    span centre/width and the query's own token positions [query_end - K, query_end)."""
-    n = len(entries)
-    if positions == "wc_index":
-        return [float(i) for i in range(n)], [0.0] * n, [float(n + j) for j in range(K)]
-    ms = [span_mu_sigma(e.start, e.end) for e in entries]
-    return [float(m) for m, _ in ms], [float(s) for _, s in ms], [float(query_end - K + j) for j in range(K)]
-
-
-def lens_inputs(entries: tuple[Entry, ...], bank: torch.Tensor, offsets: list[int], K: int, lexical: bool):
-    """Per-entry (embeds [N, d], lod, lex [N, d] or None) for LensNet. A raw block is represented by its LOD1
-    gist when the block is complete (what the lens would collapse it into), else by the mean of its token
-    embeddings; `lex` is the mean token embedding of every entry's span (LensNet lexical input)."""
-    rows = []
-    for e in entries:
-        if e.level >= 1:
-            rows.append(bank[offsets[e.level] + e.start // K**e.level])
-        elif e.size == K and len(offsets) > 1:
-            rows.append(bank[offsets[1] + e.start // K])
-        else:
-            rows.append(bank[e.start : e.end].mean(dim=0))
-    lex = None
-    if lexical:
-        T = offsets[1] if len(offsets) > 1 else bank.shape[0]
-        csum = torch.cat([bank.new_zeros(1, bank.shape[1]), bank[:T].cumsum(dim=0)])
-        starts = torch.tensor([e.start for e in entries], device=bank.device)
-        ends = torch.tensor([e.end for e in entries], device=bank.device)
-        lex = (csum[ends] - csum[starts]) / (ends - starts)[:, None]
-    return torch.stack(rows), [e.level for e in entries], lex
-
-
-def run_lens(lensnet, embeds, lod, mu, sigma, query_embeds, query_pos, return_logits: bool = False, lex=None):
-    """LensNet on one working context given as lists/tensors; returns scores [N] (or pre-tanh logits).
-    `lex` [N, d]: mean token embedding per entry, for a lexical LensNet."""
-    dev = embeds.device
-    return lensnet(
-        embeds[None],
-        torch.tensor(lod, device=dev)[None],
-        torch.tensor(mu, device=dev)[None],
-        torch.tensor(sigma, device=dev)[None],
-        query_embeds[None],
-        torch.tensor(query_pos, device=dev)[None],
-        return_logits=return_logits,
-        entry_lex=None if lex is None else lex[None],
-    )[0]
-
-
 def lens_loss_fn(logits: torch.Tensor, utility: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """Ranking + sign loss for one row's candidate logits [n] (pre-tanh scores) and measured utilities [n].
 
@@ -396,7 +348,10 @@ def mc_train_step(
         e_emb, lod, lex = lens_inputs(base.entries, bank[b].detach(), offsets, K, lensnet.lex is not None)
         e_mu, e_sig, q_pos = lens_positions(base.entries, cfg.positions, horizon_start, K)
         q_emb = embeds[b, horizon_start - K : horizon_start].detach()
-        scores = run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos, return_logits=True, lex=lex)
+        match = None
+        if lensnet.match is not None:
+            match = row_entry_match(base.entries, inputs[b], inputs[b, horizon_start - K : horizon_start])
+        scores = run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos, True, lex, match)
         cand = torch.tensor(plan.candidates, device=device)
         loss_b, ra, sa = lens_loss_fn(scores[cand], utility)
         top = lens_top_loss(scores, plan, utility)

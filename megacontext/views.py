@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from megacontext.allocator import FocusAllocator, lookahead_scores, normalize_scores
 from megacontext.config import MCConfig
 from megacontext.entries import InvariantError
-from megacontext.lensnet import tree_entry_inputs
+from megacontext.lens_inputs import tree_lens_scores
 from megacontext.positional import gaussian_rotary
-from megacontext.training import lens_positions, run_lens
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext, coarse_tiling, raw_blocks, widest_raw_tail
 from nanochat.gpt import apply_rotary_emb, norm
@@ -44,7 +43,7 @@ class LevelCap:
 
     def __init__(self, tree, max_level: int):
         self.tree, self.cap = tree, max_level
-        self.mean_cache: dict = {}  # span means of complete nodes, for a lexical LensNet (tree_entry_inputs)
+        self.node_cache: dict = {}  # span means / token sets of complete nodes, for LensNet (lens_inputs.py)
 
     def __getattr__(self, name):
         return getattr(self.tree, name)
@@ -100,14 +99,10 @@ def gpt_inputs(wc: WorkingContext, tree, model, cfg: MCConfig, device):
 @torch.no_grad()
 def lens_scores(wc: WorkingContext, tree, model, lensnet, cfg: MCConfig, query_ids, query_end: int, device):
     """LensNet's score per entry, with the K tokens before the horizon as the query (as in training)."""
-    K = cfg.block_size
-    cache = getattr(tree, "mean_cache", None)  # LevelCap keeps one per tree: every refocus reuses it
-    rows, lod, lex = tree_entry_inputs(wc.entries, tree, model.wte, device, lensnet.lex is not None, cache)
-    mu, sigma, q_pos = lens_positions(wc.entries, cfg.positions, query_end, K)
-    q_emb = model.wte(query_ids.to(device))
-    dtype = q_emb.dtype
-    lex = None if lex is None else lex.to(dtype)
-    return run_lens(lensnet, rows.to(dtype), lod, mu, sigma, q_emb, q_pos, lex=lex)
+    cache = getattr(tree, "node_cache", None)  # LevelCap keeps one per tree: every refocus reuses it
+    return tree_lens_scores(
+        lensnet, wc.entries, tree, model.wte, query_ids, query_end, cfg.positions, device, cache
+    )
 
 
 @torch.no_grad()

@@ -126,7 +126,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also time the MegaContext step at equal tokens (MCConfig defaults scaled to --max-seq-len: "
         "K=16, budget max(128, T/4), recent 32, horizon 8, 2 copy hints, marginal loss, lexical LensNet with the "
-        "listwise term, as runcpu.sh) and report the MC/vanilla tokens/s ratio and controller time",
+        "listwise term and query matches, as runcpu.sh) and report the MC/vanilla tokens/s ratio and controller time",
     )
     return parser.parse_args()
 
@@ -146,7 +146,7 @@ def bench_mc(args, model, device, dtype, vanilla_tokens_per_s: float) -> dict:
         curriculum_start=0.0,
         copy_hints=2,  # as runcpu.sh: the hints are controller time, the marginal loss a little GPU time
         token_loss="marginal",
-        lensnet_input="gist+mean",
+        lensnet_input="gist+mean+match",
         lens_listwise=1.0,
     )
     gistnet, lensnet = build_nets(cfg, model.config.n_embd)

@@ -155,3 +155,45 @@ def test_lexical_input_starts_silent_then_matters():
         lexical(embeds, lod, mu, sigma, query, query_pos)
     with pytest.raises(ValueError, match="entry_lex"):
         plain(embeds, lod, mu, sigma, query, query_pos, entry_lex=lex)
+
+
+def test_match_channel_starts_silent_then_lifts_the_entries_holding_the_query_words():
+    """A matching lens (entry_match: which query tokens occur in each entry's span) scores like the same lens
+    without the channel until its zero-initialised weights move, yet its weights get a gradient from the first
+    step; once they are positive, an entry holding a query word scores higher than the same entry without."""
+    torch.manual_seed(0)
+    plain = LensNet(D, H, n_layer=2, lexical=True)
+    matching = LensNet(D, H, n_layer=2, lexical=True, match=True)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0.0, 0.1)
+    matching.load_state_dict(plain.state_dict(), strict=False)  # all but match.weight (still zero)
+    embeds, lod, mu, sigma, query, query_pos = _wc()
+    lex = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(9))
+    match = torch.zeros(2, 6, 4)
+    match[:, 1, 2] = 1.0  # entry 1 (a LOD1 gist) holds query token 2
+    base = plain(embeds, lod, mu, sigma, query, query_pos, entry_lex=lex)
+    out = matching(
+        embeds, lod, mu, sigma, query, query_pos, entry_lex=lex, entry_match=match, return_logits=True
+    )
+    torch.testing.assert_close(out.tanh(), base)
+    out[:, 1].sum().backward()
+    assert matching.match.weight.grad.abs().sum() > 0  # w learns from the first step
+    assert matching.match_scale.grad.abs().sum() == 0  # (its per-LOD scale once w is not zero)
+    with torch.no_grad():
+        matching.match.weight.copy_(matching.match.weight.grad.sign() * 0.5)  # w(q, LOD1) > 0 for token 2
+        lifted = matching(embeds, lod, mu, sigma, query, query_pos, entry_lex=lex, entry_match=match)
+        unmatched = matching(embeds, lod, mu, sigma, query, query_pos, entry_lex=lex, entry_match=match * 0)
+    assert (lifted[:, 1] > unmatched[:, 1]).all()
+    torch.testing.assert_close(lifted[:, [0, 2, 3, 4, 5]], unmatched[:, [0, 2, 3, 4, 5]])
+    one = {
+        "embeds": embeds[0],
+        "lod": lod[0],
+        "mu": mu[0],
+        "sigma": sigma[0],
+        "lex": lex[0],
+        "match": match[0],
+    }
+    torch.testing.assert_close(matching.score(one, query[0], query_pos[0]), lifted[0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="entry_match"):
+        matching(embeds, lod, mu, sigma, query, query_pos, entry_lex=lex)

@@ -8,6 +8,7 @@ import torch
 from megacontext import training
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Edit
+from megacontext.lens_inputs import lens_inputs, lens_positions, run_lens
 from megacontext.working_context import WorkingContext
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import setup_optimizers
@@ -62,10 +63,10 @@ def test_planted_evidence_block_is_kept_raw_and_ranked_first():
             row = x[i : i + 1]
             bank, offsets = training.build_bank(model.wte(row[:, :T]), gistnet, K, 1)
             wc = WorkingContext.coarsest(shape, cfg.wc_budget, cfg.recent)
-            emb, lod, _ = training.lens_inputs(wc.entries, bank[0], offsets, K, False)
-            mu, sigma, q_pos = training.lens_positions(wc.entries, "wc_index", T - cfg.horizon, K)
+            emb, lod, _ = lens_inputs(wc.entries, bank[0], offsets, K, False)
+            mu, sigma, q_pos = lens_positions(wc.entries, "wc_index", T - cfg.horizon, K)
             query = model.wte(row[0, T - cfg.horizon - K : T - cfg.horizon])
-            scores = training.run_lens(lensnet, emb, lod, mu, sigma, query, q_pos)
+            scores = run_lens(lensnet, emb, lod, mu, sigma, query, q_pos)
             gists = [j for j, e in enumerate(wc.entries) if e.level >= 1]
             best = max(gists, key=lambda j: float(scores[j]))
             top1 += int(wc.entries[best].start // K == int(evidence[i]))

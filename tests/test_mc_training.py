@@ -205,7 +205,7 @@ def test_lens_top_loss_lifts_the_paying_candidate_above_every_editable_entry():
     assert training.lens_top_loss(logits, plan, torch.tensor([0.5, 0.5, 0.49, 0.5])) is None
 
 
-@pytest.mark.parametrize("kw", [{}, {"lensnet_input": "gist+mean", "lens_listwise": 1.0}])
+@pytest.mark.parametrize("kw", [{}, {"lensnet_input": "gist+mean+match", "lens_listwise": 1.0}])
 def test_every_parameter_of_gpt_gistnet_and_lensnet_gets_a_gradient(kw):
     model, gistnet, lensnet, cfg = tiny(**kw)
     opts = setup_optimizers(model, extra_modules=[gistnet, lensnet])

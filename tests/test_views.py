@@ -9,7 +9,7 @@ import torch
 from megacontext import training, views
 from megacontext.allocator import normalize_scores, random_variant
 from megacontext.config import MCConfig, build_nets
-from megacontext.lensnet import tree_entry_inputs
+from megacontext.lens_inputs import lens_inputs, row_entry_match, tree_entry_inputs, tree_entry_match
 from megacontext.views import build_tree, focus, horizon_logits, oracle_wc
 from megacontext.working_context import WorkingContext, coarse_tiling
 from nanochat.gpt import GPT, GPTConfig
@@ -132,22 +132,33 @@ def test_a_full_working_context_makes_room_for_the_entry_the_scorer_wants(monkey
 
 
 def test_lens_inputs_from_a_tree_equal_those_of_training():
-    """Evaluation and the chat session build LensNet's inputs from a tree (lensnet.tree_entry_inputs),
-    training from the row's bank (training.lens_inputs): the same entries must give the same gists and
-    mean token embeddings, or the lens is evaluated on inputs it was not trained on."""
-    model, cfg, gistnet, _ = tiny(lensnet_input="gist+mean")
+    """Evaluation and the chat session build LensNet's inputs from a tree (lens_inputs.tree_entry_inputs /
+    tree_entry_match), training from the row (lens_inputs / row_entry_match): the same entries must give the
+    same gists, mean token embeddings and query-token matches, or the lens is evaluated on inputs it was not
+    trained on."""
+    model, cfg, gistnet, _ = tiny(lensnet_input="gist+mean+match")
     ids = torch.randint(0, V, (64,), generator=torch.Generator().manual_seed(4)).tolist()
     tree = build_tree(ids, model, gistnet, cfg, "cpu")
     with torch.no_grad():
         levels = training.trained_levels(cfg, len(ids))
         bank, offsets = training.build_bank(model.wte(torch.tensor(ids))[None], gistnet, K, levels)
+    query = torch.tensor(ids[-K:])
+    hits = 0
     for seed in range(5):
         wc = random_variant(tree, cfg.wc_budget, cfg.recent, random.Random(seed))
-        want_rows, want_lod, want_lex = training.lens_inputs(wc.entries, bank[0], offsets, K, True)
+        want_rows, want_lod, want_lex = lens_inputs(wc.entries, bank[0], offsets, K, True)
+        want_match = row_entry_match(wc.entries, torch.tensor(ids), query)
         cache: dict = {}
         rows, lod, lex = tree_entry_inputs(wc.entries, tree, model.wte, "cpu", True, cache)
+        match = tree_entry_match(wc.entries, tree, query, "cpu", cache)
         assert lod == want_lod
         torch.testing.assert_close(rows, want_rows, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lex, want_lex, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(match, want_match, atol=0, rtol=0)
+        hits += int(match[:-2].sum())  # the older entries (the last ones hold the query itself)
         again = tree_entry_inputs(wc.entries, tree, model.wte, "cpu", True, cache)[2]  # from the cache
         torch.testing.assert_close(again, lex, atol=0, rtol=0)
+        torch.testing.assert_close(
+            tree_entry_match(wc.entries, tree, query, "cpu", cache), match, atol=0, rtol=0
+        )
+    assert hits > 0  # the test sees real matches, not only zeros
