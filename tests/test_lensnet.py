@@ -131,16 +131,22 @@ def test_every_parameter_gets_a_gradient(head):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def _with_a_new_channel(old: dict, new: dict) -> tuple[LensNet, LensNet]:
+    """A trained-looking lens and one with an extra input channel that shares all its other weights (the new
+    channel's weights keep their zero init)."""
+    torch.manual_seed(0)
+    before, after = LensNet(D, H, n_layer=2, **old), LensNet(D, H, n_layer=2, **new)
+    with torch.no_grad():
+        for p in before.parameters():
+            p.normal_(0.0, 0.1)
+    after.load_state_dict(before.state_dict(), strict=False)
+    return before, after
+
+
 def test_lexical_input_starts_silent_then_matters():
     """A lexical lens (entry_lex: the mean token embedding of each entry) scores exactly like the same lens
     without it until its zero-initialised projection moves; then the entries' words change the scores."""
-    torch.manual_seed(0)
-    plain = LensNet(D, H, n_layer=2)
-    lexical = LensNet(D, H, n_layer=2, lexical=True)
-    with torch.no_grad():
-        for p in plain.parameters():
-            p.normal_(0.0, 0.1)
-    lexical.load_state_dict(plain.state_dict(), strict=False)  # everything but lex.weight (still zero)
+    plain, lexical = _with_a_new_channel({}, {"lexical": True})
     embeds, lod, mu, sigma, query, query_pos = _wc()
     lex = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(9))
     base = plain(embeds, lod, mu, sigma, query, query_pos)
@@ -161,13 +167,7 @@ def test_match_channel_starts_silent_then_lifts_the_entries_holding_the_query_wo
     """A matching lens (entry_match: which query tokens occur in each entry's span) scores like the same lens
     without the channel until its zero-initialised weights move, yet its weights get a gradient from the first
     step; once they are positive, an entry holding a query word scores higher than the same entry without."""
-    torch.manual_seed(0)
-    plain = LensNet(D, H, n_layer=2, lexical=True)
-    matching = LensNet(D, H, n_layer=2, lexical=True, match=True)
-    with torch.no_grad():
-        for p in plain.parameters():
-            p.normal_(0.0, 0.1)
-    matching.load_state_dict(plain.state_dict(), strict=False)  # all but match.weight (still zero)
+    plain, matching = _with_a_new_channel({"lexical": True}, {"lexical": True, "match": True})
     embeds, lod, mu, sigma, query, query_pos = _wc()
     lex = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(9))
     match = torch.zeros(2, 6, 4)
