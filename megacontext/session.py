@@ -201,18 +201,8 @@ class MCSession:
         (as in training)."""
         K, N = self.K, self.tree.num_tokens
         query = self.tree.tokens(N - K, N, device=self.device)
-        entries = (wc or self.wc).entries
-        return tree_lens_scores(
-            self.lensnet,
-            entries,
-            self.tree,
-            self.model.wte,
-            query,
-            N,
-            self.positions,
-            self.device,
-            self._node_cache,
-        )
+        rest = (self.tree, self.model.wte, query, N, self.positions, self.device, self._node_cache)
+        return tree_lens_scores(self.lensnet, (wc or self.wc).entries, *rest)
 
     def refocus(self) -> list[Edit]:
         """LensNet scores -> allocator edits -> new WC. The KV cache is invalidated lazily, from the first slot
