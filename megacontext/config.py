@@ -67,6 +67,10 @@ class MCConfig:
     # variants first (training.copy_hints: blocks that hold an earlier occurrence of a horizon n-gram), so
     # the designed experiment often measures the evidence block instead of ~1 in 30. 0 = all random.
     copy_hints: int = 0
+    # And this many "look-alike" blocks (training.match_hints: the most distinct tokens shared with LensNet's
+    # query, not copy hints), so a distractor's sentence gets measured too and the lens learns what opening
+    # a look-alike costs, not only what the evidence pays. 0 = none.
+    match_hints: int = 0
     horizon: int = 64  # H: shared recent tail where variants' losses are compared
     # How a row's working contexts train the GPT on the horizon: "mean" of their losses (DESIGN §4), or the
     # "marginal" -log mean_v p(horizon | WC_v), which credits the WCs that hold the evidence instead of
@@ -118,6 +122,7 @@ class MCConfig:
             "cooldown",
             "variants",
             "copy_hints",
+            "match_hints",
             "horizon",
             "tau_expand",
             "tau_collapse",
@@ -154,6 +159,7 @@ FLAGS = {
     "--mc-recent": "recent",
     "--mc-variants": "variants",
     "--mc-copy-hints": "copy_hints",
+    "--mc-match-hints": "match_hints",
     "--mc-horizon": "horizon",
     "--mc-token-loss": "token_loss",
     "--mc-lens-weight": "lens_weight",

@@ -162,6 +162,22 @@ def copy_hints(row: list[int], horizon_start: int, before: int, K: int, limit: i
     return sorted(counts, key=lambda b: (-counts[b], -b))[:limit]
 
 
+def match_hints(row: list[int], query_start: int, before: int, K: int, limit: int, exclude=()) -> list[int]:
+    """LOD1 block indices (at most `limit`, most shared tokens first) before position `before` sharing the most
+    distinct tokens with LensNet's query (the K tokens from query_start), other than `exclude` (the copy hints).
+
+    A distractor's sentence repeats the question's template ("the pass key for the ... is"), so it is what a
+    lens matching words opens by mistake; random variants almost never measure it. As hints, their expansions
+    are measured like the evidence's, so LensNet learns what opening a look-alike costs."""
+    query = set(row[query_start : query_start + K])
+    counts = {}
+    for b in range(before // K):
+        shared = len(query.intersection(row[b * K : (b + 1) * K]))
+        if shared and b not in exclude:
+            counts[b] = shared
+    return sorted(counts, key=lambda b: (-counts[b], -b))[:limit]
+
+
 def plan_row(
     shape: SequenceShape, cfg: MCConfig, budget: int, recent: int, rng: random.Random, hints: list[int] = ()
 ) -> RowPlan:
@@ -184,8 +200,12 @@ def plan_row(
         and (e.level >= 1 or shape.max_level >= 1)
     ]
     rng.shuffle(editable)
-    hinted = {b * K for b in hints}
-    editable.sort(key=lambda i: not (base.entries[i].level == 1 and base.entries[i].start in hinted))
+    order = {b * K: j for j, b in enumerate(hints)}  # hinted LOD1 gists first, in the hints' order
+    editable.sort(
+        key=lambda i: (
+            order.get(base.entries[i].start, len(order)) if base.entries[i].level == 1 else len(order)
+        )
+    )
     candidates = sorted(editable[: cfg.variants])
     variants, expands = [], []
     for i in candidates:
@@ -281,6 +301,11 @@ def mc_train_step(
     hints = [
         copy_hints(row.tolist(), T - H, T - recent, K, cfg.copy_hints) if cfg.copy_hints else [] for row in x
     ]
+    if cfg.match_hints:
+        rows = [row.tolist() for row in x]
+        hints = [
+            h + match_hints(r, T - H - K, T - recent, K, cfg.match_hints, h) for r, h in zip(rows, hints)
+        ]
     plans = [plan_row(shape, cfg, budget, recent, row_rng(seed, row), h) for row, h in zip(x, hints)]
 
     t_ctrl = time.perf_counter() - t0

@@ -62,6 +62,18 @@ def test_copy_hints_find_the_earlier_mention_of_the_horizon():
     assert training.copy_hints(list(range(T + 1)), T - 16, T - 24, K, limit=2) == []
 
 
+def test_match_hints_find_the_look_alikes_of_the_query_but_not_the_copy_hints():
+    row = list(range(100, 100 + T + 1))  # all distinct
+    query_start = T - 16 - K
+    q = row[query_start : query_start + K]
+    row[1 * K : 1 * K + 3] = q[:3]  # block 1 shares three query tokens (a look-alike)
+    row[3 * K : 3 * K + 1] = q[:1]  # block 3 one
+    row[2 * K : 2 * K + 4] = q[:4]  # block 2 four, but it is a copy hint
+    assert training.match_hints(row, query_start, T - 24, K, limit=2, exclude=[2]) == [1, 3]
+    assert training.match_hints(row, query_start, T - 24, K, limit=1) == [2]
+    assert training.match_hints(list(range(T + 1)), query_start, T - 24, K, limit=2) == []
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_hinted_blocks_are_zoomed_and_expanded_first(seed):
     """The base zooms each hint to LOD1 and the first variants expand those gists: the hinted block is raw in
@@ -205,7 +217,9 @@ def test_lens_top_loss_lifts_the_paying_candidate_above_every_editable_entry():
     assert training.lens_top_loss(logits, plan, torch.tensor([0.5, 0.5, 0.49, 0.5])) is None
 
 
-@pytest.mark.parametrize("kw", [{}, {"lensnet_input": "gist+mean+match", "lens_listwise": 1.0}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"lensnet_input": "gist+mean+match", "lens_listwise": 1.0, "copy_hints": 1, "match_hints": 1}]
+)
 def test_every_parameter_of_gpt_gistnet_and_lensnet_gets_a_gradient(kw):
     model, gistnet, lensnet, cfg = tiny(**kw)
     opts = setup_optimizers(model, extra_modules=[gistnet, lensnet])
