@@ -153,39 +153,31 @@ def _complete_node(e, tree) -> tuple[int, int] | None:
 
 
 def _span_mean(e, tree, embed, device, cache: dict) -> torch.Tensor:
-    node = _complete_node(e, tree)
-    if node is None:  # not cached: it still grows
-        return embed(tree.tokens(e.start, e.end, device=device)).float().mean(dim=0)
-    return _node_mean(*node, tree, embed, device, cache)
-
-
-def _node_mean(level: int, index: int, tree, embed, device, cache: dict) -> torch.Tensor:
-    key = ("mean", level, index)
-    if key not in cache:
-        K = tree.K
-        if level == 1:
-            cache[key] = embed(tree.tokens(index * K, (index + 1) * K, device=device)).float().mean(dim=0)
-        else:
-            kids = [_node_mean(level - 1, index * K + j, tree, embed, device, cache) for j in range(K)]
-            cache[key] = torch.stack(kids).mean(dim=0)
-    return cache[key]
+    mean = lambda ids: embed(ids).float().mean(dim=0)  # noqa: E731
+    return _span_summary(e, tree, device, cache, "mean", mean, lambda kids: torch.stack(kids).mean(dim=0))
 
 
 def _span_ids(e, tree, device, cache: dict) -> torch.Tensor:
+    """The distinct token ids of an entry's span (at most min(K^level, vocab) of them)."""
+    unique = lambda ids: ids.unique()  # noqa: E731
+    return _span_summary(e, tree, device, cache, "ids", unique, lambda kids: torch.cat(kids).unique())
+
+
+def _span_summary(e, tree, device, cache: dict, kind: str, of_tokens, of_children):
+    """A summary of an entry's span: of_tokens(ids) for a LOD1 block, of_children(children's summaries) above,
+    cached per complete node under (kind, level, index); the newest, still-growing block is never cached."""
     node = _complete_node(e, tree)
     if node is None:
-        return tree.tokens(e.start, e.end, device=device)
-    return _node_ids(*node, tree, device, cache)
+        return of_tokens(tree.tokens(e.start, e.end, device=device))
 
+    def summary(level: int, index: int):
+        key = (kind, level, index)
+        if key not in cache:
+            K = tree.K
+            if level == 1:
+                cache[key] = of_tokens(tree.tokens(index * K, (index + 1) * K, device=device))
+            else:
+                cache[key] = of_children([summary(level - 1, index * K + j) for j in range(K)])
+        return cache[key]
 
-def _node_ids(level: int, index: int, tree, device, cache: dict) -> torch.Tensor:
-    """The distinct token ids of a complete node's span (a set: at most min(K^level, vocab) of them)."""
-    key = ("ids", level, index)
-    if key not in cache:
-        K = tree.K
-        if level == 1:
-            cache[key] = tree.tokens(index * K, (index + 1) * K, device=device).unique()
-        else:
-            kids = [_node_ids(level - 1, index * K + j, tree, device, cache) for j in range(K)]
-            cache[key] = torch.cat(kids).unique()
-    return cache[key]
+    return summary(*node)

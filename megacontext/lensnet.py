@@ -96,10 +96,10 @@ class LensNet(nn.Module):
         entry_match: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """entries [B, N, d] / [B, N] (lod long, mu and sigma in global token positions), query tokens
-                [B, Q, d] at positions [B, Q] (Q >= 1), entry_mask bool [B, N] (True = real entry, False = padding;
-                padding may hold anything), entry_lex [B, N, d] (mean token embedding of each entry's span; needed
-                exactly when the lens is lexical), entry_match [B, N, Q] (0/1: query token q occurs in entry n's span;
-        needed exactly when the lens matches). Returns scores [B, N] in [-1, 1]; padded entries score 0."""
+        [B, Q, d] at positions [B, Q] (Q >= 1), entry_mask bool [B, N] (True = real entry, False = padding;
+        padding may hold anything), entry_lex [B, N, d] (mean token embedding of each entry's span; needed
+        exactly when the lens is lexical), entry_match [B, N, Q] (0/1: query token q occurs in entry n's
+        span; needed exactly when the lens matches). Returns scores [B, N] in [-1, 1]; padded entries score 0."""
         B, N, d = entry_embeds.shape
         Q = query_embeds.shape[1]
         if Q < 1:
@@ -154,8 +154,9 @@ class LensNet(nn.Module):
         """Convenience for one working context or a list of them.
 
         wc: a dict or object with per-entry `embeds` [N, d], `lod` [N], `mu` [N], `sigma` [N] (and `lex`
-        [N, d] for a lexical lens, `match` [N, Q] for a matching one); query_embeds [Q, d] and query_pos [Q]. A list of such WCs is padded into
-        one batch (query_embeds [B, Q, d], query_pos [B, Q]) and gives a list of score tensors [N_i].
+        [N, d] for a lexical lens, `match` [N, Q] for a matching one); query_embeds [Q, d] and query_pos [Q].
+        A list of such WCs is padded into one batch (query_embeds [B, Q, d], query_pos [B, Q]) and gives a list
+        of score tensors [N_i].
         """
         wcs = wc if isinstance(wc, (list, tuple)) else [wc]
         fields = [_entry_fields(w, self.lex is not None, self.match is not None) for w in wcs]
@@ -187,5 +188,6 @@ def _entry_fields(wc, lexical: bool, match: bool) -> tuple[torch.Tensor, ...]:
         return out + ((get("lex"),) if lexical else ()) + ((get("match").float(),) if match else ())
     except (KeyError, AttributeError) as e:
         raise TypeError(
-            f"LensNet.score needs per-entry embeds, lod, mu and sigma (and lex if lexical, match if matching); missing {e}"
+            "LensNet.score needs per-entry embeds, lod, mu and sigma (and lex if lexical, match if matching); "
+            f"missing {e}"
         ) from None

@@ -8,7 +8,8 @@ Per training row x[0..T] (inputs x[:T], labels x[1:T+1]):
    history plus as many raw recent tokens as fit. The *base* is a random legal mix of LOD0/1/2
    (megacontext.allocator.random_variant) built with K-1 budget to spare, and each *one-edit variant*
    expands one of the base's gists. With cfg.copy_hints the base first zooms the blocks the horizon copies
-   from (copy_hints) and their expansions are variants first. The newest `recent` tokens are raw in all of them, so every working
+   from (copy_hints) and their expansions are variants first (then cfg.match_hints look-alikes of LensNet's
+   query, match_hints). The newest `recent` tokens are raw in all of them, so every working
    context ends with the same raw horizon of H tokens, where the variants are compared.
 3. All working contexts are gathered from the bank into one padded batch and run through the GPT; the loss
    is next-token cross-entropy on raw horizon positions only, with the true next tokens as labels (the mean
