@@ -15,7 +15,7 @@ CHOICES = {
     "gistnet_pooling": ("mean", "query", "cls"),
     "gistnet_head": ("linear", "mlp"),
     "lensnet_head": ("linear", "mlp"),
-    "lensnet_input": ("gist", "gist+mean", "gist+mean+match"),
+    "lensnet_input": ("gist", "gist+mean", "gist+mean+match", "gist+mean+match+nb"),
     "allocator": ("greedy", "stochastic"),
     "tree_backend": ("ram", "disk"),
     "positions": ("wc_index", "global"),
@@ -44,7 +44,8 @@ class MCConfig:
     lensnet_head: str = "mlp"
     # What LensNet sees of an entry: its "gist" only, or "gist+mean": also the mean token embedding of its span,
     # so the lens can match the question's words against the entry's, or "gist+mean+match": also which query
-    # tokens occur in its span, exactly (lensnet.py, lens_inputs.py).
+    # tokens occur in its span, exactly (lensnet.py, lens_inputs.py), or "gist+mean+match+nb": also which occur
+    # in its neighbours' spans (a key's block is found by the lock's name in the block next to it).
     lensnet_input: str = "gist"
     n_head: int = 4  # heads of GistNet and LensNet (head_dim = n_embd / n_head must be even for RoPE)
     allocator: str = "greedy"  # "stochastic" samples edits; used to draw training variants
@@ -64,13 +65,16 @@ class MCConfig:
     tree_backend: str = "ram"
     variants: int = 4  # N: random working contexts per training sequence besides the baseline
     # Per row, the base working context zooms this many "copy hint" blocks to LOD1 and their expansions are
-    # variants first (training.copy_hints: blocks that hold an earlier occurrence of a horizon n-gram), so
+    # variants first (plans.copy_hints: blocks that hold an earlier occurrence of a horizon n-gram), so
     # the designed experiment often measures the evidence block instead of ~1 in 30. 0 = all random.
     copy_hints: int = 0
-    # And this many "look-alike" blocks (training.match_hints: the most distinct tokens shared with LensNet's
+    # And this many "look-alike" blocks (plans.match_hints: the most distinct tokens shared with LensNet's
     # query, not copy hints), so a distractor's sentence gets measured too and the lens learns what opening
     # a look-alike costs, not only what the evidence pays. 0 = none.
     match_hints: int = 0
+    # And this many of LensNet's own favourites (plans.plan_row: the base's gists it scores highest, not
+    # copy hints): hard negatives, so a look-alike the lens would open gets its cost measured. 0 = none.
+    lens_hints: int = 0
     horizon: int = 64  # H: shared recent tail where variants' losses are compared
     # How a row's working contexts train the GPT on the horizon: "mean" of their losses (DESIGN §4), or the
     # "marginal" -log mean_v p(horizon | WC_v), which credits the WCs that hold the evidence instead of
@@ -123,6 +127,7 @@ class MCConfig:
             "variants",
             "copy_hints",
             "match_hints",
+            "lens_hints",
             "horizon",
             "tau_expand",
             "tau_collapse",
@@ -160,6 +165,7 @@ FLAGS = {
     "--mc-variants": "variants",
     "--mc-copy-hints": "copy_hints",
     "--mc-match-hints": "match_hints",
+    "--mc-lens-hints": "lens_hints",
     "--mc-horizon": "horizon",
     "--mc-token-loss": "token_loss",
     "--mc-lens-weight": "lens_weight",
@@ -232,6 +238,7 @@ def build_nets(cfg: MCConfig, d_model: int):
         cfg.lensnet_head,
         cfg.max_level,
         lexical=cfg.lensnet_input != "gist",
-        match=cfg.lensnet_input.endswith("+match"),
+        match="+match" in cfg.lensnet_input,
+        neighbours=cfg.lensnet_input.endswith("+nb"),
     )
     return gistnet, lensnet

@@ -22,6 +22,11 @@ is sought, a lock's label or a key, and which are filler), the same at every lev
 a wide gist that holds many words (scale per LOD, starting at 1). w starts at zero, so the channel starts
 silent. (Weighting hits by the query word's inverse frequency over the WC's entries was tried and measured
 worse: passkey 4x 70 -> 50 %, docs/training.md.)
+
+With `neighbours=True` it adds the same kind of term for the hits of the entries just before and after it
+(max of the two, own weights w_nb and scale, zero-init): a fact is often split across block boundaries, the
+key in one block and the name of what it opens in the next, so an entry's own words cannot tell the right key
+from a distractor's, while its neighbourhood can (measured: docs/training.md, "Neighbours").
 """
 
 from __future__ import annotations
@@ -47,8 +52,11 @@ class LensNet(nn.Module):
         max_level: int = 8,
         lexical: bool = False,
         match: bool = False,
+        neighbours: bool = False,
     ):
         super().__init__()
+        if neighbours and not match:
+            raise ValueError("LensNet neighbours=True needs match=True (it reads the neighbours' matches)")
         if head not in HEADS:
             raise ValueError(f"LensNet head={head!r}; choose one of {', '.join(HEADS)}")
         self.d_model, self.n_head, self.max_level = d_model, n_head, max_level
@@ -57,6 +65,8 @@ class LensNet(nn.Module):
         self.lex = nn.Linear(d_model, d_model, bias=False) if lexical else None
         self.match = nn.Linear(d_model, 1, bias=False) if match else None  # w(q)
         self.match_scale = nn.Parameter(torch.ones(max_level + 1)) if match else None
+        self.match_nb = nn.Linear(d_model, 1, bias=False) if neighbours else None  # w_nb(q)
+        self.match_nb_scale = nn.Parameter(torch.ones(max_level + 1)) if neighbours else None
         self.blocks = nn.ModuleList([Block(d_model, n_head) for _ in range(n_layer)])
         self.fc = nn.Linear(d_model, 4 * d_model, bias=False) if head == "mlp" else None
         self.out = nn.Linear(4 * d_model if head == "mlp" else d_model, 1, bias=False)
@@ -81,6 +91,9 @@ class LensNet(nn.Module):
         if self.match is not None:  # and so does the match channel
             nn.init.zeros_(self.match.weight)
             nn.init.ones_(self.match_scale)
+        if self.match_nb is not None:
+            nn.init.zeros_(self.match_nb.weight)
+            nn.init.ones_(self.match_nb_scale)
 
     def forward(
         self,
@@ -146,6 +159,12 @@ class LensNet(nn.Module):
             w = self.match(norm(x[:, N:])).squeeze(-1)  # [B, Q]: what a hit on each query token is worth
             hits = torch.einsum("bnq,bq->bn", entry_match.to(w.dtype), w)
             logits = logits + self.match_scale[entry_lod] * hits
+        if self.match_nb is not None:
+            m = entry_match.to(logits.dtype)
+            zero = m[:, :1].new_zeros(m[:, :1].shape)
+            nb = torch.maximum(torch.cat([zero, m[:, :-1]], 1), torch.cat([m[:, 1:], zero], 1))  # n-1, n+1
+            w_nb = self.match_nb(norm(x[:, N:])).squeeze(-1)
+            logits = logits + self.match_nb_scale[entry_lod] * torch.einsum("bnq,bq->bn", nb, w_nb)
         # training ranks on the logits (tanh saturates and would stop the ranking gradient)
         scores = logits if return_logits else torch.tanh(logits)
         return scores if entry_mask is None else scores.masked_fill(~keep, 0.0)

@@ -7,9 +7,8 @@ Per training row x[0..T] (inputs x[:T], labels x[1:T+1]):
 2. Working contexts at budget C2 (curriculum: 0.8·T down to the target). The *baseline* is the coarsest
    history plus as many raw recent tokens as fit. The *base* is a random legal mix of LOD0/1/2
    (megacontext.allocator.random_variant) built with K-1 budget to spare, and each *one-edit variant*
-   expands one of the base's gists. With cfg.copy_hints the base first zooms the blocks the horizon copies
-   from (copy_hints) and their expansions are variants first (then cfg.match_hints look-alikes of LensNet's
-   query, match_hints). The newest `recent` tokens are raw in all of them, so every working
+   expands one of the base's gists (megacontext.plans chooses which: hinted blocks first, e.g. the ones
+   the horizon copies from, then random). The newest `recent` tokens are raw in all of them, so every working
    context ends with the same raw horizon of H tokens, where the variants are compared.
 3. All working contexts are gathered from the bank into one padded batch and run through the GPT; the loss
    is next-token cross-entropy on raw horizon positions only, with the true next tokens as labels (the mean
@@ -30,41 +29,20 @@ faithful to the timeline but puts positions beyond the training length in front 
 from __future__ import annotations
 
 import math
-import random
 import time
-import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from megacontext.allocator import random_variant
 from megacontext.config import MCConfig
-from megacontext.entries import Edit
 from megacontext.lens_inputs import lens_inputs, lens_positions, row_entry_match, run_lens
+from megacontext.plans import RowPlan, SequenceShape, copy_hints, match_hints, plan_row, row_rng
 from megacontext.positional import gaussian_rotary, span_mu_sigma
 from megacontext.working_context import WorkingContext
 
-COPY_NGRAM = 3  # copy_hints: tokens per n-gram matched between the horizon and older history
 UTILITY_SCALE = 0.05  # nats: a utility of this size maps to a regression target of tanh(1) = 0.76
 TOP_MARGIN = 0.05  # nats: lens_top_loss only where the best candidate beats the median one by this much
 LOGIT_L2 = 0.01  # keeps LensNet's logits in tanh's responsive range
-
-
-class SequenceShape:
-    """The structure of a training row's tree (which nodes exist), without any vectors.
-
-    Working contexts and the allocator only ask a tree how many nodes each level has; in training all of a
-    row's gists are computed at once into the bank, so this stands in for a MegaContextTree.
-    """
-
-    def __init__(self, K: int, num_tokens: int, max_level: int):
-        self.K, self.num_tokens = K, num_tokens
-        self.levels = [num_tokens] + [num_tokens // K**lvl for lvl in range(1, max_level + 1)]
-        self.max_level = max(lvl for lvl, n in enumerate(self.levels) if lvl == 0 or n > 0)
-
-    def num_nodes(self, level: int) -> int:
-        return self.levels[level] if level < len(self.levels) else 0
 
 
 def trained_levels(cfg: MCConfig, seq_len: int) -> int:
@@ -132,97 +110,6 @@ def auto_device_batch(device_batch: int, seq_len: int, cfg: MCConfig) -> int:
     """
     per_row = (cfg.variants + 2) * max(cfg.wc_budget, int(cfg.curriculum_start * seq_len))
     return max(1, (device_batch * seq_len) // per_row)
-
-
-@dataclass
-class RowPlan:
-    """The working contexts of one row: index 0 = baseline, 1 = base, 2 + j = the one-edit variant of
-    candidate j (an expand of a gist, or a collapse of a complete raw block into its LOD1 gist)."""
-
-    wcs: list[WorkingContext]
-    candidates: list[int]  # index into base.entries of the entry edited by variant 2 + j
-    expands: list[bool]  # True: variant 2 + j expands that gist; False: it collapses that raw block
-    editable: list[int]  # every entry of the base a one-edit variant could have edited (sorted)
-
-
-def copy_hints(row: list[int], horizon_start: int, before: int, K: int, limit: int, n: int = COPY_NGRAM):
-    """LOD1 block indices (at most `limit`, most matches first) of the tokens before position `before` that
-    hold an earlier occurrence of an n-gram of the horizon (its inputs and true next tokens).
-
-    Where a horizon repeats something older (a pass key, a value, a listed code, an identifier in code), the
-    block holding the first mention is the likeliest one whose detail pays. The hints only choose which
-    experiments a row runs (which gists the base zooms to LOD1 and which variants expand them): utilities are
-    still measured, and neither the GPT nor LensNet ever sees the horizon's tokens before predicting them.
-    """
-    tail = row[max(0, horizon_start - n + 1) :]
-    grams = {tuple(tail[i : i + n]) for i in range(len(tail) - n + 1)}
-    counts: dict[int, int] = {}
-    for p in range(max(0, before - n + 1)):
-        if tuple(row[p : p + n]) in grams:
-            counts[p // K] = counts.get(p // K, 0) + 1
-    return sorted(counts, key=lambda b: (-counts[b], -b))[:limit]
-
-
-def match_hints(row: list[int], query_start: int, before: int, K: int, limit: int, exclude=()) -> list[int]:
-    """LOD1 block indices (at most `limit`, most shared tokens first) before position `before` sharing the most
-    distinct tokens with LensNet's query (the K tokens from query_start), other than `exclude` (the copy hints).
-
-    A distractor's sentence repeats the question's template ("the pass key for the ... is"), so it is what a
-    lens matching words opens by mistake; random variants almost never measure it. As hints, their expansions
-    are measured like the evidence's, so LensNet learns what opening a look-alike costs."""
-    query = set(row[query_start : query_start + K])
-    counts = {}
-    for b in range(before // K):
-        shared = len(query.intersection(row[b * K : (b + 1) * K]))
-        if shared and b not in exclude:
-            counts[b] = shared
-    return sorted(counts, key=lambda b: (-counts[b], -b))[:limit]
-
-
-def plan_row(
-    shape: SequenceShape, cfg: MCConfig, budget: int, recent: int, rng: random.Random, hints: list[int] = ()
-) -> RowPlan:
-    """Baseline, a random base with room for one more swap, and up to N distinct one-edit variants.
-
-    Candidates mix both directions so LensNet sees the value of detail everywhere: expanding a gist (what
-    the allocator would spend budget on) and collapsing a raw block (what it would refund budget from).
-    With `hints` (copy_hints: LOD1 block indices), the base first zooms those blocks' gists to LOD1 and their
-    expansions are candidates first; the other candidates stay random.
-    """
-    K = cfg.block_size
-    baseline = WorkingContext.from_tree(shape, budget, recent)
-    base = random_variant(shape, budget - (K - 1), recent, rng, focus=[b * K for b in hints])
-    base = WorkingContext(base.entries, K, budget, recent)
-    editable = [
-        i
-        for i, e in enumerate(base.entries)
-        if not base.is_protected(e)
-        and (e.level >= 1 or e.size == K)
-        and (e.level >= 1 or shape.max_level >= 1)
-    ]
-    rng.shuffle(editable)
-    order = {b * K: j for j, b in enumerate(hints)}  # hinted LOD1 gists first, in the hints' order
-    editable.sort(
-        key=lambda i: (
-            order.get(base.entries[i].start, len(order)) if base.entries[i].level == 1 else len(order)
-        )
-    )
-    candidates = sorted(editable[: cfg.variants])
-    variants, expands = [], []
-    for i in candidates:
-        e = base.entries[i]
-        if e.level >= 1:
-            variants.append(base.apply([Edit("expand", e.level, e.index(K))], shape))
-        else:
-            variants.append(base.apply([Edit("collapse", 1, e.start // K)], shape))
-        expands.append(e.level >= 1)
-    return RowPlan([baseline, base, *variants], candidates, expands, sorted(editable))
-
-
-def row_rng(seed: int, row: torch.Tensor) -> random.Random:
-    """A row's own random stream, keyed by the seed and the row's tokens, not by its place in the batch: the
-    same row gets the same variants whichever rank or micro-batch it lands in (DDP = single process)."""
-    return random.Random(f"{seed}:{zlib.crc32(row.detach().cpu().numpy().tobytes())}")
 
 
 def lens_loss_fn(logits: torch.Tensor, utility: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -307,12 +194,30 @@ def mc_train_step(
         hints = [
             h + match_hints(r, T - H - K, T - recent, K, cfg.match_hints, h) for r, h in zip(rows, hints)
         ]
-    plans = [plan_row(shape, cfg, budget, recent, row_rng(seed, row), h) for row, h in zip(x, hints)]
-
     t_ctrl = time.perf_counter() - t0
     embeds = model.wte(inputs)
     bank, offsets = build_bank(embeds, gistnet, K, levels)
     t0 = time.perf_counter()
+
+    def lens_scores(b: int, base: WorkingContext) -> torch.Tensor:
+        """LensNet's logits for row b's base entries (queried by the K raw tokens before the horizon)."""
+        e_emb, lod, lex = lens_inputs(base.entries, bank[b].detach(), offsets, K, lensnet.lex is not None)
+        e_mu, e_sig, q_pos = lens_positions(base.entries, cfg.positions, horizon_start, K)
+        q_emb = embeds[b, horizon_start - K : horizon_start].detach()
+        match = None
+        if lensnet.match is not None:
+            match = row_entry_match(base.entries, inputs[b], inputs[b, horizon_start - K : horizon_start])
+        return run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos, True, lex, match)
+
+    horizon_start = T - H
+    base_scores: dict[int, torch.Tensor] = {}  # computed while planning (cfg.lens_hints), reused for the loss
+    plans = [
+        plan_row(
+            shape, cfg, budget, recent, row_rng(seed, row), h,
+            (lambda base, b=b: base_scores.setdefault(b, lens_scores(b, base))) if cfg.lens_hints else None,
+        )
+        for b, (row, h) in enumerate(zip(x, hints))
+    ]  # fmt: skip
     d = bank.shape[-1]
     bank = torch.cat([bank, bank.new_zeros(B, 1, d)], dim=1)  # last row: padding
     pad_row = bank.shape[1] - 1
@@ -324,7 +229,6 @@ def mc_train_step(
     mu = torch.zeros(len(seqs), L)
     sigma = torch.zeros(len(seqs), L)
     in_h = torch.zeros(len(seqs), L, dtype=torch.bool)
-    horizon_start = T - H
     for v, (b, wc) in enumerate(seqs):
         r = entry_rows(wc.entries, offsets, K)
         rows[v, : len(r)] = torch.tensor(r)
@@ -370,14 +274,7 @@ def mc_train_step(
         # value of detail at each candidate: loss saved by expanding a gist / lost by collapsing a block
         sign = torch.tensor([1.0 if ex else -1.0 for ex in plan.expands], device=device)
         utility = sign * (losses[1] - losses[2:])
-        base = plan.wcs[1]
-        e_emb, lod, lex = lens_inputs(base.entries, bank[b].detach(), offsets, K, lensnet.lex is not None)
-        e_mu, e_sig, q_pos = lens_positions(base.entries, cfg.positions, horizon_start, K)
-        q_emb = embeds[b, horizon_start - K : horizon_start].detach()
-        match = None
-        if lensnet.match is not None:
-            match = row_entry_match(base.entries, inputs[b], inputs[b, horizon_start - K : horizon_start])
-        scores = run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos, True, lex, match)
+        scores = base_scores[b] if b in base_scores else lens_scores(b, plan.wcs[1])
         cand = torch.tensor(plan.candidates, device=device)
         loss_b, ra, sa = lens_loss_fn(scores[cand], utility)
         top = lens_top_loss(scores, plan, utility)

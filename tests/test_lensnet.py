@@ -197,3 +197,25 @@ def test_match_channel_starts_silent_then_lifts_the_entries_holding_the_query_wo
     torch.testing.assert_close(matching.score(one, query[0], query_pos[0]), lifted[0], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="entry_match"):
         matching(embeds, lod, mu, sigma, query, query_pos, entry_lex=lex)
+
+
+def test_neighbour_channel_lifts_the_entries_next_to_a_query_word():
+    """neighbours=True: silent at init; once w_nb is positive for a query word, the entries just before and after
+    one holding it score higher (a key's block next to the block naming its lock), and no other entry moves."""
+    kw = {"lexical": True, "match": True}
+    matching, nb = _with_a_new_channel(kw, {**kw, "neighbours": True})
+    embeds, lod, mu, sigma, query, query_pos = _wc()
+    lex = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(9))
+    match = torch.zeros(2, 6, 4)
+    match[:, 2, 1] = 1.0  # entry 2 holds query token 1
+    args = (*_wc(), None, True, lex, match)  # ..., entry_mask, return_logits, entry_lex, entry_match
+    base = matching(*args)
+    torch.testing.assert_close(nb(*args), base)
+    nb(*args)[:, [1, 3]].sum().backward()
+    with torch.no_grad():  # a step along the gradient makes w_nb(query token 1) positive
+        nb.match_nb.weight.copy_(nb.match_nb.weight.grad.sign() * 0.5)
+        delta = nb(*args) - base
+    assert (delta[:, [0, 2, 4, 5]].abs() < 1e-6).all()  # only the neighbours of entry 2 move...
+    assert (delta[:, [1, 3]] > 1e-3).all()  # ...up
+    with pytest.raises(ValueError, match="needs match"):
+        LensNet(D, H, neighbours=True)

@@ -5,7 +5,7 @@ block first (issue 6). ~2 min on 2 CPU cores: marked slow (`bash test.sh -m slow
 import pytest
 import torch
 
-from megacontext import training
+from megacontext import plans, training
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Edit
 from megacontext.lens_inputs import lens_inputs, lens_positions, run_lens
@@ -56,7 +56,7 @@ def test_planted_evidence_block_is_kept_raw_and_ranked_first():
     assert late > early + 0.05, (early, late)  # mc/lens_rank_agreement rises during training
 
     x, evidence = planted_rows(40, gen)
-    shape = training.SequenceShape(K, T, 1)
+    shape = plans.SequenceShape(K, T, 1)
     top1 = raw_better = 0
     with torch.no_grad():
         for i in range(len(x)):

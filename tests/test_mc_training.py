@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacontext import training
+from megacontext import plans, training
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Entry
 from megacontext.positional import gaussian_rotary
@@ -39,8 +39,8 @@ def batch(B=3, seed=0):
 @pytest.mark.parametrize("hints", [[], [3], [9, 0]])
 def test_variants_satisfy_invariants(budget, seed, hints):
     cfg = MCConfig(block_size=K, wc_budget=48, recent=24, horizon=16, variants=6)
-    shape = training.SequenceShape(K, T, 2)
-    plan = training.plan_row(shape, cfg, budget, 24, random.Random(seed), hints)
+    shape = plans.SequenceShape(K, T, 2)
+    plan = plans.plan_row(shape, cfg, budget, 24, random.Random(seed), hints)
     baseline, base, *variants = plan.wcs
     assert len(variants) == len(plan.candidates) > 0
     for wc in plan.wcs:
@@ -58,8 +58,8 @@ def test_copy_hints_find_the_earlier_mention_of_the_horizon():
     row = list(range(100, 100 + T + 1))  # all distinct: no n-gram repeats
     row[21:25] = [7, 8, 9, 10]  # block 21 // K holds the first mention...
     row[T - 3 : T + 1] = [7, 8, 9, 10]  # ...of what the horizon (and its true next tokens) repeats
-    assert training.copy_hints(row, T - 16, T - 24, K, limit=2) == [21 // K]
-    assert training.copy_hints(list(range(T + 1)), T - 16, T - 24, K, limit=2) == []
+    assert plans.copy_hints(row, T - 16, T - 24, K, limit=2) == [21 // K]
+    assert plans.copy_hints(list(range(T + 1)), T - 16, T - 24, K, limit=2) == []
 
 
 def test_match_hints_find_the_look_alikes_of_the_query_but_not_the_copy_hints():
@@ -69,9 +69,9 @@ def test_match_hints_find_the_look_alikes_of_the_query_but_not_the_copy_hints():
     row[1 * K : 1 * K + 3] = q[:3]  # block 1 shares three query tokens (a look-alike)
     row[3 * K : 3 * K + 1] = q[:1]  # block 3 one
     row[2 * K : 2 * K + 4] = q[:4]  # block 2 four, but it is a copy hint
-    assert training.match_hints(row, query_start, T - 24, K, limit=2, exclude=[2]) == [1, 3]
-    assert training.match_hints(row, query_start, T - 24, K, limit=1) == [2]
-    assert training.match_hints(list(range(T + 1)), query_start, T - 24, K, limit=2) == []
+    assert plans.match_hints(row, query_start, T - 24, K, limit=2, exclude=[2]) == [1, 3]
+    assert plans.match_hints(row, query_start, T - 24, K, limit=1) == [2]
+    assert plans.match_hints(list(range(T + 1)), query_start, T - 24, K, limit=2) == []
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -79,22 +79,44 @@ def test_hinted_blocks_are_zoomed_and_expanded_first(seed):
     """The base zooms each hint to LOD1 and the first variants expand those gists: the hinted block is raw in
     a variant (the designed experiment measures it) while the others stay random."""
     cfg = MCConfig(block_size=K, wc_budget=48, recent=24, horizon=16, variants=3)
-    shape = training.SequenceShape(K, T, 2)
-    plan = training.plan_row(shape, cfg, 48, 24, random.Random(seed), [2])
+    shape = plans.SequenceShape(K, T, 2)
+    plan = plans.plan_row(shape, cfg, 48, 24, random.Random(seed), [2])
     base, variants = plan.wcs[1], plan.wcs[2:]
     assert Entry(1, 2 * K, 3 * K) in base.entries
     assert any(Entry(0, 2 * K, 3 * K) in v.entries for v in variants)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_lens_hints_measure_the_gists_lensnet_scores_highest(seed):
+    """cfg.lens_hints: after the copy hints, the base's gists LensNet scores highest are expanded by variants
+    (hard negatives: what the allocator would open gets measured); without them the rest stays random."""
+    cfg = MCConfig(block_size=K, wc_budget=48, recent=24, horizon=16, variants=2, lens_hints=1)
+    shape = plans.SequenceShape(K, T, 2)
+    picked = {}
+
+    def score(base):  # a scorer that favours the gist farthest from the copy hint
+        gists = [i for i, e in enumerate(base.entries) if e.level >= 1 and e.start != 2 * K]
+        picked["i"] = max(gists, key=lambda i: abs(base.entries[i].start - 2 * K))
+        return torch.tensor([1.0 if i == picked["i"] else -1.0 for i in range(base.num_entries)])
+
+    plan = plans.plan_row(shape, cfg, 48, 24, random.Random(seed), [2], score)
+    base = plan.wcs[1]
+    hinted = base.entries.index(Entry(1, 2 * K, 3 * K))
+    assert sorted(plan.candidates) == sorted([hinted, picked["i"]])  # the copy hint and the lens's favourite
+    # without a scorer the second candidate is drawn at random: over seeds it is not always that gist
+    others = {tuple(plans.plan_row(shape, cfg, 48, 24, random.Random(s), [2]).candidates) for s in range(10)}
+    assert len(others) > 1
+
+
 def test_marginal_horizon_loss_credits_the_informed_working_context():
     """Equal losses: the marginal is the mean. Unequal: the WC that predicts the horizon best gets the largest
     share of the gradient, a WC that predicts it badly almost none (it is not taught to answer blind)."""
-    plans = [training.RowPlan([None] * 3, [], [], []), training.RowPlan([None] * 2, [], [], [])]
+    rows = [plans.RowPlan([None] * 3, [], [], []), plans.RowPlan([None] * 2, [], [], [])]
     h_mask = torch.ones(5, 4, dtype=torch.bool)
     flat = torch.full((5, 4), 2.0)
-    assert float(training.marginal_horizon_loss(flat, h_mask, plans)) == pytest.approx(2.0)
+    assert float(training.marginal_horizon_loss(flat, h_mask, rows)) == pytest.approx(2.0)
     tok = torch.tensor([[0.1] * 4, [3.0] * 4, [3.0] * 4, [1.0] * 4, [1.0] * 4], requires_grad=True)
-    training.marginal_horizon_loss(tok, h_mask, plans).backward()
+    training.marginal_horizon_loss(tok, h_mask, rows).backward()
     g = tok.grad.sum(dim=1)
     assert g[0] > 0.99 * g[:3].sum() and g[1] < 1e-3 * g[0]
     assert g[3] == pytest.approx(float(g[4]))
@@ -201,7 +223,7 @@ def test_lens_loss_pushes_positive_utility_scores_up():
 def test_lens_top_loss_lifts_the_paying_candidate_above_every_editable_entry():
     """The measured candidate that clearly pays (entry 3) must outscore all seven editable entries, not only
     the three other candidates: gradient descent raises it and lowers every other entry, measured or not."""
-    plan = training.RowPlan([None] * 6, [1, 3, 4, 5], [True] * 4, list(range(7)))
+    plan = plans.RowPlan([None] * 6, [1, 3, 4, 5], [True] * 4, list(range(7)))
     logits = torch.zeros(9, requires_grad=True)  # entries 7, 8: protected recent text, never editable
     loss, hit = training.lens_top_loss(logits, plan, torch.tensor([0.01, 0.5, 0.0, 0.02]))
     loss.backward()
@@ -218,7 +240,17 @@ def test_lens_top_loss_lifts_the_paying_candidate_above_every_editable_entry():
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"lensnet_input": "gist+mean+match", "lens_listwise": 1.0, "copy_hints": 1, "match_hints": 1}]
+    "kw",
+    [
+        {},
+        {
+            "lensnet_input": "gist+mean+match+nb",
+            "lens_listwise": 1.0,
+            "copy_hints": 1,
+            "match_hints": 1,
+            "lens_hints": 1,
+        },
+    ],
 )
 def test_every_parameter_of_gpt_gistnet_and_lensnet_gets_a_gradient(kw):
     model, gistnet, lensnet, cfg = tiny(**kw)
@@ -243,8 +275,8 @@ def test_every_parameter_of_gpt_gistnet_and_lensnet_gets_a_gradient(kw):
 
 def test_same_row_gets_same_variants_wherever_it_lands():
     x = batch(4)
-    a = [training.row_rng(7, row).random() for row in x]
-    b = [training.row_rng(7, row).random() for row in x.flip(0)][::-1]
+    a = [plans.row_rng(7, row).random() for row in x]
+    b = [plans.row_rng(7, row).random() for row in x.flip(0)][::-1]
     assert a == b
 
 
@@ -258,7 +290,7 @@ def test_curriculum_anneals_to_the_target():
 
 def test_working_context_positions_stay_in_the_trained_range():
     """wc_index: however long the history, slot positions stay below the budget."""
-    shape = training.SequenceShape(K, 8 * T, 2)
+    shape = plans.SequenceShape(K, 8 * T, 2)
     wc = WorkingContext.from_tree(shape, 48, 24)
     mu, sigma = training.wc_positions(wc.entries, "wc_index")
     assert max(mu) < 48 and set(sigma) == {0.0}
