@@ -198,6 +198,7 @@ def mc_train_step(
     embeds = model.wte(inputs)
     bank, offsets = build_bank(embeds, gistnet, K, levels)
     t0 = time.perf_counter()
+    horizon_start = T - H
 
     def lens_scores(b: int, base: WorkingContext) -> torch.Tensor:
         """LensNet's logits for row b's base entries (queried by the K raw tokens before the horizon)."""
@@ -209,15 +210,14 @@ def mc_train_step(
             match = row_entry_match(base.entries, inputs[b], inputs[b, horizon_start - K : horizon_start])
         return run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos, True, lex, match)
 
-    horizon_start = T - H
-    base_scores: dict[int, torch.Tensor] = {}  # computed while planning (cfg.lens_hints), reused for the loss
-    plans = [
-        plan_row(
-            shape, cfg, budget, recent, row_rng(seed, row), h,
-            (lambda base, b=b: base_scores.setdefault(b, lens_scores(b, base))) if cfg.lens_hints else None,
-        )
-        for b, (row, h) in enumerate(zip(x, hints))
-    ]  # fmt: skip
+    # with cfg.lens_hints LensNet scores each base while it is planned; the loss below reuses those scores
+    base_scores: dict[int, torch.Tensor] = {}
+    plans = []
+    for b, (row, h) in enumerate(zip(x, hints)):
+        score = None
+        if cfg.lens_hints:
+            score = lambda base, b=b: base_scores.setdefault(b, lens_scores(b, base))  # noqa: E731
+        plans.append(plan_row(shape, cfg, budget, recent, row_rng(seed, row), h, score))
     d = bank.shape[-1]
     bank = torch.cat([bank, bank.new_zeros(B, 1, d)], dim=1)  # last row: padding
     pad_row = bank.shape[1] - 1
