@@ -26,7 +26,8 @@ worse: passkey 4x 70 -> 50 %, docs/training.md.)
 With `neighbours=True` it adds the same kind of term for the hits of the entries just before and after it
 (max of the two, own weights w_nb and scale, zero-init): a fact is often split across block boundaries, the
 key in one block and the name of what it opens in the next, so an entry's own words cannot tell the right key
-from a distractor's, while its neighbourhood can (measured: docs/training.md, "Neighbours").
+from a distractor's, while its neighbourhood can (measured: docs/training.md, "Which raw blocks cost the
+answer").
 """
 
 from __future__ import annotations
@@ -156,15 +157,15 @@ class LensNet(nn.Module):
             h = F.relu(self.fc(h)).square()
         logits = self.out(h).squeeze(-1)
         if self.match is not None:
-            w = self.match(norm(x[:, N:])).squeeze(-1)  # [B, Q]: what a hit on each query token is worth
-            hits = torch.einsum("bnq,bq->bn", entry_match.to(w.dtype), w)
-            logits = logits + self.match_scale[entry_lod] * hits
-        if self.match_nb is not None:
+            q_state = norm(x[:, N:])
             m = entry_match.to(logits.dtype)
-            zero = m[:, :1].new_zeros(m[:, :1].shape)
-            nb = torch.maximum(torch.cat([zero, m[:, :-1]], 1), torch.cat([m[:, 1:], zero], 1))  # n-1, n+1
-            w_nb = self.match_nb(norm(x[:, N:])).squeeze(-1)
-            logits = logits + self.match_nb_scale[entry_lod] * torch.einsum("bnq,bq->bn", nb, w_nb)
+            w = self.match(q_state).squeeze(-1)  # [B, Q]: what a hit on each query token is worth
+            logits = logits + self.match_scale[entry_lod] * torch.einsum("bnq,bq->bn", m, w)
+            if self.match_nb is not None:  # the hits of entries n-1 and n+1 (the max of the two)
+                zero = m.new_zeros(B, 1, Q)
+                nb = torch.maximum(torch.cat([zero, m[:, :-1]], 1), torch.cat([m[:, 1:], zero], 1))
+                w_nb = self.match_nb(q_state).squeeze(-1)
+                logits = logits + self.match_nb_scale[entry_lod] * torch.einsum("bnq,bq->bn", nb, w_nb)
         # training ranks on the logits (tanh saturates and would stop the ranking gradient)
         scores = logits if return_logits else torch.tanh(logits)
         return scores if entry_mask is None else scores.masked_fill(~keep, 0.0)

@@ -116,14 +116,11 @@ def plan_row(
     ]
     rng.shuffle(editable)
     order = {b * K: j for j, b in enumerate(hints)}  # hinted LOD1 gists first, in the hints' order
-    editable.sort(
-        key=lambda i: (
-            order.get(base.entries[i].start, len(order)) if base.entries[i].level == 1 else len(order)
-        )
-    )
+    rank = [order.get(e.start, len(order)) if e.level == 1 else len(order) for e in base.entries]
+    editable.sort(key=lambda i: rank[i])
     if score is not None and cfg.lens_hints:
         s = score(base).detach()
-        n_hinted = sum(1 for i in editable if base.entries[i].level == 1 and base.entries[i].start in order)
+        n_hinted = sum(1 for i in editable if rank[i] < len(order))
         rest = editable[n_hinted:]
         top = sorted((i for i in rest if base.entries[i].level >= 1), key=lambda i: -float(s[i]))
         top = top[: cfg.lens_hints]
