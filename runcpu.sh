@@ -83,12 +83,14 @@ WC=128  # working-context budget of the MC model; the vanilla window view is sco
 # --mc-copy-hints 2 --mc-token-loss marginal: variants measure the block a horizon copies from, and the GPT learns
 # from the working contexts that hold it, not to answer blind from the rest; --mc-horizon 8: LensNet's query
 # (the K tokens before the horizon) then holds the question, as in evaluation (docs/training.md, measured).
-# --lensnet-input gist+mean+match --mc-lens-listwise 1: LensNet also sees each entry's mean token embedding and
-# which words of the question occur in it, and learns to put the paying entry first among all of them;
-# --mc-recent 32: half the budget for old history, not a quarter (docs/training.md, "The scorer").
+# --lensnet-input gist+mean+match+nb --mc-lens-listwise 1: LensNet also sees each entry's mean token embedding
+# and which words of the question occur in it and in its neighbours, and learns to put the paying entry first
+# among all of them; --mc-lens-hints 1: the gist it scores highest is also measured, so a wrongly opened one
+# (another lock's key) is corrected; --mc-recent 32: half the budget for old history, not a quarter
+# (docs/training.md, "The scorer" and "Which raw blocks cost the answer").
 MC=(--mc --mc-auto-batch --mc-block-size 16 --mc-wc-budget "$WC" --mc-recent 32 --mc-horizon 8 --mc-variants 4
     --mc-curriculum-start 0.5 --mc-lm-weight 1.0 --mc-full-weight 1.0 --mc-copy-hints 2 --mc-token-loss marginal
-    --lensnet-input gist+mean+match --mc-lens-listwise 1.0)
+    --lensnet-input gist+mean+match+nb --mc-lens-listwise 1.0 --mc-lens-hints 1)
 
 MARK=$PREFIX
 # shellcheck source=recipe_lib.sh

@@ -1,0 +1,114 @@
+"""Far-recall warm-up rows (nanochat/tasks/recall_warmup.py) and base_train's --recall-warmup-steps/--recall-frac."""
+
+import sys
+
+import pytest
+import torch
+from test_base_train import make_corpus
+
+from nanochat.common import run_main
+from nanochat.tasks import recall_warmup as rw
+from nanochat.tasks.copy_warmup import COPY_WARMUP_IDS
+
+
+def bindings(row: list[int], keys_hi: int) -> dict[int, list[list[int]]]:
+    """Every occurrence of a key id with the VALUE_LEN ids after it: key -> [values, ...]."""
+    out = {}
+    for i, t in enumerate(row[: len(row) - rw.VALUE_LEN]):
+        if t < keys_hi:
+            out.setdefault(t, []).append(row[i + 1 : i + 1 + rw.VALUE_LEN])
+    return out
+
+
+@pytest.mark.parametrize("length", [rw.MIN_LENGTH, 129, 513, 4097])
+def test_recall_row_asks_each_early_binding_again_at_the_end(length):
+    lo, hi = COPY_WARMUP_IDS
+    keys_hi = lo + rw.KEY_IDS
+    for seed in range(20):
+        row, targets = rw.recall_row(torch.Generator().manual_seed(seed), length, (lo, hi))
+        assert row.shape == (length,) and targets.shape == (length - 1,)
+        assert int(row.min()) >= lo and int(row.max()) < hi
+        r, t = row.tolist(), targets.tolist()
+        found = bindings(r, keys_hi)
+        assert len(found) == rw.BINDINGS and all(len(v) == 2 and v[0] == v[1] for v in found.values())
+        tail = rw.BINDINGS * (1 + rw.VALUE_LEN)
+        firsts = [r.index(k) for k in found]
+        assert min(firsts) >= int(length * rw.BAND[0]) and max(firsts) < length * rw.BAND[1]  # bound early ...
+        assert all(r.index(k, f + 1) >= length - tail for k, f in zip(found, firsts))  # ... asked at the end
+        values = {v for vs in found.values() for v in vs[0]}
+        assert all(keys_hi <= v < keys_hi + rw.VALUE_IDS for v in values)
+        # the targets are exactly the values of the final listing, in the shifted (next-token) frame
+        want = [-1] * (length - 1)
+        for k in found:
+            q = r.index(k, r.index(k) + 1)
+            want[q : q + rw.VALUE_LEN] = found[k][1]
+        assert t == want and sum(x >= 0 for x in t) == rw.BINDINGS * rw.VALUE_LEN
+
+
+def test_recall_row_refuses_a_row_too_short():
+    with pytest.raises(ValueError, match=f"at least {rw.MIN_LENGTH} tokens"):
+        rw.recall_row(torch.Generator().manual_seed(0), rw.MIN_LENGTH - 1, COPY_WARMUP_IDS)
+
+
+def test_recall_batch_is_seeded_by_content_and_frac_replaces_a_share():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(1000, 4096, (200, 129), generator=g)  # ids outside COPY_WARMUP_IDS
+    x, y = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1)
+    assert x.shape == y.shape == (200, 128) and ((y >= 0).sum(1) == rw.BINDINGS * rw.VALUE_LEN).all()
+    x2, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1)
+    x3, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=2)
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+    x, y = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=3, frac=0.25)
+    replaced = (x < COPY_WARMUP_IDS[1]).all(dim=1)
+    assert 0.15 < replaced.float().mean() < 0.35
+    assert torch.equal(x[~replaced], rows[~replaced, :-1]) and torch.equal(y[~replaced], rows[~replaced, 1:])
+    assert torch.equal(rw.recall_batch(rows[:, :-1], rows[:, 1:], 3, 0.0)[0], rows[:, :-1])
+
+
+def run_train(base, monkeypatch, *argv):
+    from scripts import base_train
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setattr(sys, "argv", ["base_train", *argv])
+    run_main(base_train.main)
+
+
+GEOMETRY = [
+    "--depth", "2", "--max-seq-len", "128", "--device-batch-size", "1", "--total-batch-size", "128",
+    "--eval-every", "-1", "--eval-tokens", "256", "--sample-every", "-1", "--save-every", "-1", "--dtype", "float32",
+    "--device-type", "cpu",
+]  # fmt: skip
+
+
+def test_base_train_runs_recall_rows_after_the_copy_warmup_then_a_share(tmp_path, monkeypatch):
+    """Steps 0-1 copy rows, 2-3 whole batches of recall rows, 4-5 the data with a share of recall rows."""
+    from scripts import base_train
+
+    make_corpus(tmp_path)
+    calls = []
+
+    def spy(x, y, seed, frac=1.0, vocab_size=None):
+        calls.append(frac)
+        return rw.recall_batch(x, y, seed, frac, vocab_size)
+
+    monkeypatch.setattr(base_train, "recall_batch", spy)
+    flags = ["--num-iterations", "6", "--copy-warmup-steps", "2", "--recall-warmup-steps", "2"]
+    run_train(tmp_path, monkeypatch, *GEOMETRY, *flags, "--recall-frac", "0.5", "--attention", "window",
+              "--mega-window", "16")  # fmt: skip
+    assert calls == [1.0, 1.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mc", "--recall-warmup-steps", "2"], "error: --recall-warmup-steps / --recall-frac train attention"),
+        (["--max-seq-len", "64", "--recall-frac", "0.1"], f"error: recall rows need --max-seq-len >= {rw.MIN_LENGTH}"),
+        (["--recall-frac", "1.5"], "error: --recall-warmup-steps must be >= 0 and --recall-frac in [0, 1]"),
+    ],
+)  # fmt: skip
+def test_base_train_rejects_bad_recall_flags_in_one_line(tmp_path, monkeypatch, capsys, extra, message):
+    make_corpus(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_train(tmp_path, monkeypatch, *GEOMETRY, "--num-iterations", "1", *extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
