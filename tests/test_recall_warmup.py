@@ -20,7 +20,7 @@ def bindings(row: list[int], keys_hi: int) -> dict[int, list[list[int]]]:
     return out
 
 
-@pytest.mark.parametrize("length", [rw.MIN_LENGTH, 129, 513, 4097])
+@pytest.mark.parametrize("length", [rw.MIN_LENGTH, 257, 513, 4097])
 def test_recall_row_asks_each_early_binding_again_at_the_end(length):
     lo, hi = COPY_WARMUP_IDS
     keys_hi = lo + rw.KEY_IDS
@@ -52,9 +52,9 @@ def test_recall_row_refuses_a_row_too_short():
 
 def test_recall_batch_is_seeded_by_content_and_frac_replaces_a_share():
     g = torch.Generator().manual_seed(0)
-    rows = torch.randint(1000, 4096, (200, 129), generator=g)  # ids outside COPY_WARMUP_IDS
+    rows = torch.randint(1000, 4096, (200, 257), generator=g)  # ids outside COPY_WARMUP_IDS
     x, y = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1)
-    assert x.shape == y.shape == (200, 128) and ((y >= 0).sum(1) == rw.BINDINGS * rw.VALUE_LEN).all()
+    assert x.shape == y.shape == (200, 256) and ((y >= 0).sum(1) == rw.BINDINGS * rw.VALUE_LEN).all()
     x2, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1)
     x3, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=2)
     assert torch.equal(x, x2) and not torch.equal(x, x3)
@@ -74,7 +74,7 @@ def run_train(base, monkeypatch, *argv):
 
 
 GEOMETRY = [
-    "--depth", "2", "--max-seq-len", "128", "--device-batch-size", "1", "--total-batch-size", "128",
+    "--depth", "2", "--max-seq-len", "256", "--device-batch-size", "1", "--total-batch-size", "256",
     "--eval-every", "-1", "--eval-tokens", "256", "--sample-every", "-1", "--save-every", "-1", "--dtype", "float32",
     "--device-type", "cpu",
 ]  # fmt: skip

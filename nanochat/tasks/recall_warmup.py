@@ -5,8 +5,8 @@ window of W >= 64 already sees. Under `--attention mega` everything older than W
 the summary nodes, and reading them is a circuit of its own: in the long-context documents the few answer
 tokens are ~1 % of a row's loss, too little to grow it in a CPU-sized run (docs/mega_attention.md, session 8).
 A recall row makes it the whole loss: random filler, R bindings (a key id, then VALUE_LEN value ids) placed in
-the BAND of the row, and at the end each key again followed by its value, in another order. The band is the
-third of the row before its last fifth: far beyond any window of < 1/5 of the row, yet within reach of the
+the BAND of the row, and at the end each key again followed by its value, in another order. The band runs from
+half-way to four fifths of the row: beyond any window of < 1/5 of the row (minus the listing), yet within reach of the
 finest node level (at 512 tokens, K = 16, W = 64 a query at the end sees [256, 428) as wLOD1 nodes and what is
 older only as one wLOD2 node of 256 tokens, which cannot hold a binding: measured, session 8). The
 targets are the value ids of that final listing only (-1 elsewhere), so nothing but looking back far predicts
@@ -25,11 +25,11 @@ import torch
 
 from nanochat.tasks.copy_warmup import copy_ids
 
-BINDINGS = 4  # key -> value bindings per row
+BINDINGS = 8  # key -> value bindings per row: answer tokens per step set how soon node reading forms
 VALUE_LEN = 4  # value ids per binding (a short passkey)
 BAND = (0.5, 0.8)  # bindings start in this share of the row; the final listing fills the row's last slots
 KEY_IDS, VALUE_IDS = 64, 32  # the copy ids are KEY_IDS keys, then VALUE_IDS values (digit-like), then filler
-MIN_LENGTH = 128  # shortest row: room for the bindings in the band and for the final listing after it
+MIN_LENGTH = 256  # shortest row: room for the bindings in the band and for the final listing after it
 
 
 def recall_row(g: torch.Generator, length: int, ids: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
