@@ -33,7 +33,9 @@ def test_recall_row_asks_each_early_binding_again_at_the_end(length):
         assert len(found) == rw.BINDINGS and all(len(v) == 2 and v[0] == v[1] for v in found.values())
         tail = rw.BINDINGS * (1 + rw.VALUE_LEN)
         firsts = [r.index(k) for k in found]
-        assert min(firsts) >= int(length * rw.BAND[0]) and max(firsts) < length * rw.BAND[1]  # bound early ...
+        assert (
+            min(firsts) >= int(length * rw.BAND[0]) and max(firsts) < length * rw.BAND[1]
+        )  # bound early ...
         assert all(r.index(k, f + 1) >= length - tail for k, f in zip(found, firsts))  # ... asked at the end
         values = {v for vs in found.values() for v in vs[0]}
         assert all(keys_hi <= v < keys_hi + rw.VALUE_IDS for v in values)
