@@ -2,13 +2,14 @@
 
 The copy warm-up (copy_warmup.py) teaches the GPT to copy from a few dozen tokens back, which a sliding
 window of W >= 64 already sees. Under `--attention mega` everything older than W reaches a query only through
-the summary nodes, and reading them is a circuit of its own: in the long-context documents the few answer
-tokens are ~1 % of a row's loss, too little to grow it in a CPU-sized run (docs/mega_attention.md, session 8).
+the summary nodes, and reading them is a circuit of its own. In the long-context documents the few answer
+tokens are ~1 % of a row's loss: the hypothesis is that this is too little to grow it in a CPU-sized run.
 A recall row makes it the whole loss: random filler, R bindings (a key id, then VALUE_LEN value ids) placed in
 the BAND of the row, and at the end each key again followed by its value, in another order. The band runs from
 half-way to four fifths of the row: beyond any window of < 1/5 of the row (minus the listing), yet within reach of the
 finest node level (at 512 tokens, K = 16, W = 64 a query at the end sees [256, 428) as wLOD1 nodes and what is
-older only as one wLOD2 node of 256 tokens, which cannot hold a binding: measured, session 8). The
+older only as one wLOD2 node of 256 tokens; in a planted test wLOD2 nodes of 64 tokens held no binding, wLOD1
+nodes did: docs/mega_attention.md, session 8). The
 targets are the value ids of that final listing only (-1 elsewhere), so nothing but looking back far predicts
 them, and only by content (keys and positions are random). Window attention cannot see the bindings; dense and
 mega can.
@@ -25,7 +26,7 @@ import torch
 
 from nanochat.tasks.copy_warmup import copy_ids
 
-BINDINGS = 8  # key -> value bindings per row: answer tokens per step set how soon node reading forms
+BINDINGS = 8  # key -> value bindings per row (rows per step mattered more than this: docs/mega_attention.md)
 VALUE_LEN = 4  # value ids per binding (a short passkey)
 BAND = (0.5, 0.8)  # bindings start in this share of the row; the final listing fills the row's last slots
 KEY_IDS, VALUE_IDS = 64, 32  # the copy ids are KEY_IDS keys, then VALUE_IDS values (digit-like), then filler
@@ -37,7 +38,8 @@ def recall_row(g: torch.Generator, length: int, ids: tuple[int, int]) -> tuple[t
     lo, hi = ids
     keys_hi = lo + min(KEY_IDS, (hi - lo) // 4)
     values_hi = keys_hi + min(VALUE_IDS, (hi - lo) // 4)
-    tail, slot = BINDINGS * (1 + VALUE_LEN), 1 + VALUE_LEN
+    slot = 1 + VALUE_LEN  # a key and its value
+    tail = BINDINGS * slot
     if length < MIN_LENGTH:
         raise ValueError(f"a recall row needs at least {MIN_LENGTH} tokens, got {length}")
     start, end = int(length * BAND[0]), int(length * BAND[1])
@@ -48,11 +50,11 @@ def recall_row(g: torch.Generator, length: int, ids: tuple[int, int]) -> tuple[t
     slots = torch.randperm((end - start) // slot, generator=g)[:BINDINGS]
     for j, k in enumerate(slots.tolist()):
         s = start + k * slot
-        row[s], row[s + 1 : s + 1 + VALUE_LEN] = keys[j], values[j]
+        row[s], row[s + 1 : s + slot] = keys[j], values[j]
     targets = torch.full((length - 1,), -1, dtype=row.dtype)
     for i, j in enumerate(torch.randperm(BINDINGS, generator=g).tolist()):
-        q = length - tail + i * (1 + VALUE_LEN)
-        row[q], row[q + 1 : q + 1 + VALUE_LEN] = keys[j], values[j]
+        q = length - tail + i * slot
+        row[q], row[q + 1 : q + slot] = keys[j], values[j]
         targets[q : q + VALUE_LEN] = values[j]  # position q (the key) predicts the first value id
     return row, targets
 
