@@ -146,14 +146,15 @@ def main() -> None:
     attn = AttentionModel(orig_model, attn_cfg) if attn_cfg.mode != "dense" else None
     print0(f"attention: {describe(attn_cfg)}")
     mc_cfg: MCConfig | None = mc_config_from_args(args)
-    if mc_cfg is not None and (args.recall_warmup_steps > 0 or args.recall_frac > 0):
+    recall_rows = args.recall_warmup_steps > 0 or args.recall_frac > 0
+    if mc_cfg is not None and recall_rows:
         # the MC step takes labels from the row itself: a recall row's answer-only targets would be lost
         raise UserError(
             "--recall-warmup-steps / --recall-frac train attention modes; they do not apply to --mc"
         )
     if args.recall_warmup_steps < 0 or not 0 <= args.recall_frac <= 1:
         raise UserError("--recall-warmup-steps must be >= 0 and --recall-frac in [0, 1]")
-    if (args.recall_warmup_steps > 0 or args.recall_frac > 0) and args.max_seq_len < RECALL_MIN_LENGTH:
+    if recall_rows and args.max_seq_len < RECALL_MIN_LENGTH:
         raise UserError(f"recall rows need --max-seq-len >= {RECALL_MIN_LENGTH}, got {args.max_seq_len}")
     gistnet = lensnet = None
     if mc_cfg is not None:
