@@ -38,8 +38,7 @@ from nanochat.optim import Muon, optimizer_params, setup_optimizers, sync_gradie
 from nanochat.report import get_report
 from nanochat.tasks.copy_warmup import copy_warmup_batch
 from nanochat.tasks.longctx import mix_into_batch
-from nanochat.tasks.recall_warmup import MIN_LENGTH as RECALL_MIN_LENGTH
-from nanochat.tasks.recall_warmup import recall_batch
+from nanochat.tasks.recall_warmup import add_recall_flags, check_recall_flags, is_recall_step, recall_batch
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_flags import add_optim_flags, add_run_flags
 from scripts.bench_train import autocast_ctx, peak_flops, pick_dtype, sync
@@ -96,19 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--copy-frac", type=float, default=0.0, help="after the warm-up, this share of rows stays copy rows"
     )
-    p.add_argument(
-        "--recall-warmup-steps",
-        type=int,
-        default=0,
-        help="after the copy warm-up, N steps on far-recall rows under the attention mode "
-        "(nanochat/tasks/recall_warmup.py; docs/mega_attention.md)",
-    )
-    p.add_argument(
-        "--recall-frac",
-        type=float,
-        default=0.0,
-        help="after the recall warm-up, this share of rows stays recall rows",
-    )
+    add_recall_flags(p)
     p.add_argument(
         "--smear",
         action="store_true",
@@ -146,16 +133,7 @@ def main() -> None:
     attn = AttentionModel(orig_model, attn_cfg) if attn_cfg.mode != "dense" else None
     print0(f"attention: {describe(attn_cfg)}")
     mc_cfg: MCConfig | None = mc_config_from_args(args)
-    recall_rows = args.recall_warmup_steps > 0 or args.recall_frac > 0
-    if mc_cfg is not None and recall_rows:
-        # the MC step takes labels from the row itself: a recall row's answer-only targets would be lost
-        raise UserError(
-            "--recall-warmup-steps / --recall-frac train attention modes; they do not apply to --mc"
-        )
-    if args.recall_warmup_steps < 0 or not 0 <= args.recall_frac <= 1:
-        raise UserError("--recall-warmup-steps must be >= 0 and --recall-frac in [0, 1]")
-    if recall_rows and args.max_seq_len < RECALL_MIN_LENGTH:
-        raise UserError(f"recall rows need --max-seq-len >= {RECALL_MIN_LENGTH}, got {args.max_seq_len}")
+    check_recall_flags(args, mc=mc_cfg is not None)
     gistnet = lensnet = None
     if mc_cfg is not None:
         # the MC step builds variable-length packed batches: it runs the plain module, not a compiled one
@@ -374,18 +352,18 @@ def main() -> None:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         warmup = step < args.copy_warmup_steps  # short copy rows teach the GPT itself to copy: no MC there
+        after = step - args.copy_warmup_steps - args.recall_warmup_steps  # recall steps: all rows recall rows
+        recall = not warmup and (after < 0 or is_recall_step(after, args.recall_frac))
         for _ in range(grad_accum_steps):
             x, y = next(train_loader)
             if warmup:
                 x, y = copy_warmup_batch(x, y, args.seed, vocab_size=config.vocab_size)
-            elif step < args.copy_warmup_steps + args.recall_warmup_steps:
-                x, y = recall_batch(x, y, args.seed, vocab_size=config.vocab_size)
+            elif recall:
+                x, y = recall_batch(x, y, args.seed, config.vocab_size, args.recall_kind, tokenizer)
             else:
                 x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
                 if args.copy_frac > 0:
                     x, y = copy_warmup_batch(x, y, args.seed, args.copy_frac, config.vocab_size)
-                if args.recall_frac > 0:
-                    x, y = recall_batch(x, y, args.seed, args.recall_frac, config.vocab_size)
             aux = None
             with autocast():
                 if warmup:

@@ -1,5 +1,6 @@
 """Far-recall warm-up rows (nanochat/tasks/recall_warmup.py) and base_train's --recall-warmup-steps/--recall-frac."""
 
+import random
 import sys
 
 import pytest
@@ -52,19 +53,69 @@ def test_recall_row_refuses_a_row_too_short():
         rw.recall_row(torch.Generator().manual_seed(0), rw.MIN_LENGTH - 1, COPY_WARMUP_IDS)
 
 
-def test_recall_batch_is_seeded_by_content_and_frac_replaces_a_share():
+def test_recall_batch_is_seeded_by_content():
     g = torch.Generator().manual_seed(0)
-    rows = torch.randint(1000, 4096, (200, 257), generator=g)  # ids outside COPY_WARMUP_IDS
+    rows = torch.randint(1000, 4096, (50, 257), generator=g)  # ids outside COPY_WARMUP_IDS
     x, y = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1)
-    assert x.shape == y.shape == (200, 256) and ((y >= 0).sum(1) == rw.BINDINGS * rw.VALUE_LEN).all()
+    assert x.shape == y.shape == (50, 256) and ((y >= 0).sum(1) == rw.BINDINGS * rw.VALUE_LEN).all()
+    assert (x < COPY_WARMUP_IDS[1]).all()  # every row replaced
     x2, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1)
     x3, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=2)
     assert torch.equal(x, x2) and not torch.equal(x, x3)
-    x, y = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=3, frac=0.25)
-    replaced = (x < COPY_WARMUP_IDS[1]).all(dim=1)
-    assert 0.15 < replaced.float().mean() < 0.35
-    assert torch.equal(x[~replaced], rows[~replaced, :-1]) and torch.equal(y[~replaced], rows[~replaced, 1:])
-    assert torch.equal(rw.recall_batch(rows[:, :-1], rows[:, 1:], 3, 0.0)[0], rows[:, :-1])
+    with pytest.raises(ValueError, match="recall rows are one of ids, tasks, mixed"):
+        rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1, kind="words")
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.25, 0.5, 1.0])
+def test_recall_steps_are_an_even_share(frac):
+    picked = [s for s in range(200) if rw.is_recall_step(s, frac)]
+    assert len(picked) == round(200 * frac)
+    gaps = {b - a for a, b in zip(picked, picked[1:])}
+    assert max(gaps) - min(gaps) <= 1  # evenly spread
+    assert not any(rw.is_recall_step(s, 0.0) for s in range(200))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from nanochat.tasks.longctx import training_documents
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.train_from_iterator(training_documents(40, seed=0), 1024)  # ~4 chars per token
+
+
+@pytest.mark.parametrize("length", [rw.MIN_LENGTH, 512])
+def test_task_row_asks_a_long_context_task_with_its_evidence_in_the_band(tokenizer, length):
+    seen = set()
+    for seed in range(24):
+        rng = random.Random(seed)
+        row, targets = rw.task_row(rng, tokenizer, length)
+        assert row.shape == (length,) and targets.shape == (length - 1,)
+        # the answer's tokens end the row and are its only targets
+        text = tokenizer.decode(row.tolist())
+        answer_ids = [t for t in targets.tolist() if t >= 0]
+        n = len(answer_ids)
+        assert n >= 1 and targets[: length - 1 - n].eq(-1).all() and answer_ids == row[length - n :].tolist()
+        answer = tokenizer.decode(answer_ids)
+        assert answer.strip().isdigit() and text.endswith(answer)
+        kind = (
+            "pass key" if "pass key" in text else "recall the pairs" if "recall the pairs" in text else "VAR"
+        )
+        seen.add(kind)
+        # the answer's first mention (in the evidence) lies beyond a window of a fifth of the row, and after
+        # its middle less a passkey statement (the BAND holds the evidence's end)
+        first = len(tokenizer.encode(text[: text.index(answer.strip())]))
+        assert length * rw.BAND[0] - 40 <= first and length - first >= length / 5, (kind, first)
+    assert seen == {"pass key", "recall the pairs", "VAR"}
+
+
+def test_mixed_recall_batch_holds_both_kinds(tokenizer):
+    rows = torch.randint(300, 1024, (20, 513), generator=torch.Generator().manual_seed(0))
+    _, y = rw.recall_batch(
+        rows[:, :-1], rows[:, 1:], seed=0, vocab_size=1024, kind="mixed", tokenizer=tokenizer
+    )
+    targets = (y >= 0).sum(1).tolist()  # an ids row asks every binding, a task row one short answer
+    assert set(targets) - {rw.BINDINGS * rw.VALUE_LEN} and rw.BINDINGS * rw.VALUE_LEN in targets
+    assert all(n == rw.BINDINGS * rw.VALUE_LEN or 1 <= n <= 7 for n in targets)  # <= a space + 6 digits
 
 
 def run_train(base, monkeypatch, *argv):
@@ -82,22 +133,22 @@ GEOMETRY = [
 ]  # fmt: skip
 
 
-def test_base_train_runs_recall_rows_after_the_copy_warmup_then_a_share(tmp_path, monkeypatch):
-    """Steps 0-1 copy rows, 2-3 whole batches of recall rows, 4-5 the data with a share of recall rows."""
+def test_base_train_runs_recall_steps_after_the_copy_warmup_then_a_share(tmp_path, monkeypatch):
+    """Steps 0-1 copy rows, 2-3 whole batches of recall rows, then every second step a recall step."""
     from scripts import base_train
 
     make_corpus(tmp_path)
     calls = []
 
-    def spy(x, y, seed, frac=1.0, vocab_size=None):
-        calls.append(frac)
-        return rw.recall_batch(x, y, seed, frac, vocab_size)
+    def spy(x, y, seed, vocab_size=None, kind="ids", tokenizer=None):
+        calls.append((x.shape[0], kind))
+        return rw.recall_batch(x, y, seed, vocab_size, kind, tokenizer)
 
     monkeypatch.setattr(base_train, "recall_batch", spy)
-    flags = ["--num-iterations", "6", "--copy-warmup-steps", "2", "--recall-warmup-steps", "2"]
-    run_train(tmp_path, monkeypatch, *GEOMETRY, *flags, "--recall-frac", "0.5", "--attention", "window",
-              "--mega-window", "16")  # fmt: skip
-    assert calls == [1.0, 1.0, 0.5, 0.5]
+    flags = ["--num-iterations", "8", "--copy-warmup-steps", "2", "--recall-warmup-steps", "2"]
+    run_train(tmp_path, monkeypatch, *GEOMETRY, *flags, "--recall-frac", "0.5", "--recall-kind", "tasks",
+              "--attention", "window", "--mega-window", "16")  # fmt: skip
+    assert calls == [(1, "tasks")] * 4  # steps 2, 3 (warm-up), 5, 7 (the share: whole steps)
 
 
 @pytest.mark.parametrize(

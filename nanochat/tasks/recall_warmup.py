@@ -14,16 +14,26 @@ targets are the value ids of that final listing only (-1 elsewhere), so nothing 
 them, and only by content (keys and positions are random). Window attention cannot see the bindings; dense and
 mega can.
 
+Task rows (`--recall-kind tasks`) are the same idea in the long-context suite's own form (longctx.py: passkeys
+with distractor locks, MQAR, variable tracking; fresh keys, synthetic filler): the evidence ends in the BAND, the
+question closes the row, and only the answer's tokens are targets. Planted ids grow the node-reading circuit
+fastest; task rows ask it to read locks and digits, which planted rows did not teach (session 8).
+
 `base_train --recall-warmup-steps N` trains N steps on these rows after the copy warm-up, under the run's
-attention mode; `--recall-frac F` keeps a share of recall rows afterwards.
+attention mode; `--recall-frac F` makes that share of the later steps recall steps (whole steps: a few recall
+rows in a text batch weigh ~1 % of its loss, too little to keep the circuit; docs/mega_attention.md).
 """
 
 from __future__ import annotations
 
+import argparse
+import random
 import zlib
 
 import torch
 
+from nanochat.common import UserError
+from nanochat.tasks import longctx
 from nanochat.tasks.copy_warmup import copy_ids
 
 BINDINGS = 8  # key -> value bindings per row (rows per step mattered more than this: docs/mega_attention.md)
@@ -31,6 +41,13 @@ VALUE_LEN = 4  # value ids per binding (a short passkey)
 BAND = (0.5, 0.8)  # bindings start in this share of the row; the final listing fills the row's last slots
 KEY_IDS, VALUE_IDS = 64, 32  # the copy ids are KEY_IDS keys, then VALUE_IDS values (digit-like), then filler
 MIN_LENGTH = 256  # shortest row: room for the bindings in the band and for the final listing after it
+KINDS = ("ids", "tasks", "mixed")  # mixed: each row one or the other, by its hash
+# the suite's tasks at the sizes a 512-token row holds with its evidence in the band (mc_eval asks more pairs)
+TASK_KWARGS = {
+    "passkey": lambda rng: {"n_distractors": rng.randint(1, 4)},
+    "mqar": lambda rng: {"n_pairs": rng.choice((4, 8))},
+    "vartrack": lambda rng: {"n_hops": rng.randint(1, 3), "n_distractor_chains": rng.randint(0, 2)},
+}
 
 
 def recall_row(g: torch.Generator, length: int, ids: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,18 +76,87 @@ def recall_row(g: torch.Generator, length: int, ids: tuple[int, int]) -> tuple[t
     return row, targets
 
 
-def recall_batch(x, y, seed: int, frac: float = 1.0, vocab_size: int | None = None):
-    """Replace about `frac` of the rows of a batch (x, y: [B, T]) by recall rows of the same length (all of
-    them for frac >= 1). Which rows, and what replaces them, follows from each row's content and the seed."""
-    if frac <= 0:
-        return x, y
+def task_row(rng: random.Random, tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row ids [length], targets [length - 1]): a long-context task cropped from the front to end at its
+    answer, the evidence ending in the BAND; the answer's tokens are the only targets."""
+    if length < MIN_LENGTH:
+        raise ValueError(f"a recall row needs at least {MIN_LENGTH} tokens, got {length}")
+    task = rng.choice(sorted(TASK_KWARGS))
+    kwargs = TASK_KWARGS[task](rng)  # digit passkeys (the default kind): a UUID does not fit a 16-token node
+    count = lambda s: len(tokenizer.encode(s))
+    # tokens from the evidence's end to the row's end: in the band's complement; the question's own length
+    # (MQAR repeats asked pairs in it) is measured by a first draw and taken off the distance in a second
+    tail = rng.randint(int(length * (1 - BAND[1])), int(length * (1 - BAND[0])))
+    state, distance = rng.getstate(), tail
+    for _ in range(2):
+        rng.setstate(state)
+        ex = longctx.TASKS[task](rng, max(1, distance), prefix=length, count=count, **kwargs)
+        distance -= count(ex["prompt"][ex["evidence_chars"][1] :] + ex["answer"]) - tail
+    bos = tokenizer.get_bos_token_id()
+    prompt = tokenizer.encode(ex["prompt"], prepend=bos)
+    ids = tokenizer.encode(ex["prompt"] + ex["answer"], prepend=bos)
+    n_answer = len(ids) - len(prompt)
+    row = torch.tensor(ids[-length:])
+    targets = torch.full((length - 1,), -1, dtype=row.dtype)
+    targets[length - 1 - n_answer :] = row[length - n_answer :]
+    return row, targets
+
+
+def recall_batch(x, y, seed: int, vocab_size: int | None = None, kind: str = "ids", tokenizer=None):
+    """Replace every row of a batch (x, y: [B, T]) by a recall row of the same length, of `kind` ("tasks" and
+    "mixed" need the tokenizer). What replaces a row follows from its content and the seed."""
+    if kind not in KINDS:
+        raise ValueError(f"recall rows are one of {', '.join(KINDS)}; got {kind!r}")
     rows = torch.cat([x, y[:, -1:]], dim=1)
     x, y = x.clone(), y.clone()
     ids = copy_ids(vocab_size)
     for i, row in enumerate(rows):
         h = zlib.crc32(row.cpu().numpy().tobytes()) ^ (seed * 40503 & 0xFFFFFFFF)
-        if frac < 1 and (h % 10_000) >= frac * 10_000:
-            continue
-        new, targets = recall_row(torch.Generator().manual_seed(h), rows.shape[1], ids)
+        if kind == "ids" or (kind == "mixed" and h & 1):
+            new, targets = recall_row(torch.Generator().manual_seed(h), rows.shape[1], ids)
+        else:
+            new, targets = task_row(random.Random(h), tokenizer, rows.shape[1])
         x[i], y[i] = new[:-1].to(x.device), targets.to(y.device)
     return x, y
+
+
+def is_recall_step(step: int, frac: float) -> bool:
+    """Whether `step` (counted from the end of the warm-up) is one of the evenly spread `frac` share of
+    recall steps: 0.25 makes every fourth step one."""
+    return frac > 0 and int((step + 1) * frac) > int(step * frac)
+
+
+def add_recall_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recall-warmup-steps",
+        type=int,
+        default=0,
+        help="after the copy warm-up, N steps on far-recall rows under the attention mode "
+        "(nanochat/tasks/recall_warmup.py; docs/mega_attention.md)",
+    )
+    p.add_argument(
+        "--recall-frac",
+        type=float,
+        default=0.0,
+        help="after the recall warm-up, this share of the steps are recall steps, evenly spread",
+    )
+    p.add_argument(
+        "--recall-kind",
+        choices=KINDS,
+        default="ids",
+        help="recall rows of planted ids (ids), of the long-context tasks with answer-only targets (tasks), "
+        "or half each (mixed)",
+    )
+
+
+def check_recall_flags(args: argparse.Namespace, mc: bool) -> None:
+    if args.recall_warmup_steps < 0 or not 0 <= args.recall_frac <= 1:
+        raise UserError("--recall-warmup-steps must be >= 0 and --recall-frac in [0, 1]")
+    if args.recall_warmup_steps == 0 and args.recall_frac == 0:
+        return
+    if mc:  # the MC step takes labels from the row itself: a recall row's answer-only targets would be lost
+        raise UserError(
+            "--recall-warmup-steps / --recall-frac train attention modes; they do not apply to --mc"
+        )
+    if args.max_seq_len < MIN_LENGTH:
+        raise UserError(f"recall rows need --max-seq-len >= {MIN_LENGTH}, got {args.max_seq_len}")
