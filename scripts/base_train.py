@@ -359,7 +359,8 @@ def main() -> None:
             if warmup:
                 x, y = copy_warmup_batch(x, y, args.seed, vocab_size=config.vocab_size)
             elif recall:
-                x, y = recall_batch(x, y, args.seed, config.vocab_size, args.recall_kind, tokenizer)
+                kind = args.recall_kinds[after >= 0]
+                x, y = recall_batch(x, y, args.seed, config.vocab_size, kind, tokenizer)
             else:
                 x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
                 if args.copy_frac > 0:

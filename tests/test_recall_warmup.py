@@ -146,9 +146,11 @@ def test_base_train_runs_recall_steps_after_the_copy_warmup_then_a_share(tmp_pat
 
     monkeypatch.setattr(base_train, "recall_batch", spy)
     flags = ["--num-iterations", "8", "--copy-warmup-steps", "2", "--recall-warmup-steps", "2"]
-    run_train(tmp_path, monkeypatch, *GEOMETRY, *flags, "--recall-frac", "0.5", "--recall-kind", "tasks",
+    run_train(tmp_path, monkeypatch, *GEOMETRY, *flags, "--recall-frac", "0.5", "--recall-kind", "ids,tasks",
               "--attention", "window", "--mega-window", "16")  # fmt: skip
-    assert calls == [(1, "tasks")] * 4  # steps 2, 3 (warm-up), 5, 7 (the share: whole steps)
+    assert (
+        calls == [(1, "ids")] * 2 + [(1, "tasks")] * 2
+    )  # steps 2, 3 (warm-up), 5, 7 (the share: whole steps)
 
 
 @pytest.mark.parametrize(
@@ -157,6 +159,7 @@ def test_base_train_runs_recall_steps_after_the_copy_warmup_then_a_share(tmp_pat
         (["--mc", "--recall-warmup-steps", "2"], "error: --recall-warmup-steps / --recall-frac train attention"),
         (["--max-seq-len", "64", "--recall-frac", "0.1"], f"error: recall rows need --max-seq-len >= {rw.MIN_LENGTH}"),
         (["--recall-frac", "1.5"], "error: --recall-warmup-steps must be >= 0 and --recall-frac in [0, 1]"),
+        (["--recall-kind", "ids,words"], "error: --recall-kind takes KIND or WARMUP,LATER of ids, tasks, mixed"),
     ],
 )  # fmt: skip
 def test_base_train_rejects_bad_recall_flags_in_one_line(tmp_path, monkeypatch, capsys, extra, message):

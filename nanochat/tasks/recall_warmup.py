@@ -142,16 +142,21 @@ def add_recall_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--recall-kind",
-        choices=KINDS,
         default="ids",
-        help="recall rows of planted ids (ids), of the long-context tasks with answer-only targets (tasks), "
-        "or half each (mixed)",
+        help="recall rows of planted ids (ids), of the long-context tasks with answer-only targets (tasks), or "
+        "half each (mixed); WARMUP,LATER gives the later recall steps another kind, e.g. ids,tasks",
     )
 
 
 def check_recall_flags(args: argparse.Namespace, mc: bool) -> None:
     if args.recall_warmup_steps < 0 or not 0 <= args.recall_frac <= 1:
         raise UserError("--recall-warmup-steps must be >= 0 and --recall-frac in [0, 1]")
+    kinds = args.recall_kind.split(",")
+    if not 1 <= len(kinds) <= 2 or not set(kinds) <= set(KINDS):
+        raise UserError(
+            f"--recall-kind takes KIND or WARMUP,LATER of {', '.join(KINDS)}; got {args.recall_kind!r}"
+        )
+    args.recall_kinds = (kinds[0], kinds[-1])  # of the warm-up's recall steps, of the later ones
     if args.recall_warmup_steps == 0 and args.recall_frac == 0:
         return
     if mc:  # the MC step takes labels from the row itself: a recall row's answer-only targets would be lost
