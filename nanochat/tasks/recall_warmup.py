@@ -41,6 +41,7 @@ VALUE_LEN = 4  # value ids per binding (a short passkey)
 BAND = (0.5, 0.8)  # bindings start in this share of the row; the final listing fills the row's last slots
 KEY_IDS, VALUE_IDS = 64, 32  # the copy ids are KEY_IDS keys, then VALUE_IDS values (digit-like), then filler
 MIN_LENGTH = 256  # shortest row: room for the bindings in the band and for the final listing after it
+MQAR_CUE = "Now recall the pairs."  # longctx.mqar's question opens with it
 KINDS = ("ids", "tasks", "mixed")  # mixed: each row one or the other, by its hash
 # the suite's tasks at the sizes a 512-token row holds with its evidence in the band (mc_eval asks more pairs)
 TASK_KWARGS = {
@@ -78,7 +79,8 @@ def recall_row(g: torch.Generator, length: int, ids: tuple[int, int]) -> tuple[t
 
 def task_row(rng: random.Random, tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(row ids [length], targets [length - 1]): a long-context task cropped from the front to end at its
-    answer, the evidence ending in the BAND; the answer's tokens are the only targets."""
+    answer, the evidence ending in the BAND; the answer's tokens are the only targets (and in MQAR the values
+    its question repeats)."""
     if length < MIN_LENGTH:
         raise ValueError(f"a recall row needs at least {MIN_LENGTH} tokens, got {length}")
     task = rng.choice(sorted(TASK_KWARGS))
@@ -99,6 +101,15 @@ def task_row(rng: random.Random, tokenizer, length: int) -> tuple[torch.Tensor, 
     row = torch.tensor(ids[-length:])
     targets = torch.full((length - 1,), -1, dtype=row.dtype)
     targets[length - 1 - n_answer :] = row[length - n_answer :]
+    if task == "mqar":  # its question repeats asked pairs with their values: each is a far recall as well
+        chars = len(ex["prompt"]) - ex["prompt"].rindex(MQAR_CUE)
+        for i in range(length - 1 - n_answer, 0, -1):  # the question's tokens, from its end
+            piece = tokenizer.decode([int(row[i])])
+            chars -= len(piece)
+            if chars < 0:
+                break
+            if piece.strip().isdigit():
+                targets[i - 1] = row[i]
     return row, targets
 
 
