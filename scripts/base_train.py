@@ -133,7 +133,7 @@ def main() -> None:
     attn = AttentionModel(orig_model, attn_cfg) if attn_cfg.mode != "dense" else None
     print0(f"attention: {describe(attn_cfg)}")
     mc_cfg: MCConfig | None = mc_config_from_args(args)
-    check_recall_flags(args, mc=mc_cfg is not None)
+    recall_kinds = check_recall_flags(args, mc=mc_cfg is not None)  # (warm-up, later)
     gistnet = lensnet = None
     if mc_cfg is not None:
         # the MC step builds variable-length packed batches: it runs the plain module, not a compiled one
@@ -359,7 +359,7 @@ def main() -> None:
             if warmup:
                 x, y = copy_warmup_batch(x, y, args.seed, vocab_size=config.vocab_size)
             elif recall:
-                kind = args.recall_kinds[after >= 0]
+                kind = recall_kinds[after >= 0]
                 x, y = recall_batch(x, y, args.seed, config.vocab_size, kind, tokenizer)
             else:
                 x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)

@@ -152,9 +152,8 @@ def test_base_train_runs_recall_steps_after_the_copy_warmup_then_a_share(tmp_pat
     flags = ["--num-iterations", "8", "--copy-warmup-steps", "2", "--recall-warmup-steps", "2"]
     run_train(tmp_path, monkeypatch, *GEOMETRY, *flags, "--recall-frac", "0.5", "--recall-kind", "ids,tasks",
               "--attention", "window", "--mega-window", "16")  # fmt: skip
-    assert (
-        calls == [(1, "ids")] * 2 + [(1, "tasks")] * 2
-    )  # steps 2, 3 (warm-up), 5, 7 (the share: whole steps)
+    # steps 2, 3 (the warm-up's kind), then 5 and 7 (the share, whole steps, of the later kind)
+    assert calls == [(1, "ids")] * 2 + [(1, "tasks")] * 2
 
 
 @pytest.mark.parametrize(

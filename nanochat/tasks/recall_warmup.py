@@ -159,7 +159,8 @@ def add_recall_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def check_recall_flags(args: argparse.Namespace, mc: bool) -> None:
+def check_recall_flags(args: argparse.Namespace, mc: bool) -> tuple[str, str]:
+    """The recall kinds (of the warm-up's recall steps, of the later ones), once the flags are checked."""
     if args.recall_warmup_steps < 0 or not 0 <= args.recall_frac <= 1:
         raise UserError("--recall-warmup-steps must be >= 0 and --recall-frac in [0, 1]")
     kinds = args.recall_kind.split(",")
@@ -167,12 +168,12 @@ def check_recall_flags(args: argparse.Namespace, mc: bool) -> None:
         raise UserError(
             f"--recall-kind takes KIND or WARMUP,LATER of {', '.join(KINDS)}; got {args.recall_kind!r}"
         )
-    args.recall_kinds = (kinds[0], kinds[-1])  # of the warm-up's recall steps, of the later ones
     if args.recall_warmup_steps == 0 and args.recall_frac == 0:
-        return
+        return kinds[0], kinds[-1]
     if mc:  # the MC step takes labels from the row itself: a recall row's answer-only targets would be lost
         raise UserError(
             "--recall-warmup-steps / --recall-frac train attention modes; they do not apply to --mc"
         )
     if args.max_seq_len < MIN_LENGTH:
         raise UserError(f"recall rows need --max-seq-len >= {MIN_LENGTH}, got {args.max_seq_len}")
+    return kinds[0], kinds[-1]
