@@ -146,8 +146,11 @@ def bench_mc(args, model, device, dtype, vanilla_tokens_per_s: float) -> dict:
         curriculum_start=0.0,
         copy_hints=2,  # as runcpu.sh: the hints are controller time, the marginal loss a little GPU time
         token_loss="marginal",
-        lensnet_input="gist+mean+match",
+        lensnet_input="gist+mean+match+nb",
         lens_listwise=1.0,
+        lens_hints=1,
+        lm_weight=1.0,  # the raw positions before the horizon: no extra forward
+        full_weight=1.0,  # one vanilla forward of each whole row on top
     )
     gistnet, lensnet = build_nets(cfg, model.config.n_embd)
     gistnet.to(device)
