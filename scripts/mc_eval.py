@@ -200,6 +200,7 @@ def main() -> None:
             print(json.dumps(line), flush=True)
     md = markdown_table(table, distances, views)
     print0(md)
+    print0("\nanswer NLL (nats/token):\n" + markdown_table(table, distances, views, metric="nll"))
     print0(f"mc_eval took {time.time() - t0:.1f}s")
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -234,16 +235,20 @@ def headline(rows, distances) -> dict:
     return out
 
 
-def markdown_table(rows, distances, views) -> str:
-    """One row per (task, view), one column per distance: accuracy % [95 % interval]."""
+def markdown_table(rows, distances, views, metric: str = "accuracy") -> str:
+    """One row per (task, view), one column per distance: accuracy % [95 % interval], or with metric="nll" the
+    answer's mean NLL (nats/token), which still separates views where every exact match is 0."""
     head = "| task | view | " + " | ".join(f"{d}x" for d in distances) + " |"
     sep = "|" + "---|" * (2 + len(distances))
     cells: dict[tuple[str, str], dict[int, str]] = {}
     for name, dx, v, r in rows:
         acc = r.get("accuracy")
-        text = (
-            "–" if acc is None else f"{100 * acc:.0f} [{100 * r['ci95_low']:.0f}-{100 * r['ci95_high']:.0f}]"
-        )
+        if acc is None:
+            text = "–"
+        elif metric == "nll":
+            text = f"{r['nll']:.3f}"
+        else:
+            text = f"{100 * acc:.0f} [{100 * r['ci95_low']:.0f}-{100 * r['ci95_high']:.0f}]"
         cells.setdefault((name, v), {})[dx] = text
     body = [
         f"| {name} | {v} | " + " | ".join(c.get(d, "–") for d in distances) + " |"

@@ -73,6 +73,16 @@ def test_report_shows_results_by_stage_with_long_context_columns(base):
     assert "| d4-mc vs d4 | BASE | passkey | 0.7500 | 0.0000 | +0.7500 |" in results
 
 
+def test_mc_eval_tables_give_accuracy_and_answer_nll():
+    """Where every exact match is 0, the answer-NLL table still separates views (issue 8)."""
+    from scripts.mc_eval import markdown_table
+
+    cell = {"accuracy": 0.25, "ci95_low": 0.1, "ci95_high": 0.5, "nll": 2.3456}
+    rows = [("passkey:k=1", 4, "full", cell), ("passkey:k=1", 8, "full", {"accuracy": None})]
+    assert "| passkey:k=1 | full | 25 [10-50] | – |" in markdown_table(rows, [4, 8], ["full"])
+    assert "| passkey:k=1 | full | 2.346 | – |" in markdown_table(rows, [4, 8], ["full"], metric="nll")
+
+
 def test_dict_values_are_formatted(base):
     path = get_report().log("Tokenizer training", [{"vocab": 65536, "ratio": 4.123456789, "ok": True}])
     text = path.read_text()

@@ -77,13 +77,18 @@ def recall_row(g: torch.Generator, length: int, ids: tuple[int, int]) -> tuple[t
     return row, targets
 
 
-def task_row(rng: random.Random, tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row ids [length], targets [length - 1]): a long-context task cropped from the front to end at its
-    answer, the evidence ending in the BAND; the answer's tokens are the only targets (and in MQAR the values
-    its question repeats)."""
+def task_row(
+    rng: random.Random, tokenizer, length: int, task: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row ids [length], targets [length - 1]): a long-context task (drawn from rng, or the one named) cropped
+    from the front to end at its answer, the evidence ending in the BAND; the answer's tokens are the only
+    targets (and in MQAR the values its question repeats)."""
     if length < MIN_LENGTH:
         raise ValueError(f"a recall row needs at least {MIN_LENGTH} tokens, got {length}")
-    task = rng.choice(sorted(TASK_KWARGS))
+    if task is None:
+        task = rng.choice(sorted(TASK_KWARGS))
+    elif task not in TASK_KWARGS:
+        raise ValueError(f"task rows are one of {', '.join(sorted(TASK_KWARGS))}; got {task!r}")
     kwargs = TASK_KWARGS[task](rng)  # digit passkeys (the default kind): a UUID does not fit a 16-token node
     count = lambda s: len(tokenizer.encode(s))
     # tokens from the evidence's end to the row's end: in the band's complement; the question's own length
