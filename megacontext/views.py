@@ -211,8 +211,11 @@ def horizon_logits(
     inputs = ids[:-1]
     n = len(inputs)
     info = {"wc_size": None, "edits": 0}
-    if view != "full" and eval_recent(cfg, h) > cfg.wc_budget:
-        return None, info  # the horizon and its query do not fit the budget: the view cannot score it
+    # the horizon (and, for the mc views, its query) must fit the budget, or the view cannot score it; the
+    # window view needs only the horizon: a model without MC nets scores it at any budget above h
+    fits = h < cfg.wc_budget if view == "window" else eval_recent(cfg, h) <= cfg.wc_budget
+    if view != "full" and not fits:
+        return None, info
     if view in ("full", "window"):
         span = inputs if view == "full" else inputs[-cfg.wc_budget :]
         if len(span) > model.rotary_len:

@@ -64,6 +64,18 @@ def test_oracle_view_needs_an_evidence_span():
     assert logits.shape == (2, V) and "[L0 4:8]" in info["render"]
 
 
+def test_window_view_runs_at_a_budget_below_the_mc_query_length():
+    """An attention-mode checkpoint has no MC nets, so mc_eval scores it with MCConfig()'s recent / block size;
+    a budget of 32 (its W) must still give the window view (it was silently skipped), as the last 32 inputs."""
+    model = tiny()[0]
+    ids = torch.randint(0, V, (100,)).tolist()
+    cfg = MCConfig(wc_budget=32, recent=32)
+    logits, info = horizon_logits("window", ids, 4, model, None, None, cfg, "cpu")
+    assert info["wc_size"] == 32
+    torch.testing.assert_close(logits, model(torch.tensor([ids[-33:-1]]))[0, -4:])
+    assert horizon_logits("window", ids, 32, model, None, None, cfg, "cpu")[0] is None  # h fills the budget
+
+
 def test_normalize_scores():
     s = torch.tensor([0.01, -0.02, 0.03, 0.0])
     z = normalize_scores(s, "z")
