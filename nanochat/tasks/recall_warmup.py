@@ -17,7 +17,8 @@ mega can.
 Task rows (`--recall-kind tasks`) are the same idea in the long-context suite's own form (longctx.py: passkeys
 with distractor locks, MQAR, variable tracking; fresh keys, synthetic filler): the evidence ends in the BAND, the
 question closes the row, and the answer's tokens are the targets (MQAR's repeated values too). Planted ids grow
-the node-reading circuit fastest; task rows ask it to read locks and digits, which planted rows did not teach.
+the node-reading circuit fastest but it stays specific to them; ~300-700 steps of whole task-row batches from
+scratch grow it for the tasks themselves (docs/mega_attention.md, session 10).
 
 `base_train --recall-warmup-steps N` trains N steps on these rows after the copy warm-up, under the run's
 attention mode; `--recall-frac F` makes that share of the later steps recall steps (whole steps: a few recall
