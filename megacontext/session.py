@@ -24,7 +24,7 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -176,9 +176,14 @@ class MCSession:
         else:
             self.wc = self.wc.extend(self.tree)
 
-    def ingest(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> None:
+    def ingest(
+        self,
+        ids: Sequence[int] | np.ndarray | torch.Tensor,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
         """Append tokens to the memory (any length: a pasted document goes in chunk by chunk), then refocus
-        if a block boundary was crossed."""
+        if a block boundary was crossed. `progress(done, total)` is called after each chunk (a long paste
+        shows progress in the CLI and streams it in the web app)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -189,6 +194,8 @@ class MCSession:
             for lo in range(0, ids.size, INGEST_CHUNK):
                 self.tree.append(ids[lo : lo + INGEST_CHUNK])
                 self._absorb()
+                if progress is not None:
+                    progress(min(lo + INGEST_CHUNK, ids.size), ids.size)
         if self._boundary_crossed():
             self.refocus()
 
