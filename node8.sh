@@ -11,7 +11,7 @@ The depth-$DEPTH pipeline on one node of 8 GPUs: tokenizer, base, mid, SFT, chat
 
 Options:
   --mc            train MegaContext with the GPT in base, mid and SFT (model tag d$DEPTH-mc;
-                  --mc-auto-batch keeps the token batch of the vanilla run), and also evaluate
+                  the MC recipe is base_train's default at this sequence length), and also evaluate
                   long documents through an MC session
   --rl            also run GSM8K reinforcement learning after SFT, and evaluate it
   --nproc N       GPUs (torchrun processes) to use (default: 8)
@@ -47,7 +47,7 @@ TAG="d$DEPTH"
 MC_FLAGS=()
 if [ "$MC" -eq 1 ]; then
     TAG="d$DEPTH-mc"
-    MC_FLAGS=(--mc --mc-auto-batch)  # auto batch: an MC step runs several working contexts per row
+    MC_FLAGS=(--mc)  # the recipe is the defaults: base_train scales it to the sequence length
 fi
 TRAIN_FLAGS=(--model-tag "$TAG" --run "$RUN" "${MC_FLAGS[@]}" "${EXTRA[@]}")
 TORCHRUN=(torchrun --standalone --nproc-per-node "$NGPU")

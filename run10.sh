@@ -20,7 +20,7 @@ Options:
   --gpu 5090      RTX 5090 (32 GB): depth 10, device batch 8, 60 data shards
   --gpu h100      H100/H200 (80 GB+): depth 12, device batch 32, 80 data shards
   --mc            train MegaContext with the GPT in base, mid and SFT (model tag d<depth>-mc;
-                  --mc-auto-batch keeps the token batch of the vanilla run)
+                  the MC recipe is base_train's default at this sequence length)
   --shards N      FineWeb-edu shards to download (default: per --gpu; fewer for a smoke run)
   --run NAME      wandb run name for the training stages (default: dummy = no wandb; the key
                   comes from \$WANDB_API_KEY only)
@@ -75,7 +75,7 @@ TAG="d$DEPTH"
 MC_FLAGS=()
 if [ "$MC" -eq 1 ]; then
     TAG="d$DEPTH-mc"
-    MC_FLAGS=(--mc --mc-auto-batch)  # auto batch: an MC step runs several working contexts per row
+    MC_FLAGS=(--mc)  # the recipe is the defaults: base_train scales it to the sequence length
 fi
 TRAIN_FLAGS=(--model-tag "$TAG" --run "$RUN" "${MC_FLAGS[@]}" "${EXTRA[@]}")
 TORCHRUN=(torchrun --standalone --nproc-per-node 1)

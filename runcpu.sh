@@ -56,7 +56,7 @@ if [ "$QUICK" -eq 1 ]; then
     TOK_CHARS=5000000
     SEQ=256
     BASE=(--depth 4 --max-seq-len "$SEQ" --device-batch-size 4 --total-batch-size 1024 --num-iterations 30
-        --eval-every -1 --eval-tokens 8192 --sample-every -1 --mc-eval-rows 2 --smear --copy-warmup-steps 5)
+        --eval-every -1 --eval-tokens 8192 --sample-every -1 --mc-eval-rows 2)
     SPLIT_TOKENS=8192
     CHAT=(--max-seq-len "$SEQ" --device-batch-size 4 --total-batch-size 1024 --num-iterations 10
         --eval-every -1 --eval-tokens 4096 --offline-size 200)
@@ -65,32 +65,20 @@ if [ "$QUICK" -eq 1 ]; then
 else
     TOK_CHARS=20000000
     SEQ=512
-    # --smear + --copy-warmup-steps: the GPT learns to copy from its context (an induction head) in the first
-    # 150 steps; without them no d4 model here ever did, and every memory view scored 0 (docs/training.md)
     BASE=(--depth 4 --max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size 4096 --num-iterations 500
-        --eval-every 250 --eval-tokens 65536 --sample-every -1 --save-every 100 --smear --copy-warmup-steps 150)
+        --eval-every 250 --eval-tokens 65536 --sample-every -1 --save-every 100)
     SPLIT_TOKENS=65536
     CHAT=(--max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size 4096 --num-iterations 100
         --eval-every -1 --eval-tokens 32768 --save-every 50)
     MCEVAL=(--n 20)
     CHATEVAL=(--max-problems 50)
 fi
-WC=128  # working-context budget of the MC model; the vanilla window view is scored at the same budget
-# --mc-lm-weight 1: the GPT also learns from the raw positions before the horizon of every working context it
-# already ran (docs/training.md); without it the MC model's val bpb trailed the vanilla one's by 0.5 here.
-# --mc-full-weight 1: and from the vanilla loss of each whole row, which keeps the copying the warm-up taught
-# (it decayed from 0.86 to 0.08 under the working-context losses alone).
-# --mc-copy-hints 2 --mc-token-loss marginal: variants measure the block a horizon copies from, and the GPT learns
-# from the working contexts that hold it, not to answer blind from the rest; --mc-horizon 8: LensNet's query
-# (the K tokens before the horizon) then holds the question, as in evaluation (docs/training.md, measured).
-# --lensnet-input gist+mean+match+nb --mc-lens-listwise 1: LensNet also sees each entry's mean token embedding
-# and which words of the question occur in it and in its neighbours, and learns to put the paying entry first
-# among all of them; --mc-lens-hints 1: the gist it scores highest is also measured, so a wrongly opened one
-# (another lock's key) is corrected; --mc-recent 32: half the budget for old history, not a quarter
-# (docs/training.md, "The scorer" and "Which raw blocks cost the answer").
-MC=(--mc --mc-auto-batch --mc-block-size 16 --mc-wc-budget "$WC" --mc-recent 32 --mc-horizon 8 --mc-variants 4
-    --mc-curriculum-start 0.5 --mc-lm-weight 1.0 --mc-full-weight 1.0 --mc-copy-hints 2 --mc-token-loss marginal
-    --lensnet-input gist+mean+match+nb --mc-lens-listwise 1.0 --mc-lens-hints 1)
+# The recipe is the defaults: --mc alone trains MegaContext as measured best (megacontext/config.py; at
+# --max-seq-len 512: K 16, budget 128, recent 32), with half the rows long-context rows, the token shift and
+# the copy warm-up (nanochat/tasks/schedule.py). The vanilla twin sees the same rows (--longctx-frac 0.5) and
+# its window view is scored at the MC model's budget.
+WC=$((SEQ / 4))
+MC=(--mc)
 
 MARK=$PREFIX
 # shellcheck source=recipe_lib.sh
@@ -109,9 +97,11 @@ for TAG in d4 d4-mc; do
     FLAGS=()
     if [ "$TAG" = d4-mc ]; then
         FLAGS=("${MC[@]}" "${EXTRA[@]}")
+    else
+        FLAGS=(--longctx-frac 0.5)
     fi
     read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")"
-    stage "$TAG-base-train" python -m scripts.base_train "${BASE[@]}" --longctx-frac 0.5 --model-tag "$TAG" \
+    stage "$TAG-base-train" python -m scripts.base_train "${BASE[@]}" --model-tag "$TAG" \
         --dtype float32 "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
     stage "$TAG-base-loss" python -m scripts.base_loss --model-tag "$TAG" --device-batch-size 4 \
         --split-tokens "$SPLIT_TOKENS" "${CPU[@]}"
@@ -130,7 +120,7 @@ stage d4-mc-longctx-eval python -m scripts.mc_eval --task all "${MCEVAL[@]}" --m
 for TAG in d4 d4-mc; do
     FLAGS=()
     if [ "$TAG" = d4-mc ]; then
-        FLAGS=(--mc --mc-auto-batch "${EXTRA[@]}")  # MC config comes from the base checkpoint
+        FLAGS=(--mc "${EXTRA[@]}")  # MC config comes from the base checkpoint
     fi
     read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")"
     stage "$TAG-mid-train" python -m scripts.mid_train --dataset offline --model-tag "$TAG" "${CHAT[@]}" \

@@ -17,89 +17,125 @@ CHOICES = {
     "lensnet_head": ("linear", "mlp"),
     "lensnet_input": ("gist", "gist+mean", "gist+mean+match", "gist+mean+match+nb"),
     "allocator": ("greedy", "stochastic"),
-    "tree_backend": ("ram", "disk"),
-    "positions": ("wc_index", "global"),
-    "score_norm": ("z", "raw"),
-    "token_loss": ("mean", "marginal"),
 }
+
+# Settings that measurements removed (docs/log.md), with the one value the code now implements. A checkpoint's
+# config may still name them: it loads when it used that value, and is refused with a clear line otherwise.
+REMOVED = {
+    "positions": "wc_index",  # "global" token positions with Gaussian RoPE put unseen positions in front of the GPT
+    "score_norm": "z",  # LensNet's "raw" scores never passed a threshold
+    "tree_backend": "ram",  # never read: the session picks the tree's storage
+    "match_hints": 0,  # look-alike hints measured worse
+    "token_loss": "marginal",  # the mean horizon loss taught the GPT to answer from its prior
+    "gist_weight": 0.0,  # the gist-consistency loss never paid
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The recipe's values that depend on the training length: one function derives them all (`scale`)."""
+
+    block_size: int  # K of MegaContext and of MegaAttention's nodes
+    wc_budget: int  # W_max of the working context
+    recent: int  # raw tokens always kept at the end of a working context
+    horizon: int  # H: the shared tail where working contexts are compared
+    window: int  # W of --attention window / mega
+
+
+def scale(seq_len: int) -> Scale:
+    """The measured recipe at seq_len, as a rule of the training length (depth does not enter: the memory's
+    geometry is about the sequence, and d4 to d20 ran the same rule).
+
+    Measured at T = 512 (runcpu, docs/status.md): K 16, budget 128 (T/4), recent 32 (budget/4), horizon 8 (K/2);
+    MegaAttention at T = 256: W 32 (T/8), K 16. Longer rows keep the ratios with K growing to the design's 32
+    (K = budget/8, clamped to [16, 32]).
+    """
+    budget = max(16, seq_len // 4)
+    K = min(32, max(16, budget // 8))
+    K = min(K, max(2, budget // 2))  # tiny test rows: at least two blocks fit the budget
+    return Scale(
+        block_size=K,
+        wc_budget=budget,
+        recent=max(K, budget // 4),
+        horizon=max(1, K // 2),
+        window=max(K, seq_len // 8),
+    )
+
+
+REFERENCE = scale(2048)  # the dataclass defaults: base_train's default length
 
 
 @dataclass
 class MCConfig:
-    block_size: int = 32  # K: tokens per LOD1 gist and children per gist (32-ary tree)
-    wc_budget: int = 512  # W_max: working-context budget (a raw block costs its tokens, a gist costs 1)
-    # R: newest tokens that always stay raw. 2K = the still-filling block plus at least one complete block
-    # behind it, so the text the next tokens lean on most is never gisted, and LensNet's query (the raw
-    # tail) always holds >= K tokens of real text to judge old entries against.
-    recent: int = 64
-    max_level: int = 8  # highest gist level (32^8 tokens); sizes GistNet's level and LensNet's LOD embeddings
-    # GPT positions of WC entries: "wc_index" = slot 0..L-1, sigma 0 (never beyond the trained range);
-    # "global" = token positions with Gaussian RoPE (mu, sigma) for gists (see megacontext/training.py).
-    positions: str = "wc_index"
+    """MegaContext's settings. The defaults are the best measured recipe; base_train builds it for its length
+    with `MCConfig.for_seq_len` (the scale-dependent fields from `scale`)."""
+
+    block_size: int = REFERENCE.block_size  # K: tokens per LOD1 gist and children per gist
+    wc_budget: int = (
+        REFERENCE.wc_budget
+    )  # W_max: working-context budget (a raw block costs its tokens, a gist 1)
+    # R: newest tokens that always stay raw: the text the next tokens lean on most is never gisted, and
+    # LensNet's query (the raw tail) always holds >= K tokens of real text. A quarter of the budget: the rest
+    # is room for old history (half the budget for history measured better than a quarter, docs/log.md).
+    recent: int = REFERENCE.recent
+    max_level: int = 8  # highest gist level (K^8 tokens); sizes GistNet's level and LensNet's LOD embeddings
     gistnet_type: str = "transformer"  # "mean" = no transformer, the cheap control
     gistnet_layers: int = 2
     gistnet_pooling: str = "query"  # starts exactly at the block mean (see gistnet.py), cls does not
     gistnet_head: str = "mlp"
     lensnet_layers: int = 2
     lensnet_head: str = "mlp"
-    # What LensNet sees of an entry: its "gist" only, or "gist+mean": also the mean token embedding of its span,
-    # so the lens can match the question's words against the entry's, or "gist+mean+match": also which query
-    # tokens occur in its span, exactly (lensnet.py, lens_inputs.py), or "gist+mean+match+nb": also which occur
-    # in its neighbours' spans (a key's block is found by the lock's name in the block next to it).
-    lensnet_input: str = "gist"
+    # What LensNet sees of an entry: its "gist", "+mean" the mean token embedding of its span, "+match" which
+    # query tokens occur in its span, exactly, "+nb" which occur in its neighbours' spans (a key's block is found
+    # by the lock's name in the block next to it). Each step measured better than the one before (docs/log.md).
+    lensnet_input: str = "gist+mean+match+nb"
     n_head: int = 4  # heads of GistNet and LensNet (head_dim = n_embd / n_head must be even for RoPE)
     allocator: str = "greedy"  # "stochastic" samples edits; used to draw training variants
-    # Scores the allocator sees: "z" = the scorer's scores standardised over the WC's entries (tanh of the
-    # z-score), so the thresholds are relative ("clearly above this WC's average") and LensNet and the
-    # attention-mass scorer meet them on one scale; "raw" = the scores as emitted. LensNet's raw scores
-    # stayed within ±0.05, under any useful threshold (docs/training.md).
-    score_norm: str = "z"
     # Refocusing scores a gist of level >= 2 as the best of its descendants too (allocator.lookahead_scores),
-    # so the allocator can zoom from LOD2 to the raw evidence over successive refocuses. Used by the mc-lens and
-    # mc-attn evaluation views and by the chat session (MCSession.refocus, for gists up to LOD2).
+    # so the allocator can zoom from LOD2 to the raw evidence over successive refocuses.
     lookahead: bool = True
     tau_expand: float = 0.2  # expand only when score > tau_expand (hysteresis band around 0)
     tau_collapse: float = 0.2  # collapse only when score < -tau_collapse
     n_diff: int = 4  # at most this many edits per refocus
     cooldown: int = 2  # refocuses before a block may flip direction again
-    tree_backend: str = "ram"
-    variants: int = 4  # N: random working contexts per training sequence besides the baseline
-    # Per row, the base working context zooms this many "copy hint" blocks to LOD1 and their expansions are
-    # variants first (plans.copy_hints: blocks that hold an earlier occurrence of a horizon n-gram), so
-    # the designed experiment often measures the evidence block instead of ~1 in 30. 0 = all random.
-    copy_hints: int = 0
-    # And this many "look-alike" blocks (plans.match_hints: the most distinct tokens shared with LensNet's
-    # query, not copy hints), so a distractor's sentence gets measured too and the lens learns what opening
-    # a look-alike costs, not only what the evidence pays. 0 = none.
-    match_hints: int = 0
-    # And this many of LensNet's own favourites (plans.plan_row: the base's gists it scores highest, not
-    # copy hints): hard negatives, so a look-alike the lens would open gets its cost measured. 0 = none.
-    lens_hints: int = 0
-    horizon: int = 64  # H: shared recent tail where variants' losses are compared
-    # How a row's working contexts train the GPT on the horizon: "mean" of their losses (DESIGN §4), or the
-    # "marginal" -log mean_v p(horizon | WC_v), which credits the WCs that hold the evidence instead of
-    # teaching every gisted one to answer from the prior (training.marginal_horizon_loss).
-    token_loss: str = "mean"
+    variants: int = 4  # N: one-edit variants per training row besides the baseline and the base
+    # Per row, the base zooms this many "copy hint" blocks to LOD1 and their expansions are variants first
+    # (plans.copy_hints: blocks holding an earlier occurrence of a horizon n-gram), so the designed experiment
+    # measures the evidence block instead of ~1 in 30.
+    copy_hints: int = 2
+    # And this many of LensNet's own favourites (the base's gists it scores highest, not copy hints): hard
+    # negatives, so a look-alike the lens would open gets its cost measured (a third fewer distractors opened).
+    lens_hints: int = 1
+    horizon: int = REFERENCE.horizon  # H: shared recent tail where variants' losses are compared
     lens_weight: float = 0.1  # weight of the LensNet ranking loss in the total loss
     # Weight, inside the lens loss, of the listwise term (training.lens_top_loss): the best measured candidate
-    # should outscore every editable entry of the WC, not only the other measured candidates. 0 = off.
-    lens_listwise: float = 0.0
-    gist_weight: float = 0.0  # weight of the optional gist-consistency loss (DESIGN §4.5); 0 = off
-    # Weight of an extra next-token loss on the raw positions BEFORE the horizon, in every working context
-    # (true labels, as in the horizon). The horizon loss alone gives the GPT ~H loss positions per working
-    # context, far fewer than a vanilla step gives per row; this term lets every forward that already ran
-    # teach language and reading gists. 0 = the horizon-only loss of DESIGN §4. See docs/training.md.
-    lm_weight: float = 0.0
-    # Weight of the plain vanilla loss over each whole raw row (one more GPT forward per row, no gists): the
-    # GPT keeps what a vanilla model learns, in-context copying above all, which decayed under the
-    # working-context losses alone (probe 0.86 -> 0.08 in 350 steps; docs/training.md). 0 = off.
-    full_weight: float = 0.0
-    # Highest gist level training makes and working contexts use (2 = LOD2, K² tokens). Levels above it are
-    # hidden at evaluation (views.LevelCap): GistNet never learned to make them.
+    # should outscore every editable entry of the WC, not only the other measured candidates.
+    lens_listwise: float = 1.0
+    # Weight of the next-token loss on the raw positions BEFORE the horizon of every working context: the
+    # horizon alone gives the GPT ~H loss positions per working context; without it the MC model's val bpb
+    # trailed the vanilla one's by 0.5 (docs/log.md).
+    lm_weight: float = 1.0
+    # Weight of the plain vanilla loss over each whole raw row (one more GPT forward per row, no gists): the GPT
+    # keeps in-context copying, which decayed under the working-context losses alone (probe 0.86 -> 0.08).
+    full_weight: float = 1.0
+    # Highest gist level training makes and working contexts use (2 = LOD2, K² tokens). Higher levels are used
+    # only when a history does not fit the budget otherwise (level_cap): GistNet never learned to make them.
     wc_levels: int = 2
-    # Training curriculum: the working-context budget starts at this fraction of the sequence length and
-    # anneals to wc_budget over the first half of training (DESIGN §4.6). 0 = no curriculum.
-    curriculum_start: float = 0.8
+    # Curriculum: the working-context budget starts at this fraction of the sequence length and anneals to
+    # wc_budget over the first half of training (DESIGN §4.6). 0 = no curriculum.
+    curriculum_start: float = 0.5
+
+    @classmethod
+    def for_seq_len(cls, seq_len: int, **overrides) -> MCConfig:
+        """The recipe at a training length: scale-dependent fields from `scale`, the rest the defaults."""
+        s = scale(seq_len)
+        base = {
+            "block_size": s.block_size,
+            "wc_budget": s.wc_budget,
+            "recent": s.recent,
+            "horizon": s.horizon,
+        }
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def __post_init__(self):
         for name, allowed in CHOICES.items():
@@ -126,14 +162,12 @@ class MCConfig:
             "cooldown",
             "variants",
             "copy_hints",
-            "match_hints",
             "lens_hints",
             "horizon",
             "tau_expand",
             "tau_collapse",
             "lens_weight",
             "lens_listwise",
-            "gist_weight",
             "lm_weight",
             "full_weight",
         ):
@@ -145,6 +179,15 @@ class MCConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MCConfig:
+        """The config a checkpoint recorded. Keys this version does not know are refused, not dropped; a
+        removed setting loads only at the value the code still implements (REMOVED)."""
+        d = dict(d)
+        for key, kept in REMOVED.items():
+            if key in d and (value := d.pop(key)) != kept:
+                raise UserError(
+                    f"this checkpoint was trained with MegaContext {key}={value!r}, a setting this version removed "
+                    f"(only {kept!r} remains, docs/log.md); retrain it or use an older version"
+                )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -156,62 +199,33 @@ class MCConfig:
 
 # ----------------------------------------------------------------------------- flags shared by every stage
 
-# flag name -> MCConfig field. One table, so base/mid/SFT training and evaluation spell the flags alike and
-# every default comes from MCConfig itself.
-FLAGS = {
-    "--mc-block-size": "block_size",
-    "--mc-wc-budget": "wc_budget",
-    "--mc-recent": "recent",
-    "--mc-variants": "variants",
-    "--mc-copy-hints": "copy_hints",
-    "--mc-match-hints": "match_hints",
-    "--mc-lens-hints": "lens_hints",
-    "--mc-horizon": "horizon",
-    "--mc-token-loss": "token_loss",
-    "--mc-lens-weight": "lens_weight",
-    "--mc-lens-listwise": "lens_listwise",
-    "--mc-gist-weight": "gist_weight",
-    "--mc-lm-weight": "lm_weight",
-    "--mc-full-weight": "full_weight",
-    "--mc-levels": "wc_levels",
-    "--mc-positions": "positions",
-    "--mc-score-norm": "score_norm",
-    "--gistnet-type": "gistnet_type",
-    "--gistnet-layers": "gistnet_layers",
-    "--gistnet-pooling": "gistnet_pooling",
-    "--gistnet-head": "gistnet_head",
-    "--lensnet-layers": "lensnet_layers",
-    "--lensnet-head": "lensnet_head",
-    "--lensnet-input": "lensnet_input",
-    "--allocator": "allocator",
-    "--mc-curriculum-start": "curriculum_start",
-}
-
 
 def add_mc_args(parser) -> None:
-    """Add `--mc` and the MegaContext flags (defaults from MCConfig) to an argparse parser."""
-    g = parser.add_argument_group("MegaContext (DESIGN §4)")
+    """`--mc` and the two scale overrides. Everything else is the recipe (MCConfig's defaults); the device
+    batch shrinks so an MC step holds about as many GPT positions as a vanilla one (auto_device_batch)."""
+    g = parser.add_argument_group("MegaContext (docs/training.md)")
     g.add_argument("--mc", action="store_true", help="train GistNet + LensNet with the GPT (MegaContext)")
     g.add_argument(
-        "--mc-auto-batch",
-        action="store_true",
-        help="shrink the device batch so an MC step holds about as many positions as a vanilla one; "
-        "gradient accumulation keeps the total batch equal",
+        "--mc-wc-budget", type=int, default=None, help="working-context budget (default: max-seq-len / 4)"
     )
-    defaults = MCConfig()
-    for flag, name in FLAGS.items():
-        default = getattr(defaults, name)
-        kw = {"choices": CHOICES[name]} if name in CHOICES else {}
-        g.add_argument(
-            flag, type=type(default), default=default, help=f"MCConfig.{name} (default {default})", **kw
-        )
+    g.add_argument(
+        "--mc-block-size", type=int, default=None, help="tokens per gist, K (default: budget / 8 in [16, 32])"
+    )
 
 
-def mc_config_from_args(args) -> MCConfig | None:
-    """MCConfig from parsed flags, or None without --mc."""
+def mc_config_from_args(args, seq_len: int) -> MCConfig | None:
+    """The recipe's MCConfig at seq_len with the flags' overrides, or None without --mc. A budget override
+    re-derives what scales with it (K, recent, horizon) unless K is given too."""
     if not getattr(args, "mc", False):
         return None
-    return MCConfig(**{name: getattr(args, flag[2:].replace("-", "_")) for flag, name in FLAGS.items()})
+    budget, K = args.mc_wc_budget, args.mc_block_size
+    if budget is None:
+        return MCConfig.for_seq_len(seq_len, block_size=K)
+    s = scale(4 * budget)  # the geometry of a row whose budget this is
+    K = K or s.block_size
+    return MCConfig.for_seq_len(
+        seq_len, wc_budget=budget, block_size=K, recent=max(K, budget // 4), horizon=max(1, K // 2)
+    )
 
 
 def build_nets(cfg: MCConfig, d_model: int):

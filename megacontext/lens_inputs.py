@@ -15,18 +15,12 @@ from __future__ import annotations
 import torch
 
 from megacontext.entries import Entry
-from megacontext.positional import span_mu_sigma
 
 
-def lens_positions(entries, positions: str, query_end: int, K: int):
-    """(entry mu, entry sigma, query positions) for LensNet, numbered like the GPT's (cfg.positions):
-    `wc_index` = entry number with sigma 0 and the K query tokens right after the last entry; `global` =
-    span centre/width and the query's own token positions [query_end - K, query_end)."""
-    n = len(entries)
-    if positions == "wc_index":
-        return [float(i) for i in range(n)], [0.0] * n, [float(n + j) for j in range(K)]
-    ms = [span_mu_sigma(e.start, e.end) for e in entries]
-    return [float(m) for m, _ in ms], [float(s) for _, s in ms], [float(query_end - K + j) for j in range(K)]
+def lens_positions(n: int, K: int):
+    """(entry mu, entry sigma, query positions) for LensNet, numbered like the GPT's working-context slots:
+    entry i at position i with sigma 0, the K query tokens right after the last entry."""
+    return [float(i) for i in range(n)], [0.0] * n, [float(n + j) for j in range(K)]
 
 
 def lens_inputs(entries: tuple[Entry, ...], bank: torch.Tensor, offsets: list[int], K: int, lexical: bool):
@@ -90,16 +84,16 @@ def run_lens(
 
 
 @torch.no_grad()
-def tree_lens_scores(lensnet, entries, tree, embed, query_ids, query_end: int, positions: str, device, cache):
-    """LensNet's score per entry read from a tree, against the query tokens (the K tokens before query_end,
-    as in training). `cache` keeps per-node span means and token sets across refocuses (nodes never change
+def tree_lens_scores(lensnet, entries, tree, embed, query_ids, device, cache):
+    """LensNet's score per entry read from a tree, against the query tokens (the K newest tokens of the
+    history, as in training). `cache` keeps per-node span means and token sets across refocuses (nodes never change
     once complete)."""
     K = tree.K
     rows, lod, lex = tree_entry_inputs(entries, tree, embed, device, lensnet.lex is not None, cache)
     match = None
     if lensnet.match is not None:
         match = tree_entry_match(entries, tree, query_ids.to(device), device, cache)
-    mu, sigma, q_pos = lens_positions(entries, positions, query_end, K)
+    mu, sigma, q_pos = lens_positions(len(entries), K)
     q_emb = embed(query_ids.to(device))
     dtype = q_emb.dtype
     lex = None if lex is None else lex.to(dtype)

@@ -2,7 +2,7 @@
 variants whose measured losses give LensNet its per-entry utilities (megacontext.training runs them).
 
 The candidates are random by default; hints steer some of them to the blocks most likely to matter (the
-block a horizon copies from, look-alikes of the query, LensNet's own favourites), so the few variants a row
+block a horizon copies from, LensNet's own favourites), so the few variants a row
 can afford measure the evidence and its distractors instead of ~1 block in 30. Pure data-structure code:
 torch only for the row's random stream and for reading scores.
 """
@@ -66,22 +66,6 @@ def copy_hints(row: list[int], horizon_start: int, before: int, K: int, limit: i
     for p in range(max(0, before - n + 1)):
         if tuple(row[p : p + n]) in grams:
             counts[p // K] = counts.get(p // K, 0) + 1
-    return sorted(counts, key=lambda b: (-counts[b], -b))[:limit]
-
-
-def match_hints(row: list[int], query_start: int, before: int, K: int, limit: int, exclude=()) -> list[int]:
-    """LOD1 block indices (at most `limit`, most shared tokens first) before position `before` sharing the most
-    distinct tokens with LensNet's query (the K tokens from query_start), other than `exclude` (the copy hints).
-
-    A distractor's sentence repeats the question's template ("the pass key for the ... is"), so it is what a
-    lens matching words opens by mistake; random variants almost never measure it. As hints, their expansions
-    are measured like the evidence's, so LensNet learns what opening a look-alike costs."""
-    query = set(row[query_start : query_start + K])
-    counts = {}
-    for b in range(before // K):
-        shared = len(query.intersection(row[b * K : (b + 1) * K]))
-        if shared and b not in exclude:
-            counts[b] = shared
     return sorted(counts, key=lambda b: (-counts[b], -b))[:limit]
 
 

@@ -7,9 +7,11 @@ over its slots that survives refocuses and is recomputed only from the first slo
 (megacontext/kv_cache.py). Per-token cost is set by W_max, not by the history; the tree can live on disk.
 
 The GPT sees the WC exactly as it was trained to (megacontext/training.py): one slot per raw token and per
-gist in timeline order, at positions cfg.positions: `wc_index` = slot number 0..L-1 with ordinary RoPE,
-`global` = token position / span centre with Gaussian RoPE. LensNet gets one row per entry (a gist; a raw
+gist in timeline order, numbered 0..L-1 with ordinary RoPE. LensNet gets one row per entry (a gist; a raw
 block as its LOD1 gist when complete, else the mean of its token embeddings) and the K newest tokens as query.
+After an ingest (a user turn, a pasted document) the focus settles (megacontext/focus.py): the same loop the
+evaluation runs, so what mc_eval measures is what a chat user gets. Gist levels GistNet was not trained on are
+used only when the history does not fit the budget otherwise (focus.LevelCap).
 
 Persistence: save(dir) writes the tree (disk backend) and session.json (WC entries, allocator, conversation,
 RNG) atomically, session.json last: it is the commit point. MCSession.open(dir, ...) continues exactly where
@@ -32,7 +34,8 @@ import torch
 
 from megacontext.allocator import FocusAllocator, lookahead_scores, normalize_scores
 from megacontext.config import MCConfig, build_nets
-from megacontext.entries import Edit, Entry, gist_entry
+from megacontext.entries import BudgetError, Edit, Entry, gist_entry
+from megacontext.focus import LevelCap, settle
 from megacontext.gistnet import GistNet
 from megacontext.kv_cache import SlotKVCache, key_index, key_level, slot_key
 from megacontext.lens_inputs import tree_lens_scores
@@ -50,7 +53,6 @@ INGEST_CHUNK = 8192  # tokens appended per step of a long ingest: bounds the Gis
 GIST_BATCH = 256  # blocks per GistNet call while gisting (one batched call per 256 blocks)
 # Look-ahead (MCConfig.lookahead) for gists up to this level: a LOD2 gist costs one extra LensNet call per
 # refocus, a LOD3 one 1 + K (allocator.lookahead_scores), and a long chat holds gists up to LOD5 and beyond.
-# The evaluation views reach the same bound through views.LevelCap (the trained levels, 2 in runcpu).
 LOOKAHEAD_MAX_LEVEL = 2
 
 
@@ -108,7 +110,6 @@ class MCSession:
         self.gistnet, self.lensnet = gistnet, lensnet
         self.device = torch.device(device)
         self.K = cfg.block_size
-        self.positions = cfg.positions  # how the GPT numbers WC slots, as in training (module docstring)
         self.model_id = model_id or model_fingerprint(model, gistnet)
         d = model.config.n_embd
         if tree is None:
@@ -119,6 +120,7 @@ class MCSession:
                 f"(K={self.K}, d={d}, model {self.model_id!r}); start a new session"
             )
         self.tree = tree
+        self.view = LevelCap(tree, cfg.wc_levels)  # what the WC and the lens see: the trained levels
         c = cfg
         self.allocator = FocusAllocator(
             c.block_size,
@@ -132,14 +134,11 @@ class MCSession:
             seed=seed,
         )
         self.telemetry = Telemetry()
-        self._node_cache: dict = {}  # span means / token sets of complete tree nodes, for LensNet
         g = model.config
         self.cache = SlotKVCache(g.n_layer, g.n_kv_head, g.head_dim, cfg.wc_budget + 1, self.device)
-        # wc_index: slot s always has RoPE phase s, so one table serves every WC
+        # slot s always has RoPE phase s, so one table serves every WC
         slots = torch.arange(cfg.wc_budget + 1, dtype=torch.float32, device=self.device)
-        self._slot_rotary = (
-            gaussian_rotary(slots[None], 0.0, g.head_dim) if self.positions == "wc_index" else None
-        )
+        self._slot_rotary = gaussian_rotary(slots[None], 0.0, g.head_dim)
         self._last_token = (-1, -1)  # (position, id) of the newest generated token: no tree read to embed it
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
         self.messages: list[dict] = []  # the conversation as chat messages (what a user sees)
@@ -149,8 +148,9 @@ class MCSession:
         # seconds spent in decoding steps: the GPT forward, sampling, and the rest (the controller: tree,
         # gisting, WC upkeep, LensNet, allocator, gathering the GPT's inputs)
         self.time_gpt = self.time_sample = self.time_controller = 0.0
-        bos = tokenizer.get_bos_token_id()
-        self.stop_tokens = {bos, tokenizer.encode_special("<|assistant_end|>")}
+        self.stop_tokens: set[int] = set()  # no tokenizer (evaluation on token ids): nothing stops generation
+        if tokenizer is not None:
+            self.stop_tokens = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}
         self.wc: WorkingContext | None = None
         self._table: tuple | None = None  # (wc, keys, mu, sigma): the slot table of self.wc
         self._logits: tuple[int, torch.Tensor] | None = None  # (cache pos, logits) of the last forward
@@ -171,19 +171,26 @@ class MCSession:
             )
         if self.tree.num_tokens == 0:
             return
-        if self.wc is None:
-            self.wc = WorkingContext.from_tree(self.tree, self.cfg.wc_budget, self.cfg.recent)
-        else:
-            self.wc = self.wc.extend(self.tree)
+        while True:
+            try:
+                if self.wc is None:
+                    self.wc = WorkingContext.from_tree(self.view, self.cfg.wc_budget, self.cfg.recent)
+                else:
+                    self.wc = self.wc.extend(self.view)
+                return
+            except BudgetError:
+                if self.view.cap >= self.tree.max_level:
+                    raise
+                self.view.cap += 1  # the history outgrew the trained levels: go one level coarser
 
     def ingest(
         self,
         ids: Sequence[int] | np.ndarray | torch.Tensor,
         progress: Callable[[int, int], None] | None = None,
-    ) -> None:
+    ) -> int:
         """Append tokens to the memory (any length: a pasted document goes in chunk by chunk), then refocus
         if a block boundary was crossed. `progress(done, total)` is called after each chunk (a long paste
-        shows progress in the CLI and streams it in the web app)."""
+        shows progress in the CLI and streams it in the web app). Returns the edits the settling made."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -196,8 +203,12 @@ class MCSession:
                 self._absorb()
                 if progress is not None:
                     progress(min(lo + INGEST_CHUNK, ids.size), ids.size)
-        if self._boundary_crossed():
-            self.refocus()
+        return self.settle() if self._boundary_crossed() else 0
+
+    def settle(self) -> int:
+        """Refocus until the WC settles (focus.settle, bounded): after an ingest, old evidence may need
+        several rounds (LOD2 -> LOD1 -> raw, refunding budget elsewhere). Returns the edits made."""
+        return settle(self.refocus, self.cfg.cooldown)
 
     def _boundary_crossed(self) -> bool:
         return self.tree.num_tokens // self.K > self.refocus_at // self.K
@@ -208,8 +219,10 @@ class MCSession:
         (as in training)."""
         K, N = self.K, self.tree.num_tokens
         query = self.tree.tokens(N - K, N, device=self.device)
-        rest = (self.tree, self.model.wte, query, N, self.positions, self.device, self._node_cache)
-        return tree_lens_scores(self.lensnet, (wc or self.wc).entries, *rest)
+        entries = (wc or self.wc).entries
+        return tree_lens_scores(
+            self.lensnet, entries, self.view, self.model.wte, query, self.device, self.view.node_cache
+        )
 
     def refocus(self) -> list[Edit]:
         """LensNet scores -> allocator edits -> new WC. The KV cache is invalidated lazily, from the first slot
@@ -218,12 +231,11 @@ class MCSession:
         if self.wc is None or self.tree.num_tokens < self.K:
             return []  # LensNet needs K query tokens
         with self.telemetry.timer("refocus"):
-            if self.cfg.lookahead:  # as the evaluation views do (views.focus), LOD2 gists only: see below
-                raw = lookahead_scores(self.wc, self.tree, self.lens_scores, max_level=LOOKAHEAD_MAX_LEVEL)
+            if self.cfg.lookahead:
+                raw = lookahead_scores(self.wc, self.view, self.lens_scores, max_level=LOOKAHEAD_MAX_LEVEL)
             else:
                 raw = self.lens_scores()
-            scores = normalize_scores(raw, self.cfg.score_norm)
-            self.wc, edits = self.allocator.refocus(self.wc, scores, self.tree)
+            self.wc, edits = self.allocator.refocus(self.wc, normalize_scores(raw), self.view)
         self.telemetry.record_refocus(self.wc, edits)
         if edits:
             self.last_edits, self.last_edits_refocus = edits, self.telemetry.total_refocuses
@@ -246,12 +258,7 @@ class MCSession:
         raw = lv[owner] == 0
         index = np.where(raw, st[owner] + within, st[owner] // span[owner])  # raw: token position
         keys = torch.from_numpy(slot_key(lv[owner], index))
-        if self.positions == "wc_index":
-            mu, sigma = torch.arange(len(keys), dtype=torch.float32), torch.zeros(len(keys))
-        else:  # token position; a gist at its span centre with the width of a uniform span
-            width = (en - st)[owner].astype(np.float64)
-            mu = torch.from_numpy(np.where(raw, index, st[owner] + width / 2)).float()
-            sigma = torch.from_numpy(np.where(raw, 0.0, width / np.sqrt(12.0))).float()
+        mu, sigma = torch.arange(len(keys), dtype=torch.float32), torch.zeros(len(keys))
         self._table = (self.wc, keys, mu, sigma)
         return keys, mu, sigma
 
@@ -288,12 +295,7 @@ class MCSession:
             self.cache.truncate(valid)
             self._logits = None
         new_mu, new_sigma = mu[valid:], sigma[valid:]
-        if self._slot_rotary is not None:
-            cos, sin = (t[:, valid:L] for t in self._slot_rotary)
-        else:
-            cos, sin = gaussian_rotary(
-                new_mu[None].to(self.device), new_sigma[None].to(self.device), self.model.config.head_dim
-            )
+        cos, sin = (t[:, valid:L] for t in self._slot_rotary)
         self.cache.stage(keys[valid:], new_mu, new_sigma)
         # The GPT makes logits for every row it is given; a step needs the last row's only. After an edit
         # hundreds of slots are recomputed and the LM head (V x d per row) was 80% of that (measured: 500
@@ -309,8 +311,9 @@ class MCSession:
         self._logits = (self.cache.pos, out[0, -1])
         return self._logits[1]
 
-    def _append(self, token: int) -> None:
-        """One generated token into the memory; refocus when it completes a block."""
+    def push(self, token: int) -> None:
+        """One generated (or, in evaluation, teacher-forced) token into the memory; refocus when it completes a
+        block."""
         self._last_token = (self.tree.num_tokens, token)
         self.tree.append([token])
         self._absorb()
@@ -331,7 +334,7 @@ class MCSession:
             t1 = time.perf_counter()
             token = int(sample_next_token(logits[None], self.rng, temperature, top_k)[0])
             t2 = time.perf_counter()
-            self._append(token)
+            self.push(token)
             self.time_sample += t2 - t1
             self.time_controller += time.perf_counter() - t0 - (t2 - t1) - (self.time_gpt - gpt0)
             yield token
@@ -428,6 +431,7 @@ class MCSession:
             "entries": [[e.level, e.start, e.end] for e in wc.entries] if wc else None,
             "wc_version": wc.version if wc else 0,
             "refocus_at": self.refocus_at,
+            "level_cap": self.view.cap,
             "allocator": self.allocator.state_dict(),
             "rng": base64.b64encode(self.rng.get_state().numpy().tobytes()).decode("ascii"),
             "messages": self.messages,
@@ -468,7 +472,8 @@ class MCSession:
             session.wc = WorkingContext(
                 entries, cfg.block_size, cfg.wc_budget, cfg.recent, state["wc_version"]
             )
-            session.wc.check(_Prefix(tree, state["num_tokens"]))
+            session.view.cap = state.get("level_cap", max(cfg.wc_levels, *(e.level for e in entries)))
+            session.wc.check(_Prefix(session.view, state["num_tokens"]))
             session._absorb()  # tokens committed after the save
         session.refocus_at = state["refocus_at"]
         session.allocator.load_state_dict(state["allocator"])

@@ -11,8 +11,8 @@ Per training row x[0..T] (inputs x[:T], labels x[1:T+1]):
    the horizon copies from, then random). The newest `recent` tokens are raw in all of them, so every working
    context ends with the same raw horizon of H tokens, where the variants are compared.
 3. All working contexts are gathered from the bank into one padded batch and run through the GPT; the loss
-   is next-token cross-entropy on raw horizon positions only, with the true next tokens as labels (the mean
-   over working contexts, or with cfg.token_loss="marginal" -log mean_v p(horizon | WC_v)).
+   is next-token cross-entropy on raw horizon positions only, with the true next tokens as labels, as the
+   marginal -log mean_v p(horizon | WC_v) over a row's working contexts (marginal_horizon_loss).
 4. The variants are a designed experiment: base and variant differ in exactly one entry, so
    utility(entry) = loss(base) - loss(variant) is the loss saved by expanding that entry, measured, not
    guessed. LensNet scores the base's entries against the query (the K raw tokens just before the horizon:
@@ -20,10 +20,9 @@ Per training row x[0..T] (inputs x[:T], labels x[1:T+1]):
    rank entries by utility (pairwise Bradley–Terry) and to put their sign right (regression on
    tanh(utility / scale)), so the allocator's absolute thresholds mean something.
 
-Positions: `wc_index` (default) numbers the working context's slots 0..L-1 and gives gists sigma 0. A working
-context never holds more than W_max slots, so evaluation at 64x the budget shows the GPT exactly the position
-range it was trained on. `global` uses global token positions with Gaussian RoPE (mu, sigma) for gists; it is
-faithful to the timeline but puts positions beyond the training length in front of the model at evaluation.
+Positions: a working context's slots are numbered 0..L-1 with ordinary RoPE (gists too). It never holds more
+than W_max slots, so evaluation at 64x the budget shows the GPT exactly the position range it was trained on
+(global token positions with Gaussian RoPE were measured worse and removed: docs/log.md).
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ import torch.nn.functional as F
 
 from megacontext.config import MCConfig
 from megacontext.lens_inputs import lens_inputs, lens_positions, row_entry_match, run_lens
-from megacontext.plans import RowPlan, SequenceShape, copy_hints, match_hints, plan_row, row_rng
-from megacontext.positional import gaussian_rotary, span_mu_sigma
+from megacontext.plans import RowPlan, SequenceShape, copy_hints, plan_row, row_rng
+from megacontext.positional import gaussian_rotary
 from megacontext.working_context import WorkingContext
 
 UTILITY_SCALE = 0.05  # nats: a utility of this size maps to a regression target of tanh(1) = 0.76
@@ -76,23 +75,6 @@ def entry_rows(entries, offsets: list[int], K: int) -> list[int]:
         else:
             rows.append(offsets[e.level] + e.start // K**e.level)
     return rows
-
-
-def wc_positions(entries, positions: str) -> tuple[list[float], list[float]]:
-    """(mu, sigma) per slot: `wc_index` = slot number with sigma 0; `global` = token position / span centre."""
-    mu: list[float] = []
-    sigma: list[float] = []
-    for e in entries:
-        if e.level == 0:
-            mu.extend(float(p) for p in range(e.start, e.end))
-            sigma.extend([0.0] * e.size)
-        else:
-            m, s = span_mu_sigma(e.start, e.end)
-            mu.append(float(m))
-            sigma.append(float(s))
-    if positions == "wc_index":
-        return [float(i) for i in range(len(mu))], [0.0] * len(mu)
-    return mu, sigma
 
 
 def curriculum_budget(cfg: MCConfig, seq_len: int, progress: float) -> int:
@@ -171,8 +153,8 @@ def mc_train_step(
     """One MC micro-batch. x: [B, T+1] token ids; targets [B, T] (default x[:, 1:]; -1 = no loss, e.g. the
     non-assistant tokens of a chat row). Returns (loss, metrics dict of floats).
 
-    The loss = token loss (mean horizon loss over all working contexts) + lens_weight · lens loss
-    (+ gist_weight · gist loss) (+ lm_weight · next-token loss on the raw positions before the horizon)
+    The loss = marginal horizon loss over the working contexts + lens_weight · lens loss
+    (+ lm_weight · next-token loss on the raw positions before the horizon)
     (+ full_weight · the vanilla loss of the whole raw row). Backward it as usual: GPT, GistNet and LensNet all
     get gradients.
     """
@@ -189,11 +171,6 @@ def mc_train_step(
     hints = [
         copy_hints(row.tolist(), T - H, T - recent, K, cfg.copy_hints) if cfg.copy_hints else [] for row in x
     ]
-    if cfg.match_hints:
-        rows = [row.tolist() for row in x]
-        hints = [
-            h + match_hints(r, T - H - K, T - recent, K, cfg.match_hints, h) for r, h in zip(rows, hints)
-        ]
     t_ctrl = time.perf_counter() - t0
     embeds = model.wte(inputs)
     bank, offsets = build_bank(embeds, gistnet, K, levels)
@@ -203,7 +180,7 @@ def mc_train_step(
     def lens_scores(b: int, base: WorkingContext) -> torch.Tensor:
         """LensNet's logits for row b's base entries (queried by the K raw tokens before the horizon)."""
         e_emb, lod, lex = lens_inputs(base.entries, bank[b].detach(), offsets, K, lensnet.lex is not None)
-        e_mu, e_sig, q_pos = lens_positions(base.entries, cfg.positions, horizon_start, K)
+        e_mu, e_sig, q_pos = lens_positions(len(base.entries), K)
         q_emb = embeds[b, horizon_start - K : horizon_start].detach()
         match = None
         if lensnet.match is not None:
@@ -232,7 +209,7 @@ def mc_train_step(
     for v, (b, wc) in enumerate(seqs):
         r = entry_rows(wc.entries, offsets, K)
         rows[v, : len(r)] = torch.tensor(r)
-        m, s = wc_positions(wc.entries, cfg.positions)
+        m, s = [float(i) for i in range(len(r))], [0.0] * len(r)
         mu[v, : len(m)] = torch.tensor(m)
         sigma[v, : len(s)] = torch.tensor(s)
         # labels: the true next token of every raw position (bank row p is token p; gist rows are >= T)
@@ -256,7 +233,7 @@ def mc_train_step(
     h_mask = in_h & (tgt >= 0)
     per_wc = (tok_loss * h_mask).sum(dim=1) / h_mask.sum(dim=1).clamp(min=1)  # horizon loss of each WC
     token_loss = per_wc.mean()
-    train_loss = token_loss if cfg.token_loss == "mean" else marginal_horizon_loss(tok_loss, h_mask, plans)
+    train_loss = marginal_horizon_loss(tok_loss, h_mask, plans)
     # Optional LM term on the raw positions before the horizon (see MCConfig.lm_weight)
     lm_mask = ~in_h & (tgt >= 0)
     lm_loss = (tok_loss * lm_mask).sum() / lm_mask.sum().clamp(min=1)
@@ -297,11 +274,6 @@ def mc_train_step(
         full_loss = model(inputs, targets)
         loss = loss + cfg.full_weight * full_loss
         full_positions = B * T
-    gist_loss = token_loss.new_zeros(())
-    if cfg.gist_weight > 0 and levels >= 1:
-        gist_loss = soft_gist_loss(model, gistnet, logits, tgt, rows, targets, embeds, plans, cfg)
-        loss = loss + cfg.gist_weight * gist_loss
-
     nb = len(plans)
     baseline_losses = per_wc.detach()[[sum(len(p.wcs) for p in plans[:b]) for b in range(nb)]]
     all_u = torch.cat(utilities) if utilities else torch.zeros(1)
@@ -312,7 +284,6 @@ def mc_train_step(
         "mc/baseline_loss": float(baseline_losses.mean()),
         "mc/adv_delta_mean": float(all_u.mean()),
         "mc/lens_loss": float(lens_loss.detach()),
-        "mc/gist_loss": float(gist_loss.detach()),
         "mc/full_loss": float(full_loss.detach()),
         "mc/lens_rank_agreement": _nanmean(rank_agree),
         "mc/preference_agreement": _nanmean(sign_agree),
@@ -327,7 +298,7 @@ def mc_train_step(
 
 
 def marginal_horizon_loss(tok_loss: torch.Tensor, h_mask: torch.Tensor, plans) -> torch.Tensor:
-    """-log mean_v p(horizon | WC_v) per row, per horizon token, averaged over rows (MCConfig.token_loss).
+    """-log mean_v p(horizon | WC_v) per row, per horizon token, averaged over rows .
 
     The mean of per-WC losses teaches every working context to predict the horizon, also those whose evidence
     is gisted: on a long-context row most of them, so the GPT learns to answer from its prior, which fought
@@ -344,30 +315,6 @@ def marginal_horizon_loss(tok_loss: torch.Tensor, h_mask: torch.Tensor, plans) -
         out.append((math.log(n) - torch.logsumexp(-s, dim=0)) / count)
         v += n
     return torch.stack(out).mean()
-
-
-def soft_gist_loss(model, gistnet, logits, tgt, rows, targets, embeds, plans, cfg: MCConfig) -> torch.Tensor:
-    """DESIGN §4.5: the gist of the model's *soft* predictions for the last K horizon tokens (softmax ·
-    embedding matrix) should match the gist of the true tokens (cosine). Uses each row's baseline."""
-    K, T = cfg.block_size, targets.shape[1]
-    W = model.wte.weight
-    soft, true = [], []
-    v = 0
-    for b, plan in enumerate(plans):
-        # positions predicting tokens T-K+1 .. T are the slots holding raw tokens T-K .. T-1
-        slot = torch.nonzero(rows[v] >= T - K).flatten()[:K]
-        slot = slot[rows[v, slot] < T]
-        if slot.numel() == K:
-            probs = logits[v, slot].softmax(dim=-1)
-            soft.append(probs @ W)
-            true.append(model.wte(targets[b, T - K : T]))
-        v += len(plan.wcs)
-    if not soft:
-        return logits.new_zeros(())
-    g_soft = gistnet(torch.stack(soft), 1)
-    with torch.no_grad():
-        g_true = gistnet(torch.stack(true), 1)
-    return (1 - F.cosine_similarity(g_soft, g_true, dim=-1)).mean()
 
 
 def _nanmean(xs: list[float]) -> float:

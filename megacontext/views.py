@@ -6,7 +6,9 @@
               coarsest gists, never re-expanded (what a gist alone carries);
 * mc-attn   — the allocator refocusing on the GPT's own attention mass from the query tokens to each entry
               (no learned scorer; the way NSA / Landmark attention choose blocks);
-* mc-lens   — LensNet scores + allocator, refocusing until the allocator has nothing left to do;
+* mc-lens   — the chat session itself (MCSession): ingest the history, let the focus settle, then predict
+              (teacher-forced through the session, which for exact match is what greedy decoding answers), so
+              the figure is what a chat user gets;
 * mc-oracle — (diagnostic, tasks with a known evidence span only) mc-nolens with the blocks holding the
               evidence raw: what a perfect scorer could give with this GistNet, GPT and positions. If
               mc-oracle answers and mc-lens does not, the scorer/allocator limits; if full answers and mc-oracle
@@ -27,33 +29,15 @@ import torch.nn.functional as F
 from megacontext.allocator import FocusAllocator, lookahead_scores, normalize_scores
 from megacontext.config import MCConfig
 from megacontext.entries import InvariantError
-from megacontext.lens_inputs import tree_lens_scores
+from megacontext.focus import LevelCap, settle
 from megacontext.positional import gaussian_rotary
+from megacontext.session import MCSession
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext, coarse_tiling, raw_blocks, widest_raw_tail
 from nanochat.gpt import apply_rotary_emb, norm
 
 VIEWS = ("full", "window", "mc-nolens", "mc-attn", "mc-lens")
 ORACLE = "mc-oracle"
-MAX_REFOCUS_ROUNDS = 12
-
-
-class LevelCap:
-    """A read-only view of a tree that hides levels above `max_level` (levels GistNet was never trained on)."""
-
-    def __init__(self, tree, max_level: int):
-        self.tree, self.cap = tree, max_level
-        self.node_cache: dict = {}  # span means / token sets of complete nodes, for LensNet (lens_inputs.py)
-
-    def __getattr__(self, name):
-        return getattr(self.tree, name)
-
-    def num_nodes(self, level: int) -> int:
-        return self.tree.num_nodes(level) if level <= self.cap else 0
-
-    @property
-    def max_level(self) -> int:
-        return min(self.tree.max_level, self.cap)
 
 
 def eval_recent(cfg: MCConfig, h: int) -> int:
@@ -85,30 +69,19 @@ def fits(tree, budget: int, recent: int) -> bool:
 
 
 def gpt_inputs(wc: WorkingContext, tree, model, cfg: MCConfig, device):
-    """Embeddings and rotary phases of a working context, numbered as in training (cfg.positions)."""
+    """Embeddings and rotary phases of a working context, its slots numbered 0..L-1 as in training."""
     t = wc.materialize(tree, model.wte, device)
     L = t.embeds.shape[0]
-    if cfg.positions == "wc_index":
-        mu, sigma = torch.arange(L, dtype=torch.float32, device=device), torch.zeros(L, device=device)
-    else:
-        mu, sigma = t.mu, t.sigma
-    cos, sin = gaussian_rotary(mu[None], sigma[None], model.config.head_dim)
-    return t.embeds[None].to(model.wte.weight.dtype), (cos, sin)
-
-
-@torch.no_grad()
-def lens_scores(wc: WorkingContext, tree, model, lensnet, cfg: MCConfig, query_ids, query_end: int, device):
-    """LensNet's score per entry, with the K tokens before the horizon as the query (as in training)."""
-    cache = getattr(tree, "node_cache", None)  # LevelCap keeps one per tree: every refocus reuses it
-    return tree_lens_scores(
-        lensnet, wc.entries, tree, model.wte, query_ids, query_end, cfg.positions, device, cache
+    cos, sin = gaussian_rotary(
+        torch.arange(L, dtype=torch.float32, device=device)[None], 0.0, model.config.head_dim
     )
+    return t.embeds[None].to(model.wte.weight.dtype), (cos, sin)
 
 
 @torch.no_grad()
 def attention_scores(wc: WorkingContext, tree, model, cfg: MCConfig, q_slots: int, device):
     """Scores from the GPT's own attention: mass from the query slots to each entry, averaged over layers and
-    heads (the allocator sees them normalised like LensNet's, cfg.score_norm)."""
+    heads (the allocator sees them normalised like LensNet's)."""
     embeds, (cos, sin) = gpt_inputs(wc, tree, model, cfg, device)
     L = embeds.shape[1]
     mass = torch.zeros(L, device=device)
@@ -163,30 +136,40 @@ def oracle_wc(tree, budget: int, recent: int, evidence: tuple[int, int]) -> Work
     return wc
 
 
-def focus(view, tree, model, lensnet, cfg: MCConfig, budget: int, recent: int, query_ids, query_end, device):
-    """The working context a view evaluates on, and the number of edits refocusing made."""
-    wc = WorkingContext.from_tree(tree, budget, recent)
-    if view == "mc-nolens":
-        return wc, 0
+def attention_focus(tree, model, cfg: MCConfig, budget: int, recent: int, device):
+    """mc-attn: the working context the allocator settles on when the GPT's own attention mass scores the
+    entries (the loop the session runs with LensNet: focus.settle), and the number of edits made."""
+    state = {"wc": WorkingContext.from_tree(tree, budget, recent)}
     alloc = FocusAllocator(
         cfg.block_size, budget, recent, cfg.tau_expand, cfg.tau_collapse, cfg.n_diff, cfg.cooldown
     )
-    if view == "mc-lens":
-        score_fn = lambda w: lens_scores(w, tree, model, lensnet, cfg, query_ids, query_end, device)  # noqa: E731
-    else:
-        score_fn = lambda w: attention_scores(w, tree, model, cfg, cfg.block_size, device)  # noqa: E731
-    # Refocus until the WC settles: no edit for cooldown + 1 rounds in a row. An edit-less round still counts
-    # for the cooldown (as a refocus every K tokens does in a chat), so a node just expanded may be collapsed
-    # again once its cooldown is over, e.g. to refund the raw evidence found inside a sibling.
-    n_edits = idle = 0
-    for _ in range(MAX_REFOCUS_ROUNDS):
+    score_fn = lambda w: attention_scores(w, tree, model, cfg, cfg.block_size, device)  # noqa: E731
+
+    def refocus() -> list:
+        wc = state["wc"]
         scores = lookahead_scores(wc, tree, score_fn) if cfg.lookahead else score_fn(wc)
-        wc, edits = alloc.refocus(wc, normalize_scores(scores, cfg.score_norm).tolist(), tree)
-        n_edits += len(edits)
-        idle = 0 if edits else idle + 1
-        if idle > cfg.cooldown:
-            break
-    return wc, n_edits
+        state["wc"], edits = alloc.refocus(wc, normalize_scores(scores).tolist(), tree)
+        return edits
+
+    n_edits = settle(refocus, cfg.cooldown)
+    return state["wc"], n_edits
+
+
+@torch.no_grad()
+def session_logits(ids: list[int], h: int, model, gistnet, lensnet, cfg: MCConfig, device):
+    """mc-lens: logits [h, V] at the last h input positions of `ids` through the chat session. The session
+    ingests the history up to the first predicted position (its focus settles there, as after a user's
+    prompt), then each later input token arrives as a generated one would (refocusing at block boundaries)."""
+    inputs = ids[:-1]
+    n = len(inputs)
+    session = MCSession(model, None, gistnet, lensnet, cfg, device=device)
+    edits = session.ingest(inputs[: n - h + 1])
+    info = {"wc_size": session.wc.cost, "edits": edits, "render": session.wc.render()}
+    out = [session.logits()]
+    for token in inputs[n - h + 1 :]:
+        session.push(token)
+        out.append(session.logits())
+    return torch.stack(out), info
 
 
 @torch.no_grad()
@@ -209,13 +192,14 @@ def horizon_logits(
     GistNet pass among the mc views.
     """
     inputs = ids[:-1]
-    n = len(inputs)
     info = {"wc_size": None, "edits": 0}
     # the horizon (and, for the mc views, its query) must fit the budget, or the view cannot score it; the
     # window view needs only the horizon: a model without MC nets scores it at any budget above h
     fits = h < cfg.wc_budget if view == "window" else eval_recent(cfg, h) <= cfg.wc_budget
     if view != "full" and not fits:
         return None, info
+    if view == "mc-lens":
+        return session_logits(ids, h, model, gistnet, lensnet, cfg, device)
     if view in ("full", "window"):
         span = inputs if view == "full" else inputs[-cfg.wc_budget :]
         if len(span) > model.rotary_len:
@@ -230,9 +214,10 @@ def horizon_logits(
         if wc is None:
             return None, info
     else:
-        query = torch.tensor(inputs[n - h - cfg.block_size : n - h], dtype=torch.long)
-        wc, info["edits"] = focus(
-            view, tree, model, lensnet, cfg, cfg.wc_budget, recent, query, n - h, device
+        wc, info["edits"] = (
+            (WorkingContext.from_tree(tree, cfg.wc_budget, recent), 0)
+            if view == "mc-nolens"
+            else attention_focus(tree, model, cfg, cfg.wc_budget, recent, device)
         )
     embeds, rotary = gpt_inputs(wc, tree, model, cfg, device)
     info["wc_size"] = embeds.shape[1]

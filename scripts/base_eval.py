@@ -18,8 +18,8 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import atomic_write_text, compute_cleanup, compute_init, get_base_dir, print0, run_main
 from nanochat.core_eval import evaluate_core, get_eval_bundle
+from nanochat.device import autocast_ctx, pick_dtype
 from nanochat.report import get_report
-from scripts.bench_train import autocast_ctx, pick_dtype
 
 
 def parse_args() -> argparse.Namespace:

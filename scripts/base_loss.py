@@ -18,11 +18,11 @@ from megacontext.views import VIEWS, val_rows, view_bpb
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, print0, run_main
 from nanochat.dataloader import DataLoader
+from nanochat.device import autocast_ctx, pick_dtype
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from scripts.bench_train import autocast_ctx, pick_dtype
 
 PROMPTS = [
     "The capital of France is",

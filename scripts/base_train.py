@@ -4,7 +4,10 @@
     torchrun --nproc-per-node 8 -m scripts.base_train --depth 20
 
 `--depth` is the one dial: width, heads and (with --num-iterations -1) the training horizon follow
-from it. Checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/.
+from it; `--max-seq-len` sets the memory's geometry (megacontext.config.scale). The objective is chosen once:
+the plain GPT (dense), an attention mode (`--attention window|mega`) or MegaContext (`--mc`); each brings its
+measured recipe, data schedule included (nanochat/tasks/schedule.py), so `--mc` alone trains the recipe.
+Checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/.
 """
 
 from __future__ import annotations
@@ -31,17 +34,15 @@ from megacontext.views import val_rows, view_bpb
 from nanochat.checkpoint_manager import load_checkpoint, load_mc_state, save_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
 from nanochat.dataloader import DataLoader
+from nanochat.device import autocast_ctx, peak_flops, pick_dtype, sync
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import Muon, optimizer_params, setup_optimizers, sync_gradients
 from nanochat.report import get_report
-from nanochat.tasks.copy_warmup import copy_warmup_batch
-from nanochat.tasks.longctx import mix_into_batch
-from nanochat.tasks.recall_warmup import add_recall_flags, check_recall_flags, is_recall_step, recall_batch
+from nanochat.tasks.schedule import default_schedule
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_flags import add_optim_flags, add_run_flags
-from scripts.bench_train import autocast_ctx, peak_flops, pick_dtype, sync
 
 MC_LOG_KEYS = ("mc/token_loss", "mc/baseline_loss", "mc/adv_delta_mean", "mc/lens_loss", "mc/lens_rank_agreement",
                "mc/lens_top1", "mc/residency", "mc/time_controller_ms")  # fmt: skip
@@ -80,26 +81,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps; -1 = never")
     p.add_argument("--model-tag", type=str, default="", help="checkpoint directory name (default d<depth>)")
     p.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
+    # data schedule (nanochat/tasks/schedule.py): the defaults are the objective's measured recipe
     p.add_argument(
         "--longctx-frac",
         type=float,
-        default=0.0,
-        help="fraction of rows replaced by synthetic long-context rows whose answer ends the row",
+        default=None,
+        help="share of rows replaced by synthetic long-context rows whose answer ends the row "
+        "(default 0.5 with --mc or --attention window|mega, else 0)",
     )
     p.add_argument(
         "--copy-warmup-steps",
         type=int,
-        default=0,
-        help="first N steps train the plain GPT on short rows of repeated random segments (docs/training.md)",
+        default=None,
+        help="first N steps train the plain GPT on short rows of repeated random segments "
+        "(default min(150, iterations/3); 0 with --attention window|mega)",
     )
     p.add_argument(
-        "--copy-frac", type=float, default=0.0, help="after the warm-up, this share of rows stays copy rows"
+        "--recall-warmup-steps",
+        type=int,
+        default=None,
+        help="then N steps of long-context task rows (default 54%% of the iterations with --attention "
+        "window|mega, else 0)",
     )
-    add_recall_flags(p)
+    p.add_argument(
+        "--recall-frac",
+        type=float,
+        default=None,
+        help="then this share of the steps are task-row steps (default 0.3 with --attention window|mega)",
+    )
     p.add_argument(
         "--smear",
-        action="store_true",
-        help="token shift in the GPT input (GPTConfig.smear; docs/training.md)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="token shift in the GPT input (GPTConfig.smear; measured: val bpb 1.93 -> 1.81 at d4, and with "
+        "the copy warm-up the GPT learns to copy; docs/training.md)",
     )
     p.add_argument(
         "--mc-eval-rows", type=int, default=8, help="val rows scored under the five views (with --mc)"
@@ -132,10 +147,14 @@ def main() -> None:
     # window/mega: the plain module under the mode's mask (+ GistNet and MegaPrediction for mega); dense: None
     attn = AttentionModel(orig_model, attn_cfg) if attn_cfg.mode != "dense" else None
     print0(f"attention: {describe(attn_cfg)}")
-    mc_cfg: MCConfig | None = mc_config_from_args(args)
-    recall_kinds = check_recall_flags(args, mc=mc_cfg is not None)  # (warm-up, later)
+    mc_cfg: MCConfig | None = mc_config_from_args(args, args.max_seq_len)
+    objective = "mc" if mc_cfg is not None else attn_cfg.mode
     gistnet = lensnet = None
     if mc_cfg is not None:
+        if args.max_seq_len % mc_cfg.block_size:
+            raise UserError(
+                f"--max-seq-len {args.max_seq_len} must be a multiple of the MC block size {mc_cfg.block_size}"
+            )
         # the MC step builds variable-length packed batches: it runs the plain module, not a compiled one
         gistnet, lensnet = build_nets(mc_cfg, config.n_embd)
         gistnet.to(device)
@@ -148,11 +167,11 @@ def main() -> None:
 
     # ---- batch geometry and horizon
     B, T = args.device_batch_size, args.max_seq_len
-    if mc_cfg is not None and args.mc_auto_batch:
+    if mc_cfg is not None:  # an MC row runs several working contexts: fewer rows per micro-batch
         B = auto_device_batch(B, T, mc_cfg)
         while args.total_batch_size % (B * T * world_size):  # keep the total batch reachable
             B -= 1
-        print0(f"--mc-auto-batch: device batch {args.device_batch_size} -> {B}")
+        print0(f"MegaContext: device batch {args.device_batch_size} -> {B} (the same tokens per step)")
     tokens_per_fwdbwd = B * T * world_size
     if args.total_batch_size % tokens_per_fwdbwd:
         raise UserError(
@@ -167,6 +186,11 @@ def main() -> None:
     else:
         raise UserError("give --num-iterations > 0 or --target-param-data-ratio > 0")
     total_tokens = args.total_batch_size * num_iterations
+    schedule = default_schedule(
+        objective, num_iterations, T, args.copy_warmup_steps, args.recall_warmup_steps, args.recall_frac,
+        args.longctx_frac,
+    )  # fmt: skip
+    print0(f"data schedule: {schedule}")
     print0(f"grad accumulation: {grad_accum_steps} micro-steps of {tokens_per_fwdbwd:,} tokens")
     print0(
         f"iterations: {num_iterations:,} | tokens: {total_tokens:,} | tokens:params {total_tokens / num_params:.2f}"
@@ -311,6 +335,20 @@ def main() -> None:
             m.train()
         return out
 
+    # ---- the objective, chosen once: (loss, auxiliary loss or None, metrics) of one micro-batch
+    if mc_cfg is not None:
+
+        def objective(x, y, step: int):
+            """MegaContext: one bounded call (DESIGN §4); a row's variants are keyed by its content."""
+            row = torch.cat([x, y[:, -1:]], dim=1)
+            loss, m = mc_train_step(orig_model, gistnet, lensnet, row, mc_cfg, step / num_iterations, step)
+            return loss, None, m
+
+    elif attn is not None:  # window / mega: MegaPrediction's loss trains, unlogged as loss
+        objective = lambda x, y, step: attn.train_loss(x, y, step / num_iterations)  # noqa: E731
+    else:
+        objective = lambda x, y, step: (model(x, y), None, {})  # noqa: E731
+
     ema_beta = 0.9
     while True:
         last_step = step == num_iterations
@@ -347,43 +385,23 @@ def main() -> None:
         if last_step:
             break
 
-        # one optimizer step over total-batch-size tokens
+        # one optimizer step over total-batch-size tokens: the schedule says what the rows are
         sync(device)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        warmup = step < args.copy_warmup_steps  # short copy rows teach the GPT itself to copy: no MC there
-        after = step - args.copy_warmup_steps - args.recall_warmup_steps  # recall steps: all rows recall rows
-        recall = not warmup and (after < 0 or is_recall_step(after, args.recall_frac))
+        kind = schedule.kind(step)
         for _ in range(grad_accum_steps):
             x, y = next(train_loader)
-            if warmup:
-                x, y = copy_warmup_batch(x, y, args.seed, vocab_size=config.vocab_size)
-            elif recall:
-                kind = recall_kinds[after >= 0]
-                x, y = recall_batch(x, y, args.seed, config.vocab_size, kind, tokenizer)
-            else:
-                x, y = mix_into_batch(x, y, args.longctx_frac, tokenizer, args.seed)
-                if args.copy_frac > 0:
-                    x, y = copy_warmup_batch(x, y, args.seed, args.copy_frac, config.vocab_size)
-            aux = None
+            x, y = schedule.batch(kind, x, y, args.seed, config.vocab_size, tokenizer)
             with autocast():
-                if warmup:
-                    loss = model(x, y)
-                elif attn is not None:  # window / mega: MegaPrediction's loss trains, unlogged as loss
-                    loss, aux, m = attn.train_loss(x, y, step / num_iterations)
-                    for k, v in m.items():
-                        mc_metrics[k] = mc_metrics.get(k, 0.0) + v / grad_accum_steps
-                elif mc_cfg is None:
-                    loss = model(x, y)
-                else:  # MegaContext: one bounded call (DESIGN §4); variants are keyed by row content
-                    row = torch.cat([x, y[:, -1:]], dim=1)
-                    loss, m = mc_train_step(
-                        orig_model, gistnet, lensnet, row, mc_cfg, step / num_iterations, step
-                    )
-                    for k, v in m.items():  # mean over the micro-batches that measured it (nan: nothing to)
-                        measured = not math.isnan(v)
-                        mc_metrics[k] = mc_metrics.get(k, 0.0) + (v if measured else 0.0)
-                        mc_counts[k] = mc_counts.get(k, 0) + measured
+                if kind == "copy":  # short copy rows teach the GPT itself to copy: the plain loss
+                    loss, aux, m = model(x, y), None, {}
+                else:
+                    loss, aux, m = objective(x, y, step)
+            for k, v in m.items():  # mean over the micro-batches that measured it (nan: nothing to)
+                measured = not math.isnan(v)
+                mc_metrics[k] = mc_metrics.get(k, 0.0) + (v if measured else 0.0)
+                mc_counts[k] = mc_counts.get(k, 0) + measured
             loss_sum += loss.detach()
             if aux is not None:
                 loss = loss + aux
@@ -417,7 +435,7 @@ def main() -> None:
             loop["timed_tokens"] += args.total_batch_size
         tok_per_s = args.total_batch_size / dt
         step_flops = flops_per_token * args.total_batch_size
-        mc_step = mc_cfg is not None and not warmup
+        mc_step = mc_cfg is not None and kind != "copy"
         if mc_step:  # MFU counts the forwards that ran: every working context + GistNet
             step_flops = mc_step_flops(mc_metrics["mc/gpt_positions"] * grad_accum_steps * world_size)
         mfu = step_flops / dt / (peak * world_size)

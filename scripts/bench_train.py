@@ -7,89 +7,18 @@ Random token data and no tokenizer, so it runs on a bare checkout. A timed step 
 step (forward + backward + optimizer), after warm-up steps that absorb compilation and allocator
 growth. MFU = model FLOPs of the tokens that ran / (time · peak), where the peak is a large matmul
 measured here in the same dtype (so a CPU figure is against what this CPU can actually do).
-Also home of the FLOP-measuring helpers base_train uses.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 
 import torch
 
-from nanochat.common import UserError, compute_init, print0, resolve_device_type, run_main
-
-# Dense bf16 tensor-core peaks from the vendor datasheets (no sparsity).
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def measure_matmul_flops(
-    device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3
-) -> float:
-    """FLOP/s of an n×n @ n×n matmul in `dtype`, the best rate a dense model could hope for here."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):  # warm-up: first calls pick kernels and allocate
-        a @ b
-    sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        reps += 1
-        sync(device)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            return 2 * n**3 * reps / elapsed
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from): the datasheet bf16 peak of a known GPU, else measured."""
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_BF16.items():
-            if key in name:
-                return flops, f"{name} datasheet"
-    n = 4096 if device.type == "cuda" else 1024
-    return measure_matmul_flops(
-        device, dtype, n=n
-    ), f"measured {n}x{n} {str(dtype).removeprefix('torch.')} matmul"
-
-
-def pick_dtype(device: torch.device, requested: str) -> torch.dtype:
-    """Compute dtype: bf16 autocast on CUDA; on CPU `auto` uses bf16 only if it is measurably faster."""
-    if requested == "float32":
-        return torch.float32
-    if requested == "bfloat16":
-        return torch.bfloat16
-    if requested != "auto":
-        raise UserError(f"--dtype must be auto, float32 or bfloat16, got {requested!r}")
-    if device.type == "cuda":
-        return torch.bfloat16
-    if device.type != "cpu":
-        return torch.float32
-    # Without AMX/AVX512-BF16 a CPU emulates bf16 matmuls and is slower than fp32; with them it is faster.
-    fp32 = measure_matmul_flops(device, torch.float32, n=512, seconds=0.2)
-    bf16 = measure_matmul_flops(device, torch.bfloat16, n=512, seconds=0.2)
-    choice = torch.bfloat16 if bf16 > fp32 else torch.float32
-    print0(
-        f"cpu dtype probe: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s "
-        f"-> {str(choice).removeprefix('torch.')}"
-    )
-    return choice
-
-
-def autocast_ctx(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.amp.autocast(device_type=device.type, dtype=dtype)
+from nanochat.common import UserError, compute_init, resolve_device_type, run_main
+from nanochat.device import autocast_ctx, peak_flops, pick_dtype, sync
 
 
 class _NoStopTokens:
@@ -124,9 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--mc",
         action="store_true",
-        help="also time the MegaContext step at equal tokens (MCConfig defaults scaled to --max-seq-len: "
-        "K=16, budget max(128, T/4), recent 32, horizon 8, 2 copy hints, marginal loss, lexical LensNet with the "
-        "listwise term and query matches, as runcpu.sh) and report the MC/vanilla tokens/s ratio and controller time",
+        help="also time the MegaContext step at equal tokens (the default recipe at --max-seq-len, as "
+        "base_train --mc trains it) and report the MC/vanilla tokens/s ratio and controller time",
     )
     return parser.parse_args()
 
@@ -138,20 +66,7 @@ def bench_mc(args, model, device, dtype, vanilla_tokens_per_s: float) -> dict:
     from nanochat.optim import setup_optimizers
 
     T = args.max_seq_len
-    cfg = MCConfig(
-        block_size=16,
-        wc_budget=max(128, T // 4),
-        recent=32,
-        horizon=8,
-        curriculum_start=0.0,
-        copy_hints=2,  # as runcpu.sh: the hints are controller time, the marginal loss a little GPU time
-        token_loss="marginal",
-        lensnet_input="gist+mean+match+nb",
-        lens_listwise=1.0,
-        lens_hints=1,
-        lm_weight=1.0,  # the raw positions before the horizon: no extra forward
-        full_weight=1.0,  # one vanilla forward of each whole row on top
-    )
+    cfg = MCConfig.for_seq_len(T)  # the recipe base_train --mc trains at this length
     gistnet, lensnet = build_nets(cfg, model.config.n_embd)
     gistnet.to(device)
     lensnet.to(device)

@@ -39,6 +39,7 @@ from nanochat.common import (
     print0,
     run_main,
 )
+from nanochat.device import autocast_ctx, pick_dtype
 from nanochat.engine import Engine, RowState
 from nanochat.execution import python_tool
 from nanochat.report import get_report
@@ -50,7 +51,6 @@ from nanochat.tasks.longdoc import LongDoc
 from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.offline import Arithmetic, Identity
 from nanochat.tasks.spellingbee import SpellingBee
-from scripts.bench_train import autocast_ctx, pick_dtype
 
 REAL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "LongDoc"]
 OFFLINE_TASKS = ["SpellingBee", "Arithmetic", "LongDoc", "Identity"]

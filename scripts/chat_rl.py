@@ -32,11 +32,11 @@ from nanochat.checkpoint_manager import (
     save_checkpoint,
 )
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanochat.device import autocast_ctx, pick_dtype
 from nanochat.optim import optimizer_params, setup_optimizers, sync_gradients
 from nanochat.report import get_report
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.offline import Arithmetic
-from scripts.bench_train import autocast_ctx, pick_dtype
 from scripts.chat_eval import ToolEngine, generative_results, local_files
 
 

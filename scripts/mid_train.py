@@ -18,7 +18,6 @@ comes from the checkpoint); --mc on a vanilla source starts fresh nets from the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -41,12 +40,12 @@ from nanochat.checkpoint_manager import (
     save_checkpoint,
 )
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanochat.device import autocast_ctx, pick_dtype, sync
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_params, setup_optimizers, sync_gradients
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.train_flags import add_optim_flags, add_run_flags
-from scripts.bench_train import autocast_ctx, pick_dtype, sync
 
 TITLES = {"mid": "Midtraining", "sft": "Chat SFT"}  # report section per stage
 MC_SHOWN = ("mc/loss", "mc/token_loss", "mc/lens_loss", "mc/lens_rank_agreement", "mc/wc_budget")
@@ -79,13 +78,6 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     add_run_flags(p, eval_every=150)
     p.add_argument("--seed", type=int, default=42, help="seed of the MC variant sampling and fresh MC nets")
     add_mc_args(p)
-    p.add_argument(
-        "--mc-stage-recent",
-        type=int,
-        default=None,
-        help="raw recent tokens the working contexts of this stage protect (default: the source's MC config); "
-        "a chat stage may keep more than the base did, so a short conversation's question stays raw",
-    )
     return p
 
 
@@ -116,29 +108,19 @@ def train(args, stage: str) -> None:
         mc_cfg, gistnet, lensnet = load_mc_nets(src_dir, src_step, src_meta, config.n_embd, device)
         nets = [gistnet.train(), lensnet.train()]
         print0(f"MegaContext: continuing the source's GistNet and LensNet ({json.dumps(mc_cfg.to_dict())})")
-        flags = mc_config_from_args(args)
-        differ = [k for k, v in (flags.to_dict() if flags else {}).items() if v != getattr(mc_cfg, k)]
-        if differ:  # the nets were built and trained with the source's config: it wins
-            print0(
-                f"MegaContext: ignoring --mc flags that differ from the source's config: {', '.join(differ)}"
-            )
+        if args.mc_wc_budget is not None or args.mc_block_size is not None:  # the nets were built for it
+            print0("MegaContext: ignoring --mc-wc-budget / --mc-block-size: the source's config wins")
     elif args.mc:
-        mc_cfg = mc_config_from_args(args)
+        mc_cfg = mc_config_from_args(args, T)
         nets = [net.to(device).train() for net in build_nets(mc_cfg, config.n_embd)]
-        print0("MegaContext: the source has no MC nets; training fresh ones from the --mc-* flags")
-    if mc_cfg is not None and args.mc_stage_recent is not None and args.mc_stage_recent != mc_cfg.recent:
-        print0(
-            f"MegaContext: this stage protects {args.mc_stage_recent} recent tokens (source: {mc_cfg.recent})"
-        )
-        mc_cfg = dataclasses.replace(mc_cfg, recent=args.mc_stage_recent)  # validated by MCConfig
+        print0("MegaContext: the source has no MC nets; training fresh ones (the recipe at this length)")
     if mc_cfg is not None:
         if T % mc_cfg.block_size:
             raise UserError(f"--max-seq-len {T} must be a multiple of the MC block size {mc_cfg.block_size}")
-        if args.mc_auto_batch:
-            B = auto_device_batch(B, T, mc_cfg)
-            while args.total_batch_size % (B * T * world_size):
-                B -= 1
-            print0(f"--mc-auto-batch: device batch {args.device_batch_size} -> {B}")
+        B = auto_device_batch(B, T, mc_cfg)  # an MC row runs several working contexts
+        while args.total_batch_size % (B * T * world_size):
+            B -= 1
+        print0(f"MegaContext: device batch {args.device_batch_size} -> {B} (the same tokens per step)")
     # MC steps feed embeddings of varying length: only the vanilla path is compiled
     compile_ok = device.type == "cuda" and mc_cfg is None
     model = torch.compile(orig_model, dynamic=False) if compile_ok else orig_model

@@ -1,8 +1,8 @@
 """Far-recall rows scored under a checkpoint's own attention: does it read beyond its window?
 
-The rows are the recall rows of base_train's `--recall-warmup-steps` (nanochat/tasks/recall_warmup.py), fresh
-ones from another seed: task rows (a passkey, MQAR or variable-tracking example whose evidence ends in the row's
-BAND, its answer closing the row) or planted-id rows. For each kind it reports the targets' mean NLL (nats per
+The rows are the task rows of base_train's recall steps (nanochat/tasks/recall_warmup.py), fresh ones from
+another seed: a passkey, MQAR or variable-tracking example whose evidence ends in the row's BAND, its answer
+closing the row. For each task it reports the targets' mean NLL (nats per
 token) and exact match (every target token the argmax) under the checkpoint's attention mode over the whole row,
 and `tail_nll`, the same targets scored by the plain GPT on the row's last `--tail` tokens only (default: the
 mode's window W). A model that reads its summary nodes (--attention mega) or raw tokens beyond W (dense) has
@@ -23,23 +23,16 @@ import torch.nn.functional as F
 from megacontext.attention_modes import AttentionConfig, attention_model
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_init, run_main
-from nanochat.tasks.copy_warmup import copy_ids
-from nanochat.tasks.recall_warmup import MIN_LENGTH, TASK_KWARGS, recall_row, task_row
-
-KINDS = ("tasks", "ids")
+from nanochat.tasks.recall_warmup import MIN_LENGTH, TASK_KWARGS, task_row
 
 
-def make_rows(kind: str, n: int, length: int, tokenizer, vocab_size: int, seed: int):
-    """[(row kind, row ids [length], targets [length - 1])]; task rows cycle through the tasks in turn."""
+def make_rows(n: int, length: int, tokenizer, seed: int):
+    """[(task, row ids [length], targets [length - 1])], cycling through the tasks in turn."""
     tasks = sorted(TASK_KWARGS)
     rows = []
     for i in range(n):
-        if kind == "ids":
-            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            rows.append(("ids", *recall_row(g, length, copy_ids(vocab_size))))
-        else:
-            task = tasks[i % len(tasks)]
-            rows.append((task, *task_row(random.Random(f"recall-eval:{seed}:{i}"), tokenizer, length, task)))
+        task = tasks[i % len(tasks)]
+        rows.append((task, *task_row(random.Random(f"recall-eval:{seed}:{i}"), tokenizer, length, task)))
     return rows
 
 
@@ -53,7 +46,7 @@ def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool
 
 @torch.no_grad()
 def score(model, gpt, rows, tail: int, device) -> dict:
-    """Per row kind: n, nll and exact match % under `model` (the whole row), tail_nll under `gpt` (the last
+    """Per task: n, nll and exact match % under `model` (the whole row), tail_nll under `gpt` (the last
     `tail` tokens; 0 skips it)."""
     acc: dict[str, dict] = {}
     for kind, row, targets in rows:
@@ -81,7 +74,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-tag", default=None, help="base checkpoint directory name (default: the newest)")
     p.add_argument("--steps", default="", help="comma-separated checkpoint steps (default: the last one)")
-    p.add_argument("--kind", default="tasks", choices=KINDS, help="task rows or planted-id rows")
     p.add_argument("--n", type=int, default=96, help="rows per checkpoint (task rows: a third per task)")
     p.add_argument(
         "--seq-len", type=int, default=0, help="row length (default: the checkpoint's training length)"
@@ -110,7 +102,7 @@ def main() -> None:
             raise UserError(f"recall rows need at least {MIN_LENGTH} tokens; give --seq-len (got {length})")
         cfg = AttentionConfig.from_dict(meta.get("attention"))
         tail = (cfg.window if cfg.mode != "dense" else 0) if args.tail < 0 else args.tail
-        rows = make_rows(args.kind, args.n, length, tokenizer, gpt.config.vocab_size, args.seed)
+        rows = make_rows(args.n, length, tokenizer, args.seed)
         result = score(model, gpt, rows, min(tail, length - 1), device)
         line = {
             "checkpoint": f"{ckpt_dir.name}@{step}",

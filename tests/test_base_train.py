@@ -215,7 +215,7 @@ def test_bench_train_prints_one_json_line():
 
 
 def test_cpu_dtype_probe(capsys):
-    from scripts.bench_train import pick_dtype
+    from nanochat.device import pick_dtype
 
     cpu = torch.device("cpu")
     assert pick_dtype(cpu, "float32") == torch.float32 and pick_dtype(cpu, "bfloat16") == torch.bfloat16

@@ -233,21 +233,6 @@ def test_copy_warmup_batch_is_short_rows_of_segments_each_followed_by_itself():
     assert not torch.equal(x, x3)
 
 
-def test_copy_warmup_batch_frac_replaces_a_share_of_rows():
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(1000, 4096, (200, 129), generator=g)  # ids outside COPY_WARMUP_IDS
-    x, y = copy_warmup.copy_warmup_batch(rows[:, :-1], rows[:, 1:], seed=3, frac=0.25)
-    assert x.shape == (200, 128)
-    full = torch.cat([x, y[:, -1:]], dim=1)
-    replaced = (full < copy_warmup.COPY_WARMUP_IDS[1]).all(dim=1)
-    assert 0.15 < replaced.float().mean() < 0.35
-    assert torch.equal(full[~replaced], rows[~replaced])  # the others untouched
-    for r in full[replaced].tolist():
-        assert parse_pairs(r)  # full-length rows of pairs
-
-
 def test_copy_warmup_ids_fit_a_small_vocabulary():
     import torch
 

@@ -13,9 +13,8 @@ from test_base_train import COMMON, REPO, make_corpus, read_log, run
 from megacontext.config import MCConfig, build_nets
 from nanochat.checkpoint_manager import build_model, load_mc_state, resolve_checkpoint
 
-MC = ["--mc", "--mc-block-size", "4", "--mc-wc-budget", "24", "--mc-recent", "8", "--mc-horizon", "4",
-      "--mc-variants", "2", "--mc-curriculum-start", "0", "--mc-eval-rows", "2", "--gistnet-layers", "1",
-      "--lensnet-layers", "1"]  # fmt: skip
+# the recipe at a tiny geometry: the two scale flags; no copy warm-up, so every step is an MC step
+MC = ["--mc", "--mc-block-size", "4", "--mc-wc-budget", "24", "--mc-eval-rows", "2", "--copy-warmup-steps", "0"]
 
 
 def test_mc_torchrun_two_ranks_match_one_process(tmp_path):
@@ -53,7 +52,7 @@ def test_mc_checkpoint_round_trips_and_needs_no_flags(tmp_path, monkeypatch):
     ckpt_dir, step = resolve_checkpoint("base", "mc", None)
     model, _, meta = build_model(ckpt_dir, step, "cpu", phase="eval")
     cfg = MCConfig.from_dict(meta["mc"])
-    assert (cfg.block_size, cfg.wc_budget, cfg.variants) == (4, 24, 2)
+    assert (cfg.block_size, cfg.wc_budget, cfg.recent, cfg.horizon) == (4, 24, 6, 2)
     gistnet, lensnet = build_nets(cfg, model.config.n_embd)
     state = load_mc_state(ckpt_dir, step, "cpu")
     gistnet.load_state_dict(state["gistnet"])  # strict: every parameter is in the checkpoint
@@ -107,7 +106,8 @@ def test_bench_train_mc_reports_the_ratio_and_controller_time():
 
 
 def test_copy_warmup_with_smear_trains_the_plain_gpt_then_mc(tmp_path, monkeypatch):
-    """The warm-up steps (short copy rows) run the plain GPT, the later ones the MC step; the smear is saved."""
+    """The warm-up steps (short copy rows) run the plain GPT, the later ones the MC step; the smear (on by
+    default) is saved."""
     base = tmp_path / "nc"
     make_corpus(base)
     flags = [
@@ -117,7 +117,6 @@ def test_copy_warmup_with_smear_trains_the_plain_gpt_then_mc(tmp_path, monkeypat
         "4",
         "--copy-warmup-steps",
         "2",
-        "--smear",
         "--eval-every",
         "-1",
     ]

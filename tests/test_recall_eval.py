@@ -29,7 +29,7 @@ def test_target_nll_of_an_oracle_and_of_a_uniform_model():
 
 def test_score_reads_the_whole_row_with_the_model_and_only_the_tail_with_the_gpt():
     """The model sees the whole row and knows the answers; the GPT sees just the last `tail` tokens and is
-    uniform: nll ~ 0 and 100 % exact against tail_nll = ln V, per row kind."""
+    uniform: nll ~ 0 and 100 % exact against tail_nll = ln V, per task."""
     tail, seen = 8, []
 
     def oracle(x):
@@ -59,11 +59,11 @@ def test_task_rows_cycle_through_the_tasks_and_are_seeded():
     from nanochat.tokenizer import Tokenizer
 
     tok = Tokenizer.train_from_iterator(training_documents(20, seed=0), 512)
-    rows = recall_eval.make_rows("tasks", 6, rw.MIN_LENGTH, tok, 512, seed=3)
+    rows = recall_eval.make_rows(6, rw.MIN_LENGTH, tok, seed=3)
     assert [k for k, _, _ in rows] == sorted(rw.TASK_KWARGS) * 2
-    again = recall_eval.make_rows("tasks", 6, rw.MIN_LENGTH, tok, 512, seed=3)
+    again = recall_eval.make_rows(6, rw.MIN_LENGTH, tok, seed=3)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(rows, again))
-    other = recall_eval.make_rows("tasks", 6, rw.MIN_LENGTH, tok, 512, seed=4)
+    other = recall_eval.make_rows(6, rw.MIN_LENGTH, tok, seed=4)
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(rows, other))
     with pytest.raises(ValueError, match="task rows are one of"):
         rw.task_row(random.Random(0), tok, rw.MIN_LENGTH, task="sudoku")
@@ -72,7 +72,7 @@ def test_task_rows_cycle_through_the_tasks_and_are_seeded():
 def test_recall_eval_scores_a_mega_checkpoint_end_to_end(tmp_path, monkeypatch, capsys):
     make_corpus(tmp_path)
     mega = ["--attention", "mega", "--mega-window", "16", "--mega-block-size", "8"]
-    flags = ["--num-iterations", "2", "--recall-warmup-steps", "2", "--recall-kind", "tasks"]
+    flags = ["--num-iterations", "2", "--recall-warmup-steps", "2"]
     run_train(tmp_path, monkeypatch, *GEOMETRY, *flags, *mega, "--model-tag", "m")
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["recall_eval", "--model-tag", "m", "--n", "3", "--device-type", "cpu"])

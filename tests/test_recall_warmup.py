@@ -1,4 +1,5 @@
-"""Far-recall warm-up rows (nanochat/tasks/recall_warmup.py) and base_train's --recall-warmup-steps/--recall-frac."""
+"""Task rows (nanochat/tasks/recall_warmup.py) and the data schedule that places them (nanochat/tasks/schedule.py):
+base_train's --recall-warmup-steps / --recall-frac and the defaults each objective brings."""
 
 import random
 import sys
@@ -9,70 +10,33 @@ from test_base_train import make_corpus
 
 from nanochat.common import run_main
 from nanochat.tasks import recall_warmup as rw
-from nanochat.tasks.copy_warmup import COPY_WARMUP_IDS, copy_ids
-
-
-def bindings(row: list[int], keys_hi: int) -> dict[int, list[list[int]]]:
-    """Every occurrence of a key id with the VALUE_LEN ids after it: key -> [values, ...]."""
-    out = {}
-    for i, t in enumerate(row[: len(row) - rw.VALUE_LEN]):
-        if t < keys_hi:
-            out.setdefault(t, []).append(row[i + 1 : i + 1 + rw.VALUE_LEN])
-    return out
-
-
-@pytest.mark.parametrize("length", [rw.MIN_LENGTH, 257, 513, 4097])
-def test_recall_row_asks_each_early_binding_again_at_the_end(length):
-    lo, hi = COPY_WARMUP_IDS
-    keys_hi = lo + rw.KEY_IDS
-    for seed in range(20):
-        row, targets = rw.recall_row(torch.Generator().manual_seed(seed), length, (lo, hi))
-        assert row.shape == (length,) and targets.shape == (length - 1,)
-        assert int(row.min()) >= lo and int(row.max()) < hi
-        r, t = row.tolist(), targets.tolist()
-        found = bindings(r, keys_hi)
-        assert len(found) == rw.BINDINGS and all(len(v) == 2 and v[0] == v[1] for v in found.values())
-        tail = rw.BINDINGS * (1 + rw.VALUE_LEN)
-        firsts = [r.index(k) for k in found]
-        assert (
-            min(firsts) >= int(length * rw.BAND[0]) and max(firsts) < length * rw.BAND[1]
-        )  # bound early ...
-        assert all(r.index(k, f + 1) >= length - tail for k, f in zip(found, firsts))  # ... asked at the end
-        values = {v for vs in found.values() for v in vs[0]}
-        assert all(keys_hi <= v < keys_hi + rw.VALUE_IDS for v in values)
-        # the targets are exactly the values of the final listing, in the shifted (next-token) frame
-        want = [-1] * (length - 1)
-        for k in found:
-            q = r.index(k, r.index(k) + 1)
-            want[q : q + rw.VALUE_LEN] = found[k][1]
-        assert t == want and sum(x >= 0 for x in t) == rw.BINDINGS * rw.VALUE_LEN
-
-
-def test_recall_row_refuses_a_row_too_short():
-    with pytest.raises(ValueError, match=f"at least {rw.MIN_LENGTH} tokens"):
-        rw.recall_row(torch.Generator().manual_seed(0), rw.MIN_LENGTH - 1, COPY_WARMUP_IDS)
-
-
-def test_recall_batch_is_seeded_by_content():
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(1000, 4096, (50, 257), generator=g)  # ids outside COPY_WARMUP_IDS
-    x, y = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1)
-    assert x.shape == y.shape == (50, 256) and ((y >= 0).sum(1) == rw.BINDINGS * rw.VALUE_LEN).all()
-    assert (x < COPY_WARMUP_IDS[1]).all()  # every row replaced
-    x2, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1)
-    x3, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=2)
-    assert torch.equal(x, x2) and not torch.equal(x, x3)
-    with pytest.raises(ValueError, match="recall rows are one of ids, tasks, mixed"):
-        rw.recall_batch(rows[:, :-1], rows[:, 1:], seed=1, kind="words")
+from nanochat.tasks.schedule import default_schedule
 
 
 @pytest.mark.parametrize("frac", [0.1, 0.25, 0.5, 1.0])
-def test_recall_steps_are_an_even_share(frac):
-    picked = [s for s in range(200) if rw.is_recall_step(s, frac)]
+def test_recall_steps_are_an_even_share_after_the_warmups(frac):
+    sched = default_schedule("mega", 400, 512, copy_warmup=3, recall_warmup=5, recall_frac=frac)
+    kinds = [sched.kind(s) for s in range(208)]
+    assert kinds[:3] == ["copy"] * 3 and kinds[3:8] == ["recall"] * 5
+    picked = [s for s in range(8, 208) if kinds[s] == "recall"]
     assert len(picked) == round(200 * frac)
     gaps = {b - a for a, b in zip(picked, picked[1:])}
-    assert max(gaps) - min(gaps) <= 1  # evenly spread
-    assert not any(rw.is_recall_step(s, 0.0) for s in range(200))
+    assert not gaps or max(gaps) - min(gaps) <= 1  # evenly spread
+    assert set(kinds[8:]) <= {"recall", "text"}
+
+
+def test_each_objective_brings_its_measured_schedule():
+    """dense / mc: the copy warm-up then text (mc with half long-context rows); window / mega: no copy warm-up,
+    54 % task-row steps from scratch, then 30 % (the MegaAttention recipe: 700 of 1300 steps)."""
+    dense, mc = default_schedule("dense", 500, 512), default_schedule("mc", 500, 512)
+    assert (dense.copy_warmup, dense.recall_warmup, dense.recall_frac, dense.longctx_frac) == (150, 0, 0.0, 0.0)
+    assert (mc.copy_warmup, mc.recall_warmup, mc.recall_frac, mc.longctx_frac) == (150, 0, 0.0, 0.5)
+    mega = default_schedule("mega", 1300, 256)
+    assert (mega.copy_warmup, mega.recall_warmup, mega.recall_frac, mega.longctx_frac) == (0, 702, 0.3, 0.5)
+    assert default_schedule("window", 1300, 256) == mega  # the twin trains on the same rows
+    assert default_schedule("dense", 30, 512).copy_warmup == 10  # a third of a short run at most
+    short = default_schedule("mega", 100, 128)  # task rows do not fit: none by default
+    assert (short.recall_warmup, short.recall_frac) == (0, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +78,14 @@ def test_task_row_asks_a_long_context_task_with_its_evidence_in_the_band(tokeniz
     assert seen == {"pass key", rw.MQAR_CUE, "VAR"}
 
 
-def test_mixed_recall_batch_holds_both_kinds(tokenizer):
-    rows = torch.randint(300, 1024, (20, 513), generator=torch.Generator().manual_seed(0))
-    x, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], 0, vocab_size=1024, kind="mixed", tokenizer=tokenizer)
-    lo, hi = copy_ids(1024)
-    planted = ((x >= lo) & (x < hi)).all(1)  # an ids row is made of copy ids only, a task row of text
-    assert 5 <= planted.sum() <= 15
+def test_recall_batch_replaces_every_row_by_a_task_row_seeded_by_content(tokenizer):
+    rows = torch.randint(300, 1024, (6, 257), generator=torch.Generator().manual_seed(0))
+    x, y = rw.recall_batch(rows[:, :-1], rows[:, 1:], 1, tokenizer)
+    assert x.shape == y.shape == (6, 256) and ((y >= 0).sum(1) >= 1).all()  # answer-only targets
+    assert ((y >= 0).sum(1) < 64).all()
+    x2, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], 1, tokenizer)
+    x3, _ = rw.recall_batch(rows[:, :-1], rows[:, 1:], 2, tokenizer)
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
 
 
 def run_train(base, monkeypatch, *argv):
@@ -138,31 +104,29 @@ GEOMETRY = [
 
 
 def test_base_train_runs_recall_steps_after_the_copy_warmup_then_a_share(tmp_path, monkeypatch):
-    """Steps 0-1 copy rows, 2-3 whole batches of recall rows, then every second step a recall step."""
-    from scripts import base_train
+    """Steps 0-1 copy rows, 2-3 whole batches of task rows, then every second step a task-row step."""
+    from nanochat.tasks import schedule
 
     make_corpus(tmp_path)
     calls = []
 
-    def spy(x, y, seed, vocab_size=None, kind="ids", tokenizer=None):
-        calls.append((x.shape[0], kind))
-        return rw.recall_batch(x, y, seed, vocab_size, kind, tokenizer)
+    def spy(x, y, seed, tokenizer):
+        calls.append(x.shape[0])
+        return rw.recall_batch(x, y, seed, tokenizer)
 
-    monkeypatch.setattr(base_train, "recall_batch", spy)
+    monkeypatch.setattr(schedule, "recall_batch", spy)
     flags = ["--num-iterations", "8", "--copy-warmup-steps", "2", "--recall-warmup-steps", "2"]
-    run_train(tmp_path, monkeypatch, *GEOMETRY, *flags, "--recall-frac", "0.5", "--recall-kind", "ids,tasks",
+    run_train(tmp_path, monkeypatch, *GEOMETRY, *flags, "--recall-frac", "0.5",
               "--attention", "window", "--mega-window", "16")  # fmt: skip
-    # steps 2, 3 (the warm-up's kind), then 5 and 7 (the share, whole steps, of the later kind)
-    assert calls == [(1, "ids")] * 2 + [(1, "tasks")] * 2
+    assert calls == [1] * 4  # steps 2, 3, then 5 and 7 (the share, whole steps)
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--mc", "--recall-warmup-steps", "2"], "error: --recall-warmup-steps / --recall-frac train attention"),
-        (["--max-seq-len", "64", "--recall-frac", "0.1"], f"error: recall rows need --max-seq-len >= {rw.MIN_LENGTH}"),
-        (["--recall-frac", "1.5"], "error: --recall-warmup-steps must be >= 0 and --recall-frac in [0, 1]"),
-        (["--recall-kind", "ids,words"], "error: --recall-kind takes KIND or WARMUP,LATER of ids, tasks, mixed"),
+        (["--max-seq-len", "64", "--recall-frac", "0.1"], f"error: task-row steps need --max-seq-len >= {rw.MIN_LENGTH}"),
+        (["--recall-frac", "1.5"], "error: warm-up steps must be >= 0 and --recall-frac / --longctx-frac in [0, 1]"),
     ],
 )  # fmt: skip
 def test_base_train_rejects_bad_recall_flags_in_one_line(tmp_path, monkeypatch, capsys, extra, message):

@@ -77,10 +77,10 @@ def tiny_nets(cfg: MCConfig, n_embd: int = 32, seed: int = 0):
     return gistnet, lensnet
 
 
-def tiny_session(positions: str = "wc_index", tree=None, smear: bool = False, **kw) -> MCSession:
+def tiny_session(tree=None, smear: bool = False, **kw) -> MCSession:
     tok = tiny_tokenizer()
     model = tiny_model(tok.get_vocab_size(), smear=smear)
-    cfg = tiny_cfg(positions=positions, **kw)
+    cfg = tiny_cfg(**kw)
     gistnet, lensnet = tiny_nets(cfg)
     return MCSession(model, tok, gistnet, lensnet, cfg, tree=tree)
 
@@ -97,11 +97,7 @@ def one_thread():
 def scratch_logits(s: MCSession) -> torch.Tensor:
     """Next-token logits from a from-scratch forward over the session's WC (no cache, materialize path)."""
     t = s.wc.materialize(s.tree, s.model.wte)
-    if s.positions == "wc_index":
-        mu, sigma = torch.arange(len(t.mu), dtype=torch.float32), torch.zeros(len(t.mu))
-    else:
-        mu, sigma = t.mu, t.sigma
-    cos, sin = gaussian_rotary(mu[None], sigma[None], s.model.config.head_dim)
+    cos, sin = gaussian_rotary(torch.arange(len(t.mu), dtype=torch.float32)[None], 0.0, s.model.config.head_dim)
     with torch.no_grad():
         return s.model(embeds=t.embeds[None], rotary=(cos, sin))[0, -1]
 
@@ -132,13 +128,9 @@ def test_50k_token_prompt_is_accepted_and_refocus_edits_follow():
     assert s.tree.num_tokens // K - 50_000 // K >= 10  # a refocus every block
 
 
-@pytest.mark.parametrize(
-    "positions,smear",
-    [("wc_index", False), ("global", False), ("wc_index", True)],
-    ids=["wc", "global", "smear"],
-)
-def test_long_conversation_keeps_invariants_and_cached_logits_exact(positions, smear):
-    s = tiny_session(positions, smear=smear)
+@pytest.mark.parametrize("smear", [False, True], ids=["plain", "smear"])
+def test_long_conversation_keeps_invariants_and_cached_logits_exact(smear):
+    s = tiny_session(smear=smear)
     checks = {"refocuses": 0, "edits": 0, "compared": 0, "kept": 0}
     refocus = s.refocus
 

@@ -1,5 +1,5 @@
 """Evaluation views (megacontext/views.py): the mc-oracle working context, score normalisation for the
-allocator, and the evidence token span mc_eval hands the oracle."""
+allocator, the evidence token span mc_eval hands the oracle, and the mc-lens view being the chat session."""
 
 import random
 
@@ -10,7 +10,8 @@ from megacontext import training, views
 from megacontext.allocator import normalize_scores, random_variant
 from megacontext.config import MCConfig, build_nets
 from megacontext.lens_inputs import lens_inputs, row_entry_match, tree_entry_inputs, tree_entry_match
-from megacontext.views import build_tree, focus, horizon_logits, oracle_wc
+from megacontext.session import MCSession
+from megacontext.views import build_tree, horizon_logits, oracle_wc
 from megacontext.working_context import WorkingContext, coarse_tiling
 from nanochat.gpt import GPT, GPTConfig
 from scripts.mc_eval import evidence_tokens
@@ -78,31 +79,84 @@ def test_window_view_runs_at_a_budget_below_the_mc_query_length():
 
 def test_normalize_scores():
     s = torch.tensor([0.01, -0.02, 0.03, 0.0])
-    z = normalize_scores(s, "z")
-    assert torch.equal(normalize_scores(s, "raw"), s)
+    z = normalize_scores(s)
     assert torch.equal(z.argsort(), s.argsort()) and abs(float(torch.atanh(z).mean())) < 1e-5
     assert float(z.max()) > 0.2 and float(z.min()) < -0.2  # past the default thresholds both ways
-    assert torch.equal(normalize_scores(torch.full((3,), 0.4), "z"), torch.zeros(3))
-    with pytest.raises(ValueError, match="'z' or 'raw'"):
-        normalize_scores(s, "rank")
+    assert torch.equal(normalize_scores(torch.full((3,), 0.4)), torch.zeros(3))
 
 
-@pytest.mark.parametrize("norm, edits", [("raw", False), ("z", True)])
-def test_a_timid_lens_edits_only_with_normalised_scores(norm, edits):
-    """LensNet's raw scores stayed within ±0.05 after training (docs/training.md): under the absolute
-    thresholds the mc-lens view never changed the working context; normalised, its ranking acts."""
-    model, cfg, gistnet, lensnet = tiny(score_norm=norm)
+def timid(lensnet):
+    """A timid lens: random, every score within a few hundredths of 0 (LensNet's raw scores after training)."""
     with torch.no_grad():
-        for p in lensnet.parameters():  # a timid lens: random, every score within a few hundredths of 0
+        for p in lensnet.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    return lensnet
+
+
+def test_a_timid_lens_edits_because_scores_are_normalised():
+    """Under absolute thresholds a lens whose scores stay within ±0.05 never changed the working context;
+    normalised, its ranking acts (the session's settle after an ingest makes edits)."""
+    model, cfg, gistnet, lensnet = tiny()
     ids = torch.randint(0, V, (120,), generator=torch.Generator().manual_seed(2)).tolist()
-    tree = build_tree(ids, model, gistnet, cfg, "cpu")
-    query = torch.tensor(ids[-K:])
-    wc, n_edits = focus(
-        "mc-lens", tree, model, lensnet, cfg, cfg.wc_budget, cfg.recent, query, len(ids), "cpu"
-    )
-    wc.check(tree)
-    assert (n_edits > 0) == edits
+    s = MCSession(model, None, gistnet, timid(lensnet), cfg)
+    assert s.ingest(ids) > 0
+    s.wc.check(s.view)
+
+
+@pytest.mark.parametrize("n", [90, 121, 200])
+def test_the_mc_lens_view_is_the_chat_session(n):
+    """mc_eval's mc-lens view runs the chat session's own code: after ingesting the same prompt a session holds
+    exactly the working context the view predicts from, and the view's logits are the session's next-token
+    logits (then each later token pushed as a generated one)."""
+    model, cfg, gistnet, lensnet = tiny(seed=n)
+    timid(lensnet)
+    ids = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    h = 3
+    logits, info = horizon_logits("mc-lens", ids, h, model, gistnet, lensnet, cfg, "cpu")
+    s = MCSession(model, None, gistnet, lensnet, cfg)
+    prompt = ids[: len(ids) - h]
+    edits = s.ingest(prompt)
+    assert s.wc.render() == info["render"] and edits == info["edits"]
+    torch.testing.assert_close(logits[0], s.logits())
+    for j, token in enumerate(ids[len(prompt) : -1], start=1):
+        s.push(token)
+        torch.testing.assert_close(logits[j], s.logits())
+
+
+def test_ingest_settles_the_focus_where_one_refocus_does_not(monkeypatch):
+    """A long prompt whose evidence sits in an old LOD2 gist: one refocus (n_diff = 1 edit) cannot bring it raw
+    (LOD2 -> LOD1 -> raw, with refunds); ingest settles the focus, so the evidence is raw after it and further
+    refocus rounds change nothing."""
+    model, cfg, gistnet, lensnet = tiny(n_diff=1)
+    p = 5
+
+    def scripted(self, wc=None):
+        return torch.tensor([1.0 if e.start <= p < e.end else 0.0 for e in (wc or self.wc).entries])
+
+    monkeypatch.setattr(MCSession, "lens_scores", scripted)
+    ids = torch.randint(0, V, (120,), generator=torch.Generator().manual_seed(3)).tolist()
+    s = MCSession(model, None, gistnet, lensnet, cfg)
+    edits = s.ingest(ids)
+    assert edits > 1 and next(e for e in s.wc.entries if e.start <= p < e.end).level == 0
+    for _ in range(cfg.cooldown + 1):
+        assert s.refocus() == []  # settled
+    one = MCSession(model, None, gistnet, lensnet, cfg)  # what a single refocus after the ingest gave
+    monkeypatch.setattr(MCSession, "settle", lambda self: len(self.refocus()))
+    one.ingest(ids)
+    assert next(e for e in one.wc.entries if e.start <= p < e.end).level > 0
+
+
+def test_the_session_uses_only_trained_gist_levels_until_the_history_needs_more():
+    """GistNet was trained on LOD1..wc_levels; the session's WC stays within them while the history fits the
+    budget that way, and goes one level coarser only when it does not."""
+    model, cfg, gistnet, lensnet = tiny(wc_levels=1)
+    s = MCSession(model, None, gistnet, timid(lensnet), cfg)
+    s.ingest(list(range(1, 40)))  # 9 LOD1 gists + 8 raw recent tokens + the rest fit a budget of 24
+    assert s.tree.max_level >= 2 and s.view.cap == 1
+    assert max(e.level for e in s.wc.entries) == 1
+    s.ingest(torch.randint(0, V, (200,), generator=torch.Generator().manual_seed(0)).tolist())
+    assert s.view.cap >= 2 and s.wc.cost <= cfg.wc_budget  # 60 LOD1 gists cannot fit 24: coarser
+    s.wc.check(s.view)
 
 
 class CharTokenizer:
@@ -122,25 +176,23 @@ def test_evidence_tokens_cover_the_evidence_with_bos_shift():
 def test_a_full_working_context_makes_room_for_the_entry_the_scorer_wants(monkeypatch):
     """The scorer points at one old token; a high collapse threshold keeps every other entry out of the
     collapse candidates. The WC starts full, so only budget swaps — the least useful detail refunding the
-    wanted expansion — can zoom the gist holding that token down to raw, over successive refocuses."""
+    wanted expansion — can zoom the gist holding that token down to raw, over the settle's refocuses."""
     model, cfg, gistnet, lensnet = tiny(tau_collapse=0.9)
     ids = torch.randint(0, V, (120,), generator=torch.Generator().manual_seed(3)).tolist()
-    tree = build_tree(ids, model, gistnet, cfg, "cpu")
     p = 5  # inside the oldest, coarsest gist
 
-    def scripted(wc, *args):
-        return torch.tensor([1.0 if e.start <= p < e.end else 0.0 for e in wc.entries])
+    def scripted(self, wc=None):
+        return torch.tensor([1.0 if e.start <= p < e.end else 0.0 for e in (wc or self.wc).entries])
 
-    monkeypatch.setattr(views, "lens_scores", scripted)
+    monkeypatch.setattr(MCSession, "lens_scores", scripted)
+    tree = build_tree(ids, model, gistnet, cfg, "cpu")
     start = WorkingContext.from_tree(tree, cfg.wc_budget, cfg.recent)
     assert start.cost > cfg.wc_budget - (K - 1)  # no room for an expansion without a refund
     assert next(e for e in start.entries if e.start <= p < e.end).level >= 2
-    query = torch.tensor(ids[-K:])
-    wc, n_edits = focus(
-        "mc-lens", tree, model, lensnet, cfg, cfg.wc_budget, cfg.recent, query, len(ids), "cpu"
-    )
-    wc.check(tree)
-    assert next(e for e in wc.entries if e.start <= p < e.end).level == 0 and n_edits > 0
+    s = MCSession(model, None, gistnet, lensnet, cfg)
+    n_edits = s.ingest(ids)
+    s.wc.check(s.view)
+    assert next(e for e in s.wc.entries if e.start <= p < e.end).level == 0 and n_edits > 0
 
 
 def test_lens_inputs_from_a_tree_equal_those_of_training():

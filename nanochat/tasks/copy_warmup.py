@@ -36,30 +36,23 @@ def copy_row(g: torch.Generator, length: int, ids: tuple[int, int] = COPY_WARMUP
     return torch.cat(pieces)[:length]
 
 
-def copy_warmup_batch(x, y, seed: int, frac: float = 1.0, vocab_size: int | None = None):
-    """Induction rows: random token segments, each followed by itself (docs/training.md).
+def copy_warmup_batch(x, y, seed: int, vocab_size: int | None = None):
+    """Induction rows: the whole batch becomes B·T/COPY_ROW_LEN short rows [B', COPY_ROW_LEN] of random token
+    segments, each followed by itself (docs/training.md).
 
-    frac = 1 (the warm-up): the whole batch becomes B·T/COPY_ROW_LEN short rows [B', COPY_ROW_LEN]. Short rows
-    are what lets an induction head form: at the start attention is spread evenly over every earlier position,
-    so the gradient that teaches "copy the token after the match" shrinks with the row length (d4 on CPU:
-    ~150 steps to copy at 64 tokens with GPTConfig.smear, none in 400 steps at 512). The ids come from a few
-    hundred frequent tokens: with thousands of rare ids each unembedding is trained too rarely to learn to
-    match its embedding (a vocabulary smaller than COPY_WARMUP_IDS: its upper half). frac < 1 (after the warm-up): about that share of the rows, chosen by a hash of their
-    content, are replaced by full-length copy rows and the rest stay as they are. Seeded by the batch content.
+    Short rows are what lets an induction head form: at the start attention is spread evenly over every earlier
+    position, so the gradient that teaches "copy the token after the match" shrinks with the row length (d4 on
+    CPU: ~150 steps to copy at 64 tokens with GPTConfig.smear, none in 400 steps at 512). The ids come from a few
+    hundred frequent tokens: with thousands of rare ids each unembedding is trained too rarely to learn to match
+    its embedding (a vocabulary smaller than COPY_WARMUP_IDS: its upper half). Each loader row becomes its own
+    T/COPY_ROW_LEN short rows, seeded by its content: a row is treated alike on any rank (DDP = one process).
     """
     rows = torch.cat([x, y[:, -1:]], dim=1)
-    B, T1 = rows.shape
+    per_row = max(1, (rows.shape[1] - 1) // COPY_ROW_LEN)
     ids = copy_ids(vocab_size)
-    if frac >= 1:
-        h = zlib.crc32(rows.cpu().numpy().tobytes()) ^ seed
-        g = torch.Generator().manual_seed(h)
-        n = max(1, B * (T1 - 1) // COPY_ROW_LEN)
-        short = torch.stack([copy_row(g, COPY_ROW_LEN + 1, ids) for _ in range(n)]).to(rows.device)
-        return short[:, :-1], short[:, 1:]
-    out = rows.clone()
-    for i, row in enumerate(rows):
-        h = zlib.crc32(row.cpu().numpy().tobytes()) ^ seed
-        if (h % 10_000) >= frac * 10_000:
-            continue
-        out[i] = copy_row(torch.Generator().manual_seed(h), T1, ids).to(rows.device)
-    return out[:, :-1], out[:, 1:]
+    short = []
+    for row in rows:
+        g = torch.Generator().manual_seed(zlib.crc32(row.cpu().numpy().tobytes()) ^ seed)
+        short += [copy_row(g, COPY_ROW_LEN + 1, ids) for _ in range(per_row)]
+    short = torch.stack(short).to(rows.device)
+    return short[:, :-1], short[:, 1:]
