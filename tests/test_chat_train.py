@@ -44,7 +44,7 @@ TINY = [
     "--longdoc-chars",
     "300",
 ]
-MC = ["--mc", "--mc-block-size", "8", "--mc-wc-budget", "32", "--mc-recent", "16", "--mc-horizon", "8"]
+MC = ["--mc", "--mc-block-size", "8", "--mc-wc-budget", "32"]
 
 TOOL_CHAT = {
     "messages": [
@@ -277,12 +277,11 @@ def test_mc_nets_trained_saved_and_carried_into_sft(base):
     # the lens head starts at exactly 0 (lensnet.init_weights); training must have moved it
     assert mid_state["lensnet"]["out.weight"].abs().sum() > 0
 
-    # no --mc: a source with MC nets keeps training them, with its own config, except the recent text a chat
-    # stage may choose to keep raw (--mc-stage-recent), which its checkpoint then records
-    run_stage("chat_sft", [*TINY, "--num-iterations", "2", "--eval-every", "-1", "--mc-stage-recent", "8"])
+    # no --mc: a source with MC nets keeps training them, with its own config (recorded again)
+    run_stage("chat_sft", [*TINY, "--num-iterations", "2", "--eval-every", "-1"])
     sft = base / "chatsft_checkpoints" / "d2"
     _, _, sft_meta = load_checkpoint(sft, 2, "cpu")
-    assert meta["mc"]["recent"] == 16 and sft_meta["mc"] == {**meta["mc"], "recent": 8}
+    assert meta["mc"]["recent"] == 8 and sft_meta["mc"] == meta["mc"]
     sft_state = load_mc_state(sft, 2, "cpu")
     assert not torch.equal(sft_state["lensnet"]["out.weight"], mid_state["lensnet"]["out.weight"])
     assert "- megacontext: on" in (base / "report" / "chat-sft-d2.md").read_text()
@@ -295,7 +294,7 @@ def test_epoch_mode_and_user_errors(base):
     meta = json.loads(meta_file.read_text())
     assert meta["loader_states"][0]["epoch"] >= 1 and meta["step"] >= 1  # stopped after one epoch
     with pytest.raises(UserError, match="multiple of the MC block size"):
-        run_stage("mid_train", [*TINY, *MC, "--mc-block-size", "48", "--num-iterations", "1"])
+        run_stage("mid_train", [*TINY, *MC, "--mc-block-size", "12", "--num-iterations", "1"])
     with pytest.raises(UserError, match="no checkpoints"):
         run_stage("chat_sft", [*TINY, "--source", "rl", "--num-iterations", "1"])
 

@@ -68,6 +68,13 @@ def torchrun_hands_over(cmd: list[str]) -> None:
     assert ns.training_script_args == cmd[cmd.index("--") + 1 :]
 
 
+def recipe_settings(cmd: list[str]) -> list[str]:
+    """The MegaContext settings a command passes: --mc-*, --lensnet-* and --gistnet-* flags, and --mc (not
+    --mc-eval-rows: how many validation rows the views score, an evaluation size runcpu --quick shrinks)."""
+    flags = [a for a in cmd if a == "--mc" or a.startswith(("--mc-", "--lensnet-", "--gistnet-"))]
+    return [a for a in flags if a != "--mc-eval-rows"]
+
+
 def position(cmds: list[list[str]], step: str) -> int:
     return next(i for i, c in enumerate(cmds) if step in " ".join(x for x in c if x != "--"))
 
@@ -98,6 +105,8 @@ def test_dry_run_stage_order_mc_and_torchrun(recipe, mc, tmp_path):
         torchrun_hands_over(c)
         assert c[c.index("--model-tag") + 1] == tag  # every stage works on the same model
         assert ("--mc" in c) == (mc and module(c) in TRAINING)  # --mc reaches every training stage, only them
+        if module(c) in TRAINING:  # recipes pass scale; the MC recipe is base_train's default
+            assert recipe_settings(c) == (["--mc"] if mc else [])
     base_train = next(c for c in heavy if module(c) == "scripts.base_train")
     assert base_train[base_train.index("--depth") + 1] == str(depth)
     session = [c for c in heavy if "--mc-session" in c]
@@ -227,15 +236,15 @@ def test_runcpu_dry_run_trains_both_models_through_every_stage(quick, tmp_path):
             if module(c) == "scripts.mc_eval":
                 assert ("--views" in c) == (not mc)  # a vanilla model has only the full and window views
                 if not mc:  # ... and its window is the MC model's budget, so the two compare at equal memory
-                    assert c[c.index("--wc-budget") + 1] == "128"
+                    assert c[c.index("--wc-budget") + 1] == ("64" if quick else "128")  # the sequence length / 4
                 if quick:
                     assert c[c.index("--n") + 1] == "4" and c[c.index("--distances") + 1] == "1,4"
         base = next(
             c for c in cmds if module(c) == "scripts.base_train" and c[c.index("--model-tag") + 1] == tag
         )
-        assert base[base.index("--longctx-frac") + 1] == "0.5"
-        if mc:
-            assert base[base.index("--mc-wc-budget") + 1] == "128" and "--mc-auto-batch" in base
+        # the recipe is the defaults: the MC model gets --mc alone, its vanilla twin the same rows
+        assert recipe_settings(base) == (["--mc"] if mc else [])
+        assert mc or base[base.index("--longctx-frac") + 1] == "0.5"
 
 
 def test_runcpu_rerun_skips_done_stages_and_resumes(tmp_path):
@@ -278,6 +287,8 @@ def test_run10_dry_run_one_gpu_every_stage(gpu, depth, mc, tmp_path):
         torchrun_hands_over(c)
         assert c[c.index("--model-tag") + 1] == tag
         assert ("--mc" in c) == (mc and module(c) in TRAINING)
+        if module(c) in TRAINING:  # recipes pass scale; the MC recipe is base_train's default
+            assert recipe_settings(c) == (["--mc"] if mc else [])
         assert (c[-2:] == ["--num-iterations", "20"]) == (module(c) in TRAINING)  # extra flags: training only
         if module(c) == "scripts.mc_eval":
             assert ("--views" in c) == (not mc)
