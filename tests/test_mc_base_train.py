@@ -14,7 +14,17 @@ from megacontext.config import MCConfig, build_nets
 from nanochat.checkpoint_manager import build_model, load_mc_state, resolve_checkpoint
 
 # the recipe at a tiny geometry: the two scale flags; no copy warm-up, so every step is an MC step
-MC = ["--mc", "--mc-block-size", "4", "--mc-wc-budget", "24", "--mc-eval-rows", "2", "--copy-warmup-steps", "0"]
+MC = [
+    "--mc",
+    "--mc-block-size",
+    "4",
+    "--mc-wc-budget",
+    "24",
+    "--mc-eval-rows",
+    "2",
+    "--copy-warmup-steps",
+    "0",
+]
 
 
 def test_mc_torchrun_two_ranks_match_one_process(tmp_path):

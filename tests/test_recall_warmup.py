@@ -29,7 +29,12 @@ def test_each_objective_brings_its_measured_schedule():
     """dense / mc: the copy warm-up then text (mc with half long-context rows); window / mega: no copy warm-up,
     54 % task-row steps from scratch, then 30 % (the MegaAttention recipe: 700 of 1300 steps)."""
     dense, mc = default_schedule("dense", 500, 512), default_schedule("mc", 500, 512)
-    assert (dense.copy_warmup, dense.recall_warmup, dense.recall_frac, dense.longctx_frac) == (150, 0, 0.0, 0.0)
+    assert (dense.copy_warmup, dense.recall_warmup, dense.recall_frac, dense.longctx_frac) == (
+        150,
+        0,
+        0.0,
+        0.0,
+    )
     assert (mc.copy_warmup, mc.recall_warmup, mc.recall_frac, mc.longctx_frac) == (150, 0, 0.0, 0.5)
     mega = default_schedule("mega", 1300, 256)
     assert (mega.copy_warmup, mega.recall_warmup, mega.recall_frac, mega.longctx_frac) == (0, 702, 0.3, 0.5)

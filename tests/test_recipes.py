@@ -236,7 +236,9 @@ def test_runcpu_dry_run_trains_both_models_through_every_stage(quick, tmp_path):
             if module(c) == "scripts.mc_eval":
                 assert ("--views" in c) == (not mc)  # a vanilla model has only the full and window views
                 if not mc:  # ... and its window is the MC model's budget, so the two compare at equal memory
-                    assert c[c.index("--wc-budget") + 1] == ("64" if quick else "128")  # the sequence length / 4
+                    assert c[c.index("--wc-budget") + 1] == (
+                        "64" if quick else "128"
+                    )  # the sequence length / 4
                 if quick:
                     assert c[c.index("--n") + 1] == "4" and c[c.index("--distances") + 1] == "1,4"
         base = next(

@@ -97,7 +97,9 @@ def one_thread():
 def scratch_logits(s: MCSession) -> torch.Tensor:
     """Next-token logits from a from-scratch forward over the session's WC (no cache, materialize path)."""
     t = s.wc.materialize(s.tree, s.model.wte)
-    cos, sin = gaussian_rotary(torch.arange(len(t.mu), dtype=torch.float32)[None], 0.0, s.model.config.head_dim)
+    cos, sin = gaussian_rotary(
+        torch.arange(len(t.mu), dtype=torch.float32)[None], 0.0, s.model.config.head_dim
+    )
     with torch.no_grad():
         return s.model(embeds=t.embeds[None], rotary=(cos, sin))[0, -1]
 
