@@ -348,8 +348,8 @@ def session_turn(
 ) -> Iterator[tuple[int, bool]]:
     """The assistant's turn in a memory session that decodes one token at a time (MegaContext's MCSession:
     generate, ingest, stop_tokens, messages), running its python calls as ToolEngine does: yields (token,
-    forced) - forced tokens are the tool's output, ingested into the memory before they are yielded - and not
-    the stop token. max_tokens counts both kinds. A turn cut short (max_tokens, or the caller stopped reading)
+    forced) - forced tokens are the tool's output, ingested into the memory before they are yielded - and,
+    when the model ended the turn, its stop token last. max_tokens counts both kinds. A turn cut short (max_tokens, or the caller stopped reading)
     is closed with <|assistant_end|>, so the next user turn is well formed; the turn is recorded in
     session.messages as ReplyText shows it."""
     tokenizer = session.tokenizer
@@ -362,6 +362,7 @@ def session_turn(
             for token in session.generate(max_tokens - len(tokens), temperature, top_k, seed=reseed):
                 if token in session.stop_tokens:
                     stopped = True
+                    yield token, False
                     break
                 tokens.append(token)
                 yield token, False

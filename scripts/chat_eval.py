@@ -156,7 +156,7 @@ def session_completion(
 ) -> list[int]:
     """Generate the assistant's turn in a MegaContext session, running python calls as ToolEngine does."""
     turn = session_turn(session, ToolUse(tokenizer), max_new_tokens, temperature, top_k, seed)
-    return [token for token, _ in turn]
+    return [token for token, _ in turn if token not in session.stop_tokens]
 
 
 def mc_session_results(
