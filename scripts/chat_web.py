@@ -231,6 +231,10 @@ async def read_json(request: Request, limit: int):
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
 
+class Cancelled(Exception):
+    """Raised in the worker's thread to abandon a request whose client has gone."""
+
+
 def start_generation(worker: Worker, ids: list[int], req: dict, pool: asyncio.Queue, on_memory):
     """Generate in a thread (torch releases the GIL, the event loop keeps serving). Returns the queue of events
     ("progress", (done, total)) while an MC model reads the prompt, ("token", id) ..., then ("done", finish
@@ -243,6 +247,11 @@ def start_generation(worker: Worker, ids: list[int], req: dict, pool: asyncio.Qu
     def emit(event) -> None:
         loop.call_soon_threadsafe(events.put_nowait, event)
 
+    def progress(done: int, total: int) -> None:
+        if cancel.is_set():  # the client left during a long paste: stop reading it, free the worker
+            raise Cancelled
+        emit(("progress", (done, total)))
+
     def run() -> None:
         finish, error = "length", None
         try:
@@ -253,7 +262,7 @@ def start_generation(worker: Worker, ids: list[int], req: dict, pool: asyncio.Qu
                 req["top_k"],
                 req["seed"],
                 on_memory,
-                on_progress=lambda done, total: emit(("progress", (done, total))),
+                on_progress=progress,
             )
             for token in gen:
                 if cancel.is_set():
@@ -263,6 +272,8 @@ def start_generation(worker: Worker, ids: list[int], req: dict, pool: asyncio.Qu
                     break
                 emit(("token", token))
             gen.close()  # an MC session reports its memory before the client hears "done"
+        except Cancelled:
+            pass
         except Exception as e:  # reported to the client; the worker stays usable
             error = f"{type(e).__name__}: {e}"
         finally:

@@ -358,3 +358,45 @@ def test_a_100k_token_paste_streams_its_progress_while_the_server_answers_others
         if z["start"] + 96 <= total:
             excerpt = ReplyText(reference.tokenizer).render(ids[z["start"] : min(z["end"], z["start"] + 96)])
             assert z["text"] == excerpt + ("…" if z["end"] - z["start"] > 96 else "")
+
+
+def test_a_client_leaving_mid_paste_stops_the_reading_and_frees_the_worker(reference):
+    gate, calls, callbacks = threading.Event(), [], []
+
+    class HeldWorker(Worker):
+        def generate(self, ids, *args, on_progress=None, **kw):
+            callbacks.append(on_progress)
+
+            def held(done: int, total: int) -> None:
+                on_progress(done, total)  # raises once the request is cancelled
+                calls.append(done)
+                if len(calls) == 1:
+                    assert gate.wait(120), "the test never opened the gate"
+
+            return super().generate(ids, *args, on_progress=held, **kw)
+
+    paste = " ".join(random.Random(1).choice(WORDS) for _ in range(30_000))  # four ingest chunks
+    held = HeldWorker(reference.model, reference.tokenizer, "cpu", reference.mc)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": paste}], "stream": True, "max_tokens": 8}
+    try:
+        with LiveServer(create_app([held], MODEL, max_body_bytes=1 << 20, max_tokens_cap=64)) as live:
+            with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith(": ingest "):
+                        break  # leave after the first progress report
+            deadline = time.time() + 30
+            while True:  # the server notices the client left: the progress callback now refuses to go on
+                try:
+                    callbacks[0](0, 1)
+                except Exception as e:
+                    assert type(e).__name__ == "Cancelled"
+                    break
+                assert time.time() < deadline, "the request was never cancelled"
+                time.sleep(0.05)
+            gate.set()
+            while httpx.get(live.url + "/health").json()["idle"] != 1:
+                assert time.time() < deadline, "the worker of an abandoned paste was never given back"
+                time.sleep(0.05)
+    finally:
+        gate.set()
+    assert calls == [8192]  # the next chunk's report refused: the rest of the paste was never read
