@@ -9,18 +9,24 @@ gets its own rotary positions (index - pad_len, so its first real token is at po
 if it ran alone) and an attention mask that hides pad keys, at prefill and at every decode step. The
 cache records the pad lengths, so it can build both for any step.
 
-Tool use (the python calculator) plugs into `Engine.on_token`: a row's forced tokens (e.g. a tool's
-output) are fed in place of sampled ones and marked 0 in the masks.
+Tool use (the python calculator): a reply may hold `<|python_start|> code <|python_end|>`; chat runs the code
+in the sandbox (nanochat.execution) and writes `<|output_start|> output <|output_end|>` back into the turn, as
+SFT taught the model to expect. ToolEngine does it for a batch (through `Engine.on_token`: a row's forced
+tokens are fed in place of sampled ones and marked 0 in the masks), `session_turn` for a memory session that
+decodes one token at a time, and `ReplyText` shows such a turn as readable text (a fenced code block and its
+output) instead of special tokens.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from nanochat.execution import python_tool
 from nanochat.gpt import InputHistory, rotary_cos_sin
 
 
@@ -283,3 +289,174 @@ class Engine:
                 results[i].append(token)
                 masks[i].append(m)
         return results, masks
+
+
+# ---------------------------------------------------------------- tool use: the python calculator
+
+
+def tool_call(tokens: list[int], python_start: int, python_end: int) -> list[int] | None:
+    """The code tokens of a call that `tokens` just closed (last token <|python_end|>), else None."""
+    if not tokens or tokens[-1] != python_end:
+        return None
+    for i in range(len(tokens) - 2, -1, -1):
+        if tokens[i] == python_end:
+            return None  # a stray <|python_end|>: nothing was opened since the last call
+        if tokens[i] == python_start:
+            return tokens[i + 1 : -1]
+    return None
+
+
+class ToolUse:
+    """Runs the python calls of a turn: when a token closes a call, its code goes to the sandbox and the
+    tokens to feed next are `<|output_start|> output <|output_end|>` (what the tool, not the model, writes)."""
+
+    def __init__(self, tokenizer, timeout_s: float = 3.0):
+        special = tokenizer.encode_special
+        self.tokenizer, self.timeout_s = tokenizer, timeout_s
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def output_after(self, tokens: list[int]) -> list[int] | None:
+        """The tool's output tokens when the last of `tokens` closed a python call, else None."""
+        code = tool_call(tokens, self.python_start, self.python_end)
+        if code is None:
+            return None
+        output = python_tool(self.tokenizer.decode(code), timeout_s=self.timeout_s)
+        return [self.output_start, *self.tokenizer.encode(output), self.output_end]
+
+
+class ToolEngine(Engine):
+    """An Engine whose rows run their python calls: at <|python_end|> the code since the row's last
+    <|python_start|> goes to the sandboxed calculator, and its output is forced in (mask 0)."""
+
+    def __init__(self, model, tokenizer, timeout_s: float = 3.0):
+        super().__init__(model, tokenizer)
+        self.tools = ToolUse(tokenizer, timeout_s)
+
+    def on_token(self, row: RowState, token: int) -> None:
+        if token == self.tools.python_end:
+            row.forced_tokens.extend(self.tools.output_after(row.tokens) or [])
+
+
+def session_turn(
+    session,
+    tools: ToolUse | None,
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+) -> Iterator[tuple[int, bool]]:
+    """The assistant's turn in a memory session that decodes one token at a time (MegaContext's MCSession:
+    generate, ingest, stop_tokens, messages), running its python calls as ToolEngine does: yields (token,
+    forced) - forced tokens are the tool's output, ingested into the memory before they are yielded - and,
+    when the model ended the turn, its stop token last. max_tokens counts both kinds. A turn cut short (max_tokens, or the caller stopped reading)
+    is closed with <|assistant_end|>, so the next user turn is well formed; the turn is recorded in
+    session.messages as ReplyText shows it."""
+    tokenizer = session.tokenizer
+    tokens: list[int] = []
+    stopped = False
+    try:
+        while len(tokens) < max_tokens:
+            forced = None
+            reseed = seed if not tokens else None  # after a tool call the sampling stream continues
+            for token in session.generate(max_tokens - len(tokens), temperature, top_k, seed=reseed):
+                if token in session.stop_tokens:
+                    stopped = True
+                    yield token, False
+                    break
+                tokens.append(token)
+                yield token, False
+                forced = tools.output_after(tokens) if tools is not None else None
+                if forced:
+                    break
+            if not forced:
+                break  # stopped, or out of tokens
+            session.ingest(forced)
+            tokens += forced
+            for token in forced:
+                yield token, True
+    finally:
+        if not stopped:
+            session.ingest([tokenizer.encode_special("<|assistant_end|>")])
+        session.messages.append({"role": "assistant", "content": ReplyText(tokenizer).render(tokens)})
+
+
+class ReplyText:
+    """An assistant turn as a person reads it, built token by token: text as it is, a python call as a
+    ```python fenced block, the tool's output as an ```output block; other special tokens are not shown.
+    feed(token) returns the new text (what is shown only grows; a cut UTF-8 character waits for its next
+    byte), finish() the rest, closing a block the turn left open."""
+
+    FENCES = {
+        "<|python_start|>": ("python", "<|python_end|>"),
+        "<|output_start|>": ("output", "<|output_end|>"),
+    }
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.opens = {special(a): (name, special(b)) for a, (name, b) in self.FENCES.items()}
+        self.special = {special(s) for s in tokenizer.get_special_tokens()}
+        self.closed = ""  # the rendered text of finished segments
+        self.block: tuple[str, int] | None = None  # (fence name, its closing token) while inside a block
+        self.ids: list[int] = []  # tokens of the current segment
+        self.shown = 0
+
+    def _text(self) -> str:
+        body = self.tokenizer.decode(self.ids)
+        return self.closed + (f"```{self.block[0]}\n" + body if self.block else body)
+
+    def _close_block(self) -> None:
+        body = self.tokenizer.decode(self.ids)
+        self.closed += f"```{self.block[0]}\n" + body + ("" if body.endswith("\n") else "\n") + "```\n"
+        self.block, self.ids = None, []
+
+    def feed(self, token: int) -> str:
+        if self.block is None and token in self.opens:
+            self.closed += self.tokenizer.decode(self.ids)
+            if self.closed and not self.closed.endswith("\n"):
+                self.closed += "\n"
+            self.block, self.ids = self.opens[token], []
+        elif self.block is not None and token == self.block[1]:
+            self._close_block()
+        elif token not in self.special:
+            self.ids.append(token)
+        text = self._text()
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.shown = text[self.shown :], len(text)
+        return delta
+
+    def finish(self) -> str:
+        if self.block is not None:
+            self._close_block()
+        text = self._text()
+        delta, self.shown = text[self.shown :], len(text)
+        return delta
+
+    def render(self, tokens: list[int]) -> str:
+        """The whole text of a finished turn (a fresh ReplyText: it does not touch this one's state)."""
+        other = ReplyText(self.tokenizer)
+        return "".join(other.feed(t) for t in tokens) + other.finish()
+
+
+REPLY_BLOCK = re.compile(r"```python\n(.*?)\n?```\n```output\n(.*?)\n?```\n?", re.S)
+
+
+def reply_parts(text: str) -> str | list[dict]:
+    """A rendered reply back into the parts the tokenizer renders (text / python / python_output), so a
+    client that sends the conversation back (the stateless OpenAI API) gives the model its tool calls as it
+    made them. Only a ```python block directly followed by an ```output block counts as a call; text without
+    one stays a plain string."""
+    parts, at = [], 0
+    for m in REPLY_BLOCK.finditer(text):
+        if m.start() > at:
+            parts.append({"type": "text", "text": text[at : m.start()]})
+        parts.append({"type": "python", "text": m.group(1)})
+        parts.append({"type": "python_output", "text": m.group(2)})
+        at = m.end()
+    if not parts:
+        return text
+    if at < len(text):
+        parts.append({"type": "text", "text": text[at:]})
+    return parts

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from nanochat.common import atomic_write_text, get_base_dir, get_dist_info, run_main
-from nanochat.report_tables import results_markdown
+from nanochat.report_memory import memory_markdown
+from nanochat.report_tables import markdown_table, results_markdown
 
 # Stage order in report.md; sections not listed here follow, oldest first.
 STAGES = [
@@ -50,6 +51,7 @@ SUMMARY_METRICS = [
     "GSM8K",
     "HumanEval",
     "SpellingBee",
+    "LongDoc",
     "ChatCORE",
     "passkey",
     "mqar",
@@ -184,13 +186,9 @@ class Report:
                 columns.append((title, metrics))
         if not columns:
             return "(no summary metrics logged yet)"
-        rows = [name for name in SUMMARY_METRICS if any(name in c[1] for c in columns)]
-        out = ["| metric | " + " | ".join(t for t, _ in columns) + " |"]
-        out.append("|---" * (len(columns) + 1) + "|")
-        for name in rows:
-            cells = [f"{c[1][name]:.4f}" if name in c[1] else "-" for c in columns]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-        return "\n".join(out)
+        names = [name for name in SUMMARY_METRICS if any(name in c[1] for c in columns)]
+        rows = [[name, *(f"{c[1][name]:.4f}" if name in c[1] else "-" for c in columns)] for name in names]
+        return markdown_table(["metric", *(title for title, _ in columns)], rows)
 
     def generate(self, copy_to: str | Path | None = None) -> Path:
         """Write report.md into the base dir (and a copy at `copy_to`); returns the base-dir path."""
@@ -202,10 +200,10 @@ class Report:
         start = re.search(r"^start_time: (\d+)", header, re.M)
         wall = ""
         if start:
-            elapsed = time.time() - int(start.group(1))
+            elapsed = max(0.0, time.time() - int(start.group(1)))  # start_time is whole seconds
             wall = f"\n- total wall clock time since reset: {elapsed / 3600:.2f} h ({elapsed:.0f} s)\n"
         body = [header.rstrip("\n"), "", "## Summary", "", self.summary_table(sections), wall]
-        body += [results_markdown(sections)]
+        body += [results_markdown(sections), memory_markdown(sections, self.report_dir)]
         body += [text.rstrip("\n") + "\n" for _, text in sections]
         report = "\n".join(body)
         out = self.report_dir.parent / "report.md"

@@ -45,6 +45,17 @@ STAGE_OF = [
 SESSION = " MC session"  # chat_eval --mc-session titles: "Chat evaluation sft MC session (d20-mc)"
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table: header, delimiter and rows with the same number of cells. A pipe
+    inside a cell (a model tag, a section title) is escaped and a newline flattened, so no cell can split
+    into two or swallow the next row."""
+    if any(len(row) != len(header) for row in rows):
+        raise ValueError(f"a row's cell count differs from the header's {len(header)}")
+    cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")
+    line = lambda cells: "| " + " | ".join(cell(c) for c in cells) + " |"
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
 def _fields(text: str) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^- ([^:\n]+): (.*)$", text, re.M)}
 
@@ -108,13 +119,11 @@ def stage_table(sections: list[tuple[str, str]]) -> str:
     if not table:
         return "(no benchmark results logged yet)"
     columns = [c for c in COLUMNS if any(c in v for v in table.values())]
-    out = ["| model | MC | stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    rows = []
     for key in sorted(table, key=_row_key):
         cells = [f"{table[key][c]:.4f}" if c in table[key] else "-" for c in columns]
-        out.append(
-            f"| {key[0]} | {'yes' if key[0] in mc_tags else 'no'} | {key[1]} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(out)
+        rows.append([key[0], "yes" if key[0] in mc_tags else "no", key[1], *cells])
+    return markdown_table(["model", "MC", "stage", *columns], rows)
 
 
 def partner(mc_tag: str, vanilla: list[str]) -> str | None:
@@ -143,13 +152,11 @@ def mc_vs_vanilla(sections: list[tuple[str, str]]) -> str:
             a, b = table[(mc_tag, row)], table[(other, row)]
             for c in [c for c in COLUMNS if c in a and c in b]:
                 lines.append(
-                    f"| {mc_tag} vs {other} | {row} | {c} | {a[c]:.4f} | {b[c]:.4f} | {a[c] - b[c]:+.4f} |"
+                    [f"{mc_tag} vs {other}", row, c, f"{a[c]:.4f}", f"{b[c]:.4f}", f"{a[c] - b[c]:+.4f}"]
                 )
     if not lines:
         return ""
-    return "\n".join(
-        ["| models | stage | metric | MC | vanilla | MC - vanilla |", "|---|---|---|---|---|---|", *lines]
-    )
+    return markdown_table(["models", "stage", "metric", "MC", "vanilla", "MC - vanilla"], lines)
 
 
 def results_markdown(sections: list[tuple[str, str]]) -> str:

@@ -10,6 +10,10 @@ tree and the model decodes on a working context of at most W_max entries (megaco
 --session DIR the tree lives on disk in DIR and the session is saved after every reply, so a later run with
 the same DIR continues the conversation. Commands: /memory (the LOD map of the working context and the tree
 size), /clear (start afresh), /quit.
+
+A reply may call the python tool (`<|python_start|> code <|python_end|>`): the code runs in the sandbox
+(nanochat/execution.py), its output goes back into the turn, and both show as fenced blocks, never as special
+tokens. A long message (a pasted document) shows how much of it the memory has read.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from megacontext.session import STATE_FILE, MCSession, load_mc_nets
+from megacontext.session import INGEST_CHUNK, STATE_FILE, MCSession, load_mc_nets
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_init, run_main
-from nanochat.engine import Engine
+from nanochat.engine import ReplyText, ToolEngine, ToolUse, session_turn
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,10 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class PlainChat:
-    """MC off: the whole conversation is the GPT's context (nanochat's Engine), bounded by sequence_len."""
+    """MC off: the whole conversation is the GPT's context (nanochat's Engine, python tool live), bounded by
+    sequence_len."""
 
     def __init__(self, model, tokenizer):
-        self.engine, self.tokenizer = Engine(model, tokenizer), tokenizer
+        self.engine, self.tokenizer = ToolEngine(model, tokenizer), tokenizer
         self.limit = model.config.sequence_len
         self.tokens = [tokenizer.get_bos_token_id()]
 
@@ -68,6 +73,7 @@ class PlainChat:
         self.tokens.append(tok.encode_special("<|assistant_start|>"))
 
     def reply(self, max_tokens: int, temperature: float, top_k: int | None, seed: int):
+        """The assistant's tokens, the tool's output among them (forced in by the engine)."""
         room = self.limit - len(self.tokens)
         if room < 1:
             raise UserError(
@@ -102,6 +108,25 @@ def describe_memory(session: MCSession) -> str:
     )
 
 
+def add_user_message(chat, text: str) -> None:
+    """The user's turn. Into a memory session it goes as MCSession.add_user_message renders it, and a message
+    longer than one ingest chunk (a pasted document) reports its progress on stderr as it is read."""
+    if not isinstance(chat, MCSession):
+        chat.add_user_message(text)
+        return
+    tok = chat.tokenizer
+    ids = [tok.get_bos_token_id()] if chat.tree.num_tokens == 0 else []
+    ids += [tok.encode_special("<|user_start|>"), *tok.encode(text), tok.encode_special("<|user_end|>")]
+    ids.append(tok.encode_special("<|assistant_start|>"))
+    chat.messages.append({"role": "user", "content": text})
+
+    def progress(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r(read {done:,} of {total:,} tokens into memory)", end=end, file=sys.stderr, flush=True)
+
+    chat.ingest(ids, progress=progress if len(ids) > INGEST_CHUNK else None)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     _, _, _, _, device = compute_init(args.device_type, args.seed)
@@ -128,15 +153,16 @@ def main(argv=None) -> None:
         return session
 
     def turn(text: str) -> None:
-        chat.add_user_message(text)
-        ids, shown = [], 0
-        for token in chat.reply(args.max_tokens, args.temperature, args.top_k or None, args.seed):
-            ids.append(token)
-            text_so_far = tokenizer.decode(ids)
-            if not text_so_far.endswith("\ufffd"):  # hold back a cut multi-byte character
-                print(text_so_far[shown:], end="", flush=True)
-                shown = len(text_so_far)
-        print(tokenizer.decode(ids)[shown:], flush=True)
+        add_user_message(chat, text)
+        sampling = (args.max_tokens, args.temperature, args.top_k or None, args.seed)
+        if isinstance(chat, MCSession):
+            tokens = (token for token, _ in session_turn(chat, ToolUse(tokenizer), *sampling))
+        else:
+            tokens = chat.reply(*sampling)
+        shown = ReplyText(tokenizer)  # text as it streams in; a tool call as a code block and its output
+        for token in tokens:
+            print(shown.feed(token), end="", flush=True)
+        print(shown.finish(), flush=True)
         if args.session is not None:
             chat.save(args.session)
 

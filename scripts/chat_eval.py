@@ -40,8 +40,7 @@ from nanochat.common import (
     run_main,
 )
 from nanochat.device import autocast_ctx, pick_dtype
-from nanochat.engine import Engine, RowState
-from nanochat.execution import python_tool
+from nanochat.engine import Engine, ToolEngine, ToolUse, session_turn
 from nanochat.report import get_report
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.common import Task
@@ -88,38 +87,6 @@ def load_task(name: str, data_dir: str | None = None, longdoc_chars: int = 4000,
             f"unknown task {name!r}; choose from {', '.join(dict.fromkeys(REAL_TASKS + OFFLINE_TASKS))}"
         )
     return makers[name]()
-
-
-class ToolEngine(Engine):
-    """An Engine whose rows run their python calls: at <|python_end|> the code since the row's last
-    <|python_start|> goes to the sandboxed calculator, and <|output_start|> output <|output_end|> is
-    forced in (mask 0: the tool wrote it, not the model)."""
-
-    def __init__(self, model, tokenizer, timeout_s: float = 3.0):
-        super().__init__(model, tokenizer)
-        special = tokenizer.encode_special
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.timeout_s = timeout_s
-
-    def on_token(self, row: RowState, token: int) -> None:
-        code = tool_call(row.tokens, self.python_start, self.python_end)
-        if token != self.python_end or code is None:
-            return
-        output = python_tool(self.tokenizer.decode(code), timeout_s=self.timeout_s)
-        row.forced_tokens.extend([self.output_start, *self.tokenizer.encode(output), self.output_end])
-
-
-def tool_call(tokens: list[int], python_start: int, python_end: int) -> list[int] | None:
-    """The code tokens of a call that `tokens` just closed (last token <|python_end|>), else None."""
-    if not tokens or tokens[-1] != python_end:
-        return None
-    for i in range(len(tokens) - 2, -1, -1):
-        if tokens[i] == python_end:
-            return None  # a stray <|python_end|>: nothing was opened since the last call
-        if tokens[i] == python_start:
-            return tokens[i + 1 : -1]
-    return None
 
 
 def letter_ids(tokenizer, letters: list[str]) -> list[int]:
@@ -188,23 +155,8 @@ def session_completion(
     session, tokenizer, max_new_tokens: int, temperature: float, top_k, seed: int
 ) -> list[int]:
     """Generate the assistant's turn in a MegaContext session, running python calls as ToolEngine does."""
-    special = tokenizer.encode_special
-    py_start, py_end = special("<|python_start|>"), special("<|python_end|>")
-    tokens: list[int] = []
-    while len(tokens) < max_new_tokens:
-        reseed = seed if not tokens else None  # after a tool call the sampling stream continues
-        for token in session.generate(max_new_tokens - len(tokens), temperature, top_k, seed=reseed):
-            tokens.append(token)
-            if token == py_end:
-                break
-        code = tool_call(tokens, py_start, py_end)
-        if code is None:
-            break  # stopped, or out of tokens
-        output = python_tool(tokenizer.decode(code))
-        forced = [special("<|output_start|>"), *tokenizer.encode(output), special("<|output_end|>")]
-        session.ingest(forced)
-        tokens += forced
-    return [t for t in tokens if t not in session.stop_tokens]
+    turn = session_turn(session, ToolUse(tokenizer), max_new_tokens, temperature, top_k, seed)
+    return [token for token, _ in turn if token not in session.stop_tokens]
 
 
 def mc_session_results(

@@ -7,6 +7,13 @@ Endpoints: GET / (the chat page, nanochat/ui.html, with a memory panel), POST /v
 chat completions, streaming as server-sent events or not; the official `openai` client works against it),
 GET /v1/models, GET /health, GET /memory (the working context of the last request, for the panel).
 
+A reply may call the python tool: the code runs in the sandbox (nanochat/execution.py) and the reply's text
+shows the call and its output as fenced blocks (```python ... ``` then ```output ... ```), never special
+tokens; an assistant message sent back in that form is read as the call it was. A streamed request over an MC
+model first reports how much of its prompt the memory has read, as SSE comments (`: ingest {"done": n,
+"total": N}`; clients that do not know them ignore them), so a long paste shows progress; the prompt is
+tokenized and ingested off the event loop, so the server answers other requests meanwhile.
+
 Requests are stateless as in the OpenAI API: each one renders its messages into a fresh MegaContext session
 (a long conversation or a pasted document goes into the tree, the GPT decodes on a working context of at
 most W_max entries), or with MC off into plain nanochat context. Model workers (one per device, each with its
@@ -35,7 +42,7 @@ import nanochat
 from megacontext.session import MCSession, load_mc_nets, model_fingerprint
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, resolve_device_type, run_main
-from nanochat.engine import Engine
+from nanochat.engine import ReplyText, ToolEngine, ToolUse, reply_parts, session_turn
 
 UI_PATH = Path(nanochat.__file__).parent / "ui.html"
 
@@ -64,12 +71,23 @@ class Worker:
     model_id: str | None = field(default=None, init=False)
 
     def __post_init__(self):
-        self.engine = Engine(self.model, self.tokenizer)
+        self.engine = ToolEngine(self.model, self.tokenizer)
         if self.mc is not None:  # hashing the weights once, not per request
             self.model_id = model_fingerprint(self.model, self.mc[1])
 
-    def generate(self, ids: list[int], max_tokens: int, temperature: float, top_k, seed: int, on_memory=None):
-        """Yield sampled tokens (the stop token included, last). MC: a fresh session over the prompt."""
+    def generate(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        temperature: float,
+        top_k,
+        seed: int,
+        on_memory=None,
+        on_progress=None,
+    ):
+        """Yield the reply's tokens, the python tool's output among them (the stop token included, last).
+        MC: a fresh session over the prompt; on_progress(done, total) as the memory reads it, on_memory(the
+        panel's data) at the end."""
         if self.mc is None:
             for column, _ in self.engine.generate(
                 ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed
@@ -89,12 +107,29 @@ class Worker:
             seed=seed,
             model_id=self.model_id,
         )
-        session.ingest(ids)
         try:
-            yield from session.generate(max_tokens, temperature, top_k, seed)
+            session.ingest(ids, progress=on_progress)
+            for token, _ in session_turn(
+                session, ToolUse(self.tokenizer), max_tokens, temperature, top_k, seed
+            ):
+                yield token
         finally:
             if on_memory is not None:
-                on_memory(session.memory())
+                on_memory(memory_view(session))
+            session.close()
+
+
+def memory_view(session, excerpt_tokens: int = 96) -> dict:
+    """The session's memory() for the panel, plus what the last refocus zoomed into: per expanded gist its
+    span and the start of the text it covers (the first excerpt_tokens tokens, decoded from the tree)."""
+    m = session.memory()
+    m["zoomed"] = []
+    for e in m["last_edits"]:
+        if e["kind"] == "expand":
+            ids = session.tree.tokens(e["start"], min(e["end"], e["start"] + excerpt_tokens)).tolist()
+            text = ReplyText(session.tokenizer).render(ids)  # the history's special tokens are not shown
+            m["zoomed"].append({**e, "text": text + ("…" if e["end"] - e["start"] > excerpt_tokens else "")})
+    return m
 
 
 def parse_chat_request(body, model_name: str, max_tokens_cap: int, defaults: dict) -> dict:
@@ -129,7 +164,7 @@ def parse_chat_request(body, model_name: str, max_tokens_cap: int, defaults: dic
             )
         if not isinstance(content, str) or (not content and role != "assistant"):  # a model may say nothing
             raise ApiError(400, f"messages[{i}].content must be a non-empty string", "messages")
-        clean.append({"role": role, "content": content})
+        clean.append({"role": role, "content": reply_parts(content) if role == "assistant" else content})
     turns = clean[1:] if clean[0]["role"] == "system" else clean
     for i, m in enumerate(turns):
         if m["role"] != ("user" if i % 2 == 0 else "assistant"):
@@ -196,10 +231,15 @@ async def read_json(request: Request, limit: int):
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
 
+class Cancelled(Exception):
+    """Raised in the worker's thread to abandon a request whose client has gone."""
+
+
 def start_generation(worker: Worker, ids: list[int], req: dict, pool: asyncio.Queue, on_memory):
     """Generate in a thread (torch releases the GIL, the event loop keeps serving). Returns the queue of events
-    ("token", id) ... then ("done", finish reason) or ("error", message), and an Event that stops it early.
-    The worker goes back to the pool when the thread ends."""
+    ("progress", (done, total)) while an MC model reads the prompt, ("token", id) ..., then ("done", finish
+    reason) or ("error", message), and an Event that stops it early. The worker goes back to the pool when the
+    thread ends."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -207,11 +247,22 @@ def start_generation(worker: Worker, ids: list[int], req: dict, pool: asyncio.Qu
     def emit(event) -> None:
         loop.call_soon_threadsafe(events.put_nowait, event)
 
+    def progress(done: int, total: int) -> None:
+        if cancel.is_set():  # the client left during a long paste: stop reading it, free the worker
+            raise Cancelled
+        emit(("progress", (done, total)))
+
     def run() -> None:
         finish, error = "length", None
         try:
             gen = worker.generate(
-                ids, req["max_tokens"], req["temperature"], req["top_k"], req["seed"], on_memory
+                ids,
+                req["max_tokens"],
+                req["temperature"],
+                req["top_k"],
+                req["seed"],
+                on_memory,
+                on_progress=progress,
             )
             for token in gen:
                 if cancel.is_set():
@@ -221,6 +272,8 @@ def start_generation(worker: Worker, ids: list[int], req: dict, pool: asyncio.Qu
                     break
                 emit(("token", token))
             gen.close()  # an MC session reports its memory before the client hears "done"
+        except Cancelled:
+            pass
         except Exception as e:  # reported to the client; the worker stays usable
             error = f"{type(e).__name__}: {e}"
         finally:
@@ -232,19 +285,21 @@ def start_generation(worker: Worker, ids: list[int], req: dict, pool: asyncio.Qu
 
 
 async def text_deltas(events: asyncio.Queue, tokenizer):
-    """(text delta, None) as tokens arrive, then (rest, (finish reason, n tokens)). Holds back a cut UTF-8
-    character until its next byte arrives; an ("error", msg) event raises RuntimeError."""
-    out, shown = [], 0
+    """("progress", (done, total)) while the prompt is read, ("text", delta) as tokens arrive (ReplyText: a
+    tool call shows as a code block and its output; a cut UTF-8 character waits for its next byte), then
+    ("end", (the rest of the text, finish reason, n tokens)). An ("error", msg) event raises RuntimeError."""
+    text, n = ReplyText(tokenizer), 0
     while True:
         kind, value = await events.get()
-        if kind == "token":
-            out.append(value)
-            text = tokenizer.decode(out)
-            if not text.endswith("\ufffd"):
-                yield text[shown:], None
-                shown = len(text)
+        if kind == "progress":
+            yield kind, value
+        elif kind == "token":
+            n += 1
+            delta = text.feed(value)
+            if delta:
+                yield "text", delta
         elif kind == "done":
-            yield tokenizer.decode(out)[shown:], (value, len(out))
+            yield "end", (text.finish(), value, n)
             return
         else:
             raise RuntimeError(value)
@@ -310,8 +365,8 @@ def create_app(
         req = parse_chat_request(
             await read_json(request, max_body_bytes), model_name, max_tokens_cap, defaults
         )
-        try:
-            ids = tokenizer.render_for_completion(req["conversation"])
+        try:  # off the event loop: a long paste takes a while to tokenize
+            ids = await asyncio.to_thread(tokenizer.render_for_completion, req["conversation"])
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         if not mc_on and len(ids) + req["max_tokens"] > seq_len:
@@ -341,11 +396,15 @@ def create_app(
             async def sse():
                 try:
                     yield chunk({"role": "assistant", "content": ""})
-                    async for delta, end in text_deltas(events, tokenizer):
-                        if delta:
-                            yield chunk({"content": delta})
-                        if end is not None:
-                            yield chunk({}, end[0])
+                    async for kind, value in text_deltas(events, tokenizer):
+                        if kind == "progress":
+                            yield f": ingest {json.dumps({'done': value[0], 'total': value[1]})}\n\n"
+                        elif kind == "text":
+                            yield chunk({"content": value})
+                        else:
+                            if value[0]:
+                                yield chunk({"content": value[0]})
+                            yield chunk({}, value[1])
                     yield "data: [DONE]\n\n"
                 except RuntimeError as e:
                     yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
@@ -358,10 +417,12 @@ def create_app(
 
         parts, finish, n_out = [], "stop", 0
         try:
-            async for delta, end in text_deltas(events, tokenizer):
-                parts.append(delta)
-                if end is not None:
-                    finish, n_out = end
+            async for kind, value in text_deltas(events, tokenizer):
+                if kind == "text":
+                    parts.append(value)
+                elif kind == "end":
+                    parts.append(value[0])
+                    finish, n_out = value[1:]
         except RuntimeError as e:
             return error_json(500, str(e))
         finally:

@@ -139,3 +139,88 @@ def test_clear_in_a_session_dir_starts_a_new_tree(base_dir, capsys, monkeypatch)
     saved = json.loads((d / "session.json").read_text())
     assert saved["messages"] == [] and saved["num_tokens"] == 0 and saved["tree"] != old_tree
     assert [p.name for p in d.glob("tree-*")] == [saved["tree"]]
+
+
+def tool_model(tok, code: str):
+    """A GPT wired into a bigram table (one-hot embeddings, blocks that add nothing, an LM head that maps each
+    token to its successor) whose reply is the python call `code` and then, after the tool's output, the end:
+    <|assistant_start|> -> <|python_start|> -> code -> <|python_end|> -> <|assistant_end|>, <|output_end|> ->
+    <|assistant_end|>. The code's tokens must be distinct (a bigram chain)."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    s = tok.encode_special
+    chain = [s("<|assistant_start|>"), s("<|python_start|>"), *tok.encode(code), s("<|python_end|>")]
+    assert len(set(chain)) == len(chain), "a bigram chain needs distinct tokens"
+    pairs = list(zip(chain, chain[1:])) + [(chain[-1], s("<|assistant_end|>"))]
+    pairs.append((s("<|output_end|>"), s("<|assistant_end|>")))
+    V = tok.get_vocab_size()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=272))
+    model.init_weights()  # zero output projections: the blocks add nothing
+    with torch.no_grad():
+        model.wte.weight.zero_()
+        model.wte.weight[:, :V] = torch.eye(V)
+        model.lm_head.weight.zero_()
+        for prev, token in pairs:
+            model.lm_head.weight[token, prev] = 1.0
+    return model.eval()
+
+
+@pytest.fixture
+def tool_dir(tmp_path, monkeypatch):
+    """Checkpoints of the tool-calling model: sft with MC weights, base without."""
+    from megacontext.config import MCConfig, build_nets
+    from nanochat.tokenizer import MIN_VOCAB_SIZE, Tokenizer
+
+    tok = Tokenizer.train_from_iterator(["bytes only"], MIN_VOCAB_SIZE)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    tok.save(tmp_path / "tokenizer")
+    model = tool_model(tok, "6*7")
+    cfg = MCConfig(block_size=8, wc_budget=32, recent=16, horizon=8)
+    gistnet, lensnet = build_nets(cfg, model.config.n_embd)
+    meta = {"model_config": model.config.to_dict()}
+    mc_state = {"gistnet": gistnet.state_dict(), "lensnet": lensnet.state_dict()}
+    sft = tmp_path / "chatsft_checkpoints" / "d1"
+    save_checkpoint(sft, 1, model.state_dict(), None, {**meta, "mc": cfg.to_dict()}, mc_state=mc_state)
+    save_checkpoint(tmp_path / "base_checkpoints" / "d1", 1, model.state_dict(), None, meta)
+    return tmp_path
+
+
+@pytest.mark.parametrize("source", ["sft", "base"])  # through a memory session, and plain context
+def test_a_tool_call_in_a_reply_is_run_and_its_output_shown(tool_dir, source, capsys):
+    chat_cli.main(["--source", source, "-p", "what is six times seven?", *GREEDY])
+    out = capsys.readouterr().out
+    # the sandbox computed 42 (the model never says it: its table has no entry for "4" or "2")
+    assert out == "```python\n6*7\n```\n```output\n42\n```\n\n"
+    assert "<|" not in out
+
+
+def test_a_resumed_session_remembers_the_tool_output(tool_dir, capsys):
+    d = tool_dir / "chat"
+    chat_cli.main(["-p", "six times seven?", "--session", str(d), *GREEDY])
+    saved = json.loads((d / "session.json").read_text())
+    assert saved["messages"][1] == {
+        "role": "assistant",
+        "content": "```python\n6*7\n```\n```output\n42\n```\n",
+    }
+    from nanochat.tokenizer import Tokenizer
+
+    tree = MegaContextTree.open(d / saved["tree"])
+    history = Tokenizer.from_directory(tool_dir / "tokenizer").decode(
+        tree.tokens(0, tree.num_tokens).tolist()
+    )
+    tree.close()
+    # the model's memory holds the call and the tool's output as the model will read them next turn
+    assert history.endswith(
+        "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|><|assistant_end|>"
+    )
+
+
+def test_a_long_paste_reports_its_reading_progress(base_dir, parts, capsys):
+    tok = parts[0]
+    paste = " ".join(["the lens decides which old turns to zoom into again"] * 1200)
+    n = 4 + len(tok.encode(paste))  # BOS, <|user_start|>, the text, <|user_end|>, <|assistant_start|>
+    assert n > 8192  # more than one ingest chunk
+    chat_cli.main(["-p", paste, *GREEDY])
+    err = capsys.readouterr().err
+    assert "(read 8,192 of " in err and f"(read {n:,} of {n:,} tokens into memory)\n" in err

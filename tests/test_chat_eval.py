@@ -20,13 +20,13 @@ import torch
 from megacontext.config import MCConfig, build_nets
 from nanochat.checkpoint_manager import save_checkpoint, tokenizer_id
 from nanochat.common import UserError
-from nanochat.engine import Engine
+from nanochat.engine import Engine, ToolEngine, tool_call
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import Report
 from nanochat.report_tables import mc_vs_vanilla, results_markdown, split_title, stage_table
 from nanochat.tasks.common import Task
 from nanochat.tokenizer import MIN_VOCAB_SIZE, Tokenizer
-from scripts.chat_eval import ToolEngine, chatcore, generative_results, tool_call
+from scripts.chat_eval import chatcore, generative_results
 from scripts.focus_plot import LEVEL_COLORS, lod_image, parse_focus_map, plot_focus_maps, png_bytes
 from scripts.focus_plot import main as focus_main
 

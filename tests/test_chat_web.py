@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import threading
 import time
@@ -13,9 +14,14 @@ import openai
 import pytest
 import torch
 import uvicorn
-from test_session import tiny_cfg, tiny_model, tiny_nets, tiny_tokenizer
+from test_chat_cli import tool_model
+from test_session import WORDS, tiny_cfg, tiny_model, tiny_nets, tiny_tokenizer
 
-from scripts.chat_web import Worker, create_app
+from megacontext.config import MCConfig
+from megacontext.session import build_mc_nets
+from nanochat.engine import ReplyText
+from nanochat.tokenizer import MIN_VOCAB_SIZE, Tokenizer
+from scripts.chat_web import Worker, create_app, parse_chat_request
 
 MODEL = "tiny-test"
 
@@ -52,7 +58,8 @@ def mc_worker() -> Worker:
 
 
 def expected_reply(worker: Worker, messages: list[dict], max_tokens: int) -> tuple[str, str]:
-    """The greedy reply, computed directly (no server), and its finish reason."""
+    """The greedy reply as the server shows it (ReplyText), computed directly (no server), and its finish
+    reason."""
     ids = worker.tokenizer.render_for_completion({"messages": messages})
     out, finish = [], "length"
     for token in worker.generate(ids, max_tokens, 0.0, None, 0):
@@ -60,7 +67,7 @@ def expected_reply(worker: Worker, messages: list[dict], max_tokens: int) -> tup
             finish = "stop"
             break
         out.append(token)
-    return worker.tokenizer.decode(out), finish
+    return ReplyText(worker.tokenizer).render(out), finish
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +257,146 @@ def test_a_client_leaving_mid_stream_frees_its_worker(server):
     while httpx.get(server.url + "/health").json()["idle"] != 2:
         assert time.time() < deadline, "the worker of an abandoned stream was never given back"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mc", [True, False])  # through a memory session, and plain context
+def test_a_tool_call_is_run_and_streamed_as_code_and_output(mc):
+    tok = Tokenizer.train_from_iterator(["bytes only"], MIN_VOCAB_SIZE)
+    model = tool_model(tok, "6*7")  # its reply is the call; only the sandbox can say 42
+    nets = None
+    if mc:
+        cfg = MCConfig(block_size=8, wc_budget=32, recent=16, horizon=8)
+        nets = (cfg, *build_mc_nets(cfg, model.config.n_embd))
+    shown = "```python\n6*7\n```\n```output\n42\n```\n"
+    with LiveServer(create_app([Worker(model, tok, "cpu", nets)], MODEL, max_tokens_cap=32)) as live:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "six times seven?"}]
+        stream = client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, temperature=0, max_tokens=32
+        )
+        chunks = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in stream]
+        assert "".join(text for text, _ in chunks) == shown and chunks[-1][1] == "stop"
+        full = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=32)
+        assert full.choices[0].message.content == shown
+    # sent back (the API is stateless), the shown reply is read as the call and the output it was
+    body = {
+        "messages": [*messages, {"role": "assistant", "content": shown}, {"role": "user", "content": "ok"}]
+    }
+    req = parse_chat_request(body, MODEL, 32, {"max_tokens": 8, "temperature": 0.0, "top_k": None})
+    ids = tok.render_for_completion(req["conversation"])
+    s = tok.encode_special
+    call = [s("<|python_start|>"), *tok.encode("6*7"), s("<|python_end|>")]
+    call += [s("<|output_start|>"), *tok.encode("42"), s("<|output_end|>"), s("<|assistant_end|>")]
+    assert any(ids[i : i + len(call)] == call for i in range(len(ids)))
+
+
+def test_a_100k_token_paste_streams_its_progress_while_the_server_answers_others(reference):
+    """The paste's first chunk is read, then its worker is held (a gate the test opens): meanwhile the
+    server answers /health and a whole chat on the other worker. Then the paste goes on, its progress
+    arrives as SSE comments (the openai client ignores them), and the reply follows."""
+    gate = threading.Event()
+
+    class HeldWorker(Worker):
+        def generate(self, ids, *args, on_progress=None, **kw):
+            def held(done: int, total: int) -> None:
+                on_progress(done, total)
+                if done < total:
+                    assert gate.wait(120), "the test never opened the gate"
+
+            return super().generate(ids, *args, on_progress=held, **kw)
+
+    rng = random.Random(0)
+    paste = "The code is 4711. " + " ".join(rng.choice(WORDS) for _ in range(100_000))
+    paste_messages = [{"role": "user", "content": paste}]
+    total = len(reference.tokenizer.render_for_completion({"messages": paste_messages}))
+    assert total >= 100_000
+    held = HeldWorker(reference.model, reference.tokenizer, "cpu", reference.mc)
+    app = create_app([held, mc_worker()], MODEL, max_body_bytes=4 << 20, max_tokens_cap=64)
+    body = {"model": MODEL, "messages": paste_messages, "stream": True, "temperature": 0, "max_tokens": 8}
+    progress, text = [], ""
+    try:
+        with LiveServer(app) as live:
+            with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=120) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                for line in lines:
+                    if line.startswith(": ingest "):
+                        progress.append(json.loads(line[len(": ingest ") :]))
+                        break
+                assert progress and progress[0]["done"] < progress[0]["total"] == total  # held mid-paste
+                assert httpx.get(live.url + "/health", timeout=30).json()["idle"] == 1
+                short = [{"role": "user", "content": "a short question about the tree"}]
+                answer = httpx.post(
+                    live.url + "/v1/chat/completions",
+                    json={"messages": short, "temperature": 0, "max_tokens": 12},
+                    timeout=60,
+                )
+                assert (
+                    answer.json()["choices"][0]["message"]["content"]
+                    == expected_reply(reference, short, 12)[0]
+                )
+                gate.set()
+                for line in lines:
+                    if line.startswith(": ingest "):
+                        progress.append(json.loads(line[len(": ingest ") :]))
+                    elif line.startswith("data: ") and line != "data: [DONE]":
+                        text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            memory = httpx.get(live.url + "/memory").json()
+    finally:
+        gate.set()
+    done = [p["done"] for p in progress]
+    assert len(done) >= 12 and done == sorted(set(done)) and done[-1] == total
+    assert text == expected_reply(reference, paste_messages, 8)[0]
+    assert memory["num_tokens"] >= total and memory["cost"] <= memory["budget"]
+    # the panel's "zoomed" list: each span the last refocus expanded, with the start of its text
+    ids = reference.tokenizer.render_for_completion({"messages": paste_messages})
+    expanded = [e for e in memory["last_edits"] if e["kind"] == "expand"]
+    assert expanded and [(z["start"], z["end"]) for z in memory["zoomed"]] == [
+        (e["start"], e["end"]) for e in expanded
+    ]
+    for z in memory["zoomed"]:
+        if z["start"] + 96 <= total:
+            excerpt = ReplyText(reference.tokenizer).render(ids[z["start"] : min(z["end"], z["start"] + 96)])
+            assert z["text"] == excerpt + ("…" if z["end"] - z["start"] > 96 else "")
+
+
+def test_a_client_leaving_mid_paste_stops_the_reading_and_frees_the_worker(reference):
+    gate, calls, callbacks = threading.Event(), [], []
+
+    class HeldWorker(Worker):
+        def generate(self, ids, *args, on_progress=None, **kw):
+            callbacks.append(on_progress)
+
+            def held(done: int, total: int) -> None:
+                on_progress(done, total)  # raises once the request is cancelled
+                calls.append(done)
+                if len(calls) == 1:
+                    assert gate.wait(120), "the test never opened the gate"
+
+            return super().generate(ids, *args, on_progress=held, **kw)
+
+    paste = " ".join(random.Random(1).choice(WORDS) for _ in range(30_000))  # four ingest chunks
+    held = HeldWorker(reference.model, reference.tokenizer, "cpu", reference.mc)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": paste}], "stream": True, "max_tokens": 8}
+    try:
+        with LiveServer(create_app([held], MODEL, max_body_bytes=1 << 20, max_tokens_cap=64)) as live:
+            with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith(": ingest "):
+                        break  # leave after the first progress report
+            deadline = time.time() + 30
+            while True:  # the server notices the client left: the progress callback now refuses to go on
+                try:
+                    callbacks[0](0, 1)
+                except Exception as e:
+                    assert type(e).__name__ == "Cancelled"
+                    break
+                assert time.time() < deadline, "the request was never cancelled"
+                time.sleep(0.05)
+            gate.set()
+            while httpx.get(live.url + "/health").json()["idle"] != 1:
+                assert time.time() < deadline, "the worker of an abandoned paste was never given back"
+                time.sleep(0.05)
+    finally:
+        gate.set()
+    assert calls == [8192]  # the next chunk's report refused: the rest of the paste was never read

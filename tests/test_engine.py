@@ -187,3 +187,35 @@ def test_forced_tokens_hook(model):
     assert masks[0][n] == 1 and masks[0][n + 3] == 1
     # the forced tokens were fed to the model: what follows is greedy given them
     assert results[0][n + 3] == int(full_logits(model, results[0][: n + 3]).argmax())
+
+
+def test_reply_text_streams_tool_calls_as_fenced_blocks_and_parses_back():
+    from nanochat.engine import ReplyText, reply_parts
+    from nanochat.tokenizer import MIN_VOCAB_SIZE, Tokenizer
+
+    tok = Tokenizer.train_from_iterator(["bytes only"], MIN_VOCAB_SIZE)
+    s = tok.encode_special
+    turn = [*tok.encode("Let me see: é"), s("<|python_start|>"), *tok.encode("6*7"), s("<|python_end|>")]
+    turn += [
+        s("<|output_start|>"),
+        *tok.encode("42"),
+        s("<|output_end|>"),
+        *tok.encode("So 42."),
+        s("<|bos|>"),
+    ]
+    shown = "Let me see: é\n```python\n6*7\n```\n```output\n42\n```\nSo 42."
+    text, pieces = ReplyText(tok), []
+    for token in turn:
+        pieces.append(text.feed(token))
+        assert "\ufffd" not in pieces[-1]  # the two bytes of "é" arrive as one piece
+    assert "".join(pieces) + text.finish() == shown == ReplyText(tok).render(turn)
+    assert sum(1 for p in pieces if p) > 5  # it streamed
+    assert reply_parts(shown) == [
+        {"type": "text", "text": "Let me see: é\n"},
+        {"type": "python", "text": "6*7"},
+        {"type": "python_output", "text": "42"},
+        {"type": "text", "text": "So 42."},
+    ]
+    assert reply_parts("plain ```python\nx\n``` without output") == "plain ```python\nx\n``` without output"
+    cut = ReplyText(tok).render([s("<|python_start|>"), *tok.encode("1+")])  # max_tokens inside a call
+    assert cut == "```python\n1+\n```\n"
