@@ -88,7 +88,7 @@ print_times() {
     awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN { printf "  %-26s %8.1f\n", "total", b - a }'
 }
 
-# print_summary: the headline tables of report.md (summary, results by stage, MegaContext vs vanilla).
+# print_summary: the headline tables of report.md (summary, results by stage, MegaContext vs vanilla, memory).
 print_summary() {
-    awk '/^## /{ show = ($0 ~ /^## (Summary|Results by stage|MegaContext vs vanilla)$/) } show' report.md
+    awk '/^## /{ show = ($0 ~ /^## (Summary|Results by stage|MegaContext vs vanilla|Memory)$/) } show' report.md
 }
