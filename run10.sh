@@ -118,8 +118,8 @@ read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")"
 stage sft-train "${TORCHRUN[@]}" -m scripts.chat_sft -- --save-every 200 "${TRAIN_FLAGS[@]}" "${RESUME[@]}"
 stage sft-eval "${TORCHRUN[@]}" -m scripts.chat_eval -- -i sft --model-tag "$TAG"
 if [ "$MC" -eq 1 ]; then
-    stage sft-eval-mc-session "${TORCHRUN[@]}" -m scripts.chat_eval -- -i sft --model-tag "$TAG" -a LongDoc \
-        --mc-session
+    stage sft-eval-plain "${TORCHRUN[@]}" -m scripts.chat_eval -- -i sft --model-tag "$TAG" -a LongDoc \
+        --memory plain
 fi
 
 # ---- one question to the chat model, then the report (both always run: cheap, and they show the result)

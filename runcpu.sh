@@ -131,8 +131,9 @@ for TAG in d4 d4-mc; do
     stage "$TAG-sft-eval" python -m scripts.chat_eval -i sft --dataset offline --model-tag "$TAG" \
         "${CHATEVAL[@]}" "${CPU[@]}"
 done
-stage d4-mc-sft-eval-mc-session python -m scripts.chat_eval -i sft --dataset offline --model-tag d4-mc \
-    -a LongDoc --mc-session "${CHATEVAL[@]}" "${CPU[@]}"
+# the MC model's chat evals above ran through its memory (the chat session); LongDoc again without it
+stage d4-mc-sft-eval-plain python -m scripts.chat_eval -i sft --dataset offline --model-tag d4-mc \
+    -a LongDoc --memory plain "${CHATEVAL[@]}" "${CPU[@]}"
 
 # ---- one question to the chat model (always run: it is the point of the whole exercise)
 ASK=(python -m scripts.chat_cli -p "Why is the sky blue?" --source sft --model-tag d4-mc --device-type cpu)

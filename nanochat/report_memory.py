@@ -1,8 +1,9 @@
 """The report's Memory section: what MegaContext's memory buys a chat, in two measures.
 
-* LongDoc: a question about a long document. `chat_eval --mc-session -a LongDoc` answers it through the
-  model's memory and logs "Chat evaluation <stage> MC session (<tag>)" with `- LongDoc: <accuracy>`; a plain
-  chat_eval of the same model (the prompt cut to the model's sequence_len) gives the figure beside it.
+* LongDoc: a question about a long document. `chat_eval` of an MC checkpoint answers it through the
+  model's memory and logs "Chat evaluation <stage> MC session (<tag>)" with `- LongDoc: <accuracy>`;
+  `chat_eval --memory plain` of the same model (the prompt cut to the model's sequence_len) gives the figure
+  beside it.
 * The passkey curve: accuracy against the distance from the key to the question, in multiples of the
   working-context budget, for the model's own memory view (mc-lens) and the recent window of the same
   budget (and full attention where it ran). Read from the accuracy table mc_eval logs into its
@@ -152,7 +153,7 @@ def memory_markdown(sections: list[tuple[str, str]], report_dir: Path) -> str:
     if longdoc:
         parts += [
             "LongDoc (a question about a long document), answered through the MegaContext memory "
-            "(chat_eval --mc-session) and in plain context cut to the model's sequence_len (chat_eval):",
+            "(chat_eval) and in plain context cut to the model's sequence_len (chat_eval --memory plain):",
             "",
             markdown_table(["model", "stage", "LongDoc, MC session", "LongDoc, plain context"], longdoc),
             "",
@@ -191,5 +192,5 @@ def memory_markdown(sections: list[tuple[str, str]], report_dir: Path) -> str:
             "",
         ]
     if len(parts) == 2:
-        parts += ["(no memory results logged yet: run chat_eval --mc-session -a LongDoc and mc_eval)", ""]
+        parts += ["(no memory results logged yet: run chat_eval on an MC checkpoint and mc_eval)", ""]
     return "\n".join(parts)

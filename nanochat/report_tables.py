@@ -42,7 +42,7 @@ STAGE_OF = [
     ("Chat RL", "RL"),
     ("Chat evaluation rl", "RL"),
 ]
-SESSION = " MC session"  # chat_eval --mc-session titles: "Chat evaluation sft MC session (d20-mc)"
+SESSION = " MC session"  # chat_eval through the memory: "Chat evaluation sft MC session (d20-mc)"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -87,7 +87,7 @@ def _tag(tag: str | None, fields: dict[str, str]) -> str:
 def collect(sections: list[tuple[str, str]]) -> tuple[dict[tuple[str, str], dict[str, float]], set[str]]:
     """({(tag, row): {column: value}}, the tags that are MegaContext models).
 
-    row: BASE, MID, SFT, RL, or e.g. "SFT (MC session)" for chat_eval --mc-session results."""
+    row: BASE, MID, SFT, RL, or e.g. "SFT (MC session)" for chat_eval results through the memory."""
     table: dict[tuple[str, str], dict[str, float]] = {}
     mc_tags: set[str] = set()
     for title, text in sections:

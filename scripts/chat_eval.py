@@ -3,7 +3,7 @@
     python -m scripts.chat_eval -i sft                          # every task of the dataset, latest SFT model
     python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" --max-problems 200
     torchrun --standalone --nproc-per-node 8 -m scripts.chat_eval -i sft
-    python -m scripts.chat_eval -i sft -a LongDoc --mc-session  # decode through MegaContext's memory
+    python -m scripts.chat_eval -i sft -a LongDoc --memory plain  # an MC model without its memory
 
 Categorical tasks (ARC, MMLU) are scored by the model's logits over just the answer letters on offer, in
 batches: no sampling, so no formatting luck. Generative tasks (GSM8K, HumanEval, SpellingBee, LongDoc, ...)
@@ -15,9 +15,10 @@ ChatCORE = mean over the tasks of the centered accuracy (acc - random) / (1 - ra
 
 --dataset real: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval (HF datasets, or local copies in the hub's
 schema under --data-dir as <TASK>.jsonl/.json/.parquet), SpellingBee and LongDoc (generated). offline:
-SpellingBee, Arithmetic, LongDoc, Identity (generated, no network). --mc-session runs every problem
-through a MegaContext session (the checkpoint's GistNet, LensNet and the focus allocator) instead of full
-attention, and plots the focus map of the first long conversation into the report.
+SpellingBee, Arithmetic, LongDoc, Identity (generated, no network). A checkpoint trained with --mc answers
+every problem through a MegaContext session (MCSession: the checkpoint's GistNet, LensNet and the focus
+allocator, the code chat_cli and chat_web run), and the focus map of the first long conversation is plotted
+into the report; `--memory plain` runs its GPT on the prompt alone instead (the comparison).
 """
 
 from __future__ import annotations
@@ -238,7 +239,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--longdoc-chars", type=int, default=4000, help="LongDoc document length in characters")
-    p.add_argument("--mc-session", action="store_true", help="decode through the checkpoint's MegaContext")
+    p.add_argument(
+        "--memory",
+        default="auto",
+        choices=["auto", "session", "plain"],
+        help="session: every problem through the chat session's MegaContext memory (MCSession, what chat_cli and "
+        "chat_web run); plain: the GPT on the prompt alone; auto (default): session for a checkpoint trained "
+        "with --mc, else plain",
+    )
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16")
     p.add_argument("--seed", type=int, default=42, help="sampling seed")
@@ -252,12 +260,12 @@ def main(argv=None) -> None:
     ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")
     nets = None
-    if args.mc_session:
+    if args.memory != "plain" and meta.get("mc"):
         from megacontext.session import load_mc_nets
 
         nets = load_mc_nets(ckpt_dir, step, meta, model.config.n_embd, device)
-        if nets is None:
-            raise UserError(f"--mc-session: checkpoint {ckpt_dir} step {step} was trained without --mc")
+    elif args.memory == "session":
+        raise UserError(f"--memory session: checkpoint {ckpt_dir} step {step} was trained without --mc")
     dataset = args.dataset if args.dataset != "auto" else ("offline" if device.type == "cpu" else "real")
     names = (
         args.task_name.split("|") if args.task_name else (REAL_TASKS if dataset == "real" else OFFLINE_TASKS)

@@ -3,7 +3,7 @@
     python -m scripts.focus_plot focus.txt -o focus.png
 
 Input: one focus map per line as MegaContext telemetry writes them, `#<refocus> [L2 0:1024][L1 1024:1056]...`
-(megacontext.telemetry.Telemetry.focus_maps; chat_eval --mc-session saves them under report/). Output: one
+(megacontext.telemetry.Telemetry.focus_maps; chat_eval through an MC session saves them under report/). Output: one
 pixel row band per refocus (time runs down), the token timeline left to right; each position is coloured
 by the level of detail that covers it: black = raw tokens (LOD0), then blue, orange, green, ... for LOD1,
 LOD2, LOD3 gists; white = not yet in the history. So a conversation reads as a staircase that grows to the

@@ -163,6 +163,8 @@ def test_chat_eval_end_to_end_on_fixtures(base):
             "12",
             "--batch-size",
             "3",
+            "--memory",
+            "plain",
         ]
     )
     text = (base / "report" / "chat-evaluation-sft-d1.md").read_text()
@@ -172,7 +174,8 @@ def test_chat_eval_end_to_end_on_fixtures(base):
     assert expected == pytest.approx((1 / 3 + 1 / 3 + 0) / 3)
     assert f"- ChatCORE: {expected:.6g}\n" in text and "- megacontext: on" in text
 
-    # the same through MegaContext sessions: a context-free model must score exactly the same
+    # the same through MegaContext sessions (the default for an MC checkpoint): a context-free model must score
+    # exactly the same
     main(
         [
             "-i",
@@ -189,9 +192,8 @@ def test_chat_eval_end_to_end_on_fixtures(base):
             "float32",
             "--max-new-tokens",
             "12",
-            "--mc-session",
         ]
-    )
+    )  # an MC checkpoint: through its memory by default
     text = (base / "report" / "chat-evaluation-sft-mc-session-d1.md").read_text()
     assert "- ARC-Easy: 0.5\n" in text and "- GSM8K: 0\n" in text and "- megacontext: session" in text
     assert (base / "report" / "focus_sft_d1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
