@@ -24,6 +24,7 @@ into the report; `--memory plain` runs its GPT on the prompt alone instead (the 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -54,6 +55,8 @@ from nanochat.tasks.spellingbee import SpellingBee
 
 REAL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "LongDoc"]
 OFFLINE_TASKS = ["SpellingBee", "Arithmetic", "LongDoc", "Identity"]
+LONGDOC_REACH = 8  # LongDoc's facts lie at least this many working-context budgets before their question
+LONGDOC_FACTS_WITHIN = 0.25  # ... in the first quarter of the document (LongDoc's default)
 RANDOM_BASELINE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25}  # 4 letters; generative: 0
 HUB_TASKS = {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"}
 
@@ -69,7 +72,9 @@ def local_files(data_dir: str | None, name: str):
     raise UserError(f"--data-dir {data_dir} has no {name}.jsonl, .json or .parquet")
 
 
-def load_task(name: str, data_dir: str | None = None, longdoc_chars: int = 4000, seed: int = 0) -> Task:
+def load_task(
+    name: str, data_dir: str | None = None, longdoc_tokens: int = 1400, seed: int = 0, tokenizer=None
+) -> Task:
     """The test split of a task by name."""
     files = local_files(data_dir, name) if name in HUB_TASKS else None
     if name in ("ARC-Easy", "ARC-Challenge"):
@@ -79,7 +84,7 @@ def load_task(name: str, data_dir: str | None = None, longdoc_chars: int = 4000,
         "GSM8K": lambda: GSM8K("main", "test", data_files=files),
         "HumanEval": lambda: HumanEval("test", data_files=files),
         "SpellingBee": lambda: SpellingBee(256, "test", seed),
-        "LongDoc": lambda: LongDoc(200, "test", seed, doc_size=longdoc_chars),
+        "LongDoc": lambda: LongDoc(200, "test", seed, doc_size=longdoc_tokens, count=_counter(tokenizer)),
         "Arithmetic": lambda: Arithmetic(256, "test", seed),
         "Identity": lambda: Identity(32, "test", seed),
     }
@@ -208,6 +213,23 @@ def mc_session_results(
     return results
 
 
+def longdoc_size(meta: dict) -> int:
+    """LongDoc's document length in tokens for a checkpoint: its facts lie in the first quarter of the document
+    and its questions follow it, so at LONGDOC_REACH x the working-context budget (of a model trained at the
+    checkpoint's length, MC or not, so an MC model and its vanilla twin read the same documents) every fact is
+    at least that far back."""
+    from megacontext.config import scale
+
+    budget = (
+        meta["mc"]["wc_budget"] if meta.get("mc") else scale(meta["model_config"]["sequence_len"]).wc_budget
+    )
+    return math.ceil(LONGDOC_REACH * budget / (1 - LONGDOC_FACTS_WITHIN))
+
+
+def _counter(tokenizer):
+    return None if tokenizer is None else (lambda s: len(tokenizer.encode(s)))
+
+
 def chatcore(accuracies: dict[str, float]) -> float:
     """Mean centered accuracy over the tasks: 0 = random guessing, 1 = perfect."""
     centered = [
@@ -238,7 +260,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=512, help="tokens generated per completion")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
-    p.add_argument("--longdoc-chars", type=int, default=4000, help="LongDoc document length in characters")
+    p.add_argument(
+        "--longdoc-tokens",
+        type=int,
+        default=0,
+        help="LongDoc document length in tokens (0: every fact at least 8x the working-context budget of a model "
+        "trained at this checkpoint's length before its question: megacontext.config.scale)",
+    )
     p.add_argument(
         "--memory",
         default="auto",
@@ -271,10 +299,11 @@ def main(argv=None) -> None:
         args.task_name.split("|") if args.task_name else (REAL_TASKS if dataset == "real" else OFFLINE_TASKS)
     )
     engine = ToolEngine(model, tokenizer)
+    longdoc_tokens = args.longdoc_tokens or longdoc_size(meta)
 
     accuracies, rows, focus_log = {}, [], []
     for name in names:
-        task = load_task(name, args.data_dir or None, args.longdoc_chars, args.seed)
+        task = load_task(name, args.data_dir or None, longdoc_tokens, args.seed, tokenizer)
         n = len(task) if args.max_problems < 0 else min(len(task), args.max_problems)
         indices = list(range(rank, n, world_size))
         t0 = time.time()

@@ -65,7 +65,11 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     )
     p.add_argument("--offline-size", type=int, default=4000, help="offline: training conversations")
     p.add_argument(
-        "--longdoc-chars", type=int, default=-1, help="long-document length in chars (-1: 2 x seq len)"
+        "--longdoc-chars",
+        type=int,
+        default=-1,
+        help="long-document length in chars (-1: 3 x seq len, ~0.7 of a row in tokens: the facts lie far beyond "
+        "the working-context budget and the conversation still fits the row)",
     )
     p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per row (conversations are packed)")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward per rank")
@@ -132,7 +136,7 @@ def train(args, stage: str) -> None:
             f"ranks = {B} x {T} x {world_size} = {tokens_per_fwdbwd}"
         )
     grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
-    chars = args.longdoc_chars if args.longdoc_chars > 0 else 2 * T
+    chars = args.longdoc_chars if args.longdoc_chars > 0 else 3 * T
     train_task, val_task = chat_mixtures(stage, args.dataset, chars, args.offline_size, args.seed)
     print0(f"{args.dataset} data: {len(train_task):,} train / {len(val_task):,} val conversations")
     print0(f"grad accumulation: {grad_accum_steps} micro-steps of {tokens_per_fwdbwd:,} tokens")

@@ -26,7 +26,7 @@ from nanochat.report import Report
 from nanochat.report_tables import mc_vs_vanilla, results_markdown, split_title, stage_table
 from nanochat.tasks.common import Task
 from nanochat.tokenizer import MIN_VOCAB_SIZE, Tokenizer
-from scripts.chat_eval import chatcore, generative_results
+from scripts.chat_eval import chatcore, generative_results, load_task
 from scripts.focus_plot import LEVEL_COLORS, lod_image, parse_focus_map, plot_focus_maps, png_bytes
 from scripts.focus_plot import main as focus_main
 
@@ -291,3 +291,27 @@ def test_report_tables_rows_columns_and_mc_vs_vanilla(tmp_path):
     assert "LongDoc" not in versus  # only metrics both models have
     assert "## MegaContext vs vanilla" in results_markdown(sections)
     assert mc_vs_vanilla([s for s in sections if "mc" not in s[0]]) == ""
+
+
+def test_longdoc_puts_every_fact_8x_the_budget_back():
+    """LongDoc's document is sized per checkpoint so that every fact lies at least 8x the working-context budget
+    before its question: the MC model's own budget, or for a vanilla model the budget its MC twin would have."""
+    from megacontext.config import scale
+    from scripts.chat_eval import LONGDOC_REACH, longdoc_size
+
+    class Words:  # one token per word: enough to measure distances
+        def encode(self, s):
+            return s.split()
+
+    mc_meta = {"mc": {"wc_budget": 128}, "model_config": {"sequence_len": 512}}
+    vanilla_meta = {"model_config": {"sequence_len": 512}}
+    assert longdoc_size(mc_meta) == longdoc_size(vanilla_meta) >= LONGDOC_REACH * scale(512).wc_budget
+    task = load_task("LongDoc", None, longdoc_size(mc_meta), 0, Words())
+    for i in range(5):
+        conversation = task[i]
+        question = conversation["messages"][-2]["content"]
+        answer = conversation["messages"][-1]["content"]
+        words = " ".join(m["content"] for m in conversation["messages"][:-1]).split()
+        q_at = len(words) - len(question.split())
+        fact = next(w for w, s in enumerate(words) if s.rstrip(".") == answer)
+        assert q_at - fact >= LONGDOC_REACH * 128, (q_at, fact)
