@@ -343,14 +343,15 @@ class MCSession:
 
     # ------------------------------------------------------------ chat turns
 
-    def add_user_message(self, text: str) -> None:
-        """A user turn, rendered as in training (BOS first), ending with <|assistant_start|> for the reply."""
+    def add_user_message(self, text: str, progress: Callable[[int, int], None] | None = None) -> int:
+        """A user turn, rendered as in training (BOS first), ending with <|assistant_start|> for the reply;
+        `progress` as in ingest. Returns the edits the settling focus made."""
         tok = self.tokenizer
         ids = [tok.get_bos_token_id()] if self.tree.num_tokens == 0 else []
         ids += [tok.encode_special("<|user_start|>"), *tok.encode(text), tok.encode_special("<|user_end|>")]
         ids.append(tok.encode_special("<|assistant_start|>"))
         self.messages.append({"role": "user", "content": text})
-        self.ingest(ids)
+        return self.ingest(ids, progress)
 
     def reply(
         self, max_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int | None = None

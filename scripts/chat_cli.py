@@ -114,17 +114,14 @@ def add_user_message(chat, text: str) -> None:
     if not isinstance(chat, MCSession):
         chat.add_user_message(text)
         return
-    tok = chat.tokenizer
-    ids = [tok.get_bos_token_id()] if chat.tree.num_tokens == 0 else []
-    ids += [tok.encode_special("<|user_start|>"), *tok.encode(text), tok.encode_special("<|user_end|>")]
-    ids.append(tok.encode_special("<|assistant_start|>"))
-    chat.messages.append({"role": "user", "content": text})
 
     def progress(done: int, total: int) -> None:
+        if total <= INGEST_CHUNK:  # one chunk: nothing to watch
+            return
         end = "\n" if done == total else ""
         print(f"\r(read {done:,} of {total:,} tokens into memory)", end=end, file=sys.stderr, flush=True)
 
-    chat.ingest(ids, progress=progress if len(ids) > INGEST_CHUNK else None)
+    chat.add_user_message(text, progress)
 
 
 def main(argv=None) -> None:
