@@ -1,4 +1,4 @@
-"""Five views of the same history, for evaluation (DESIGN §4 validation, issue 6).
+"""Five views of the same history, for evaluation (docs/design.md §4, validation).
 
 * full      — every token raw (when it fits the model's rotary table);
 * window    — only the most recent W_max tokens, raw;

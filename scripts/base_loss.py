@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def view_table(model, tokenizer, meta, ckpt_dir, step, token_bytes, device, dtype, n_rows: int) -> str:
-    """bpb and ΔNLL@H (vs full) of the last H tokens of val rows under the five views (issue 6): full and
+    """bpb and ΔNLL@H (vs full) of the last H tokens of val rows under the five views: full and
     window for any model; the MC views too when the checkpoint holds GistNet and LensNet."""
     nets = load_mc_nets(ckpt_dir, step, meta, model.config.n_embd, device)
     if nets is not None:

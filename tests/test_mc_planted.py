@@ -1,6 +1,6 @@
 """A planted long-range dependency: after a short seeded MC training run, the working context that keeps the
 evidence block raw predicts the horizon better than the one that gists it, and LensNet ranks the evidence
-block first (issue 6). ~2 min on 2 CPU cores: marked slow (`bash test.sh -m slow`)."""
+block first. ~2 min on 2 CPU cores: marked slow (`bash test.sh -m slow`)."""
 
 import pytest
 import torch

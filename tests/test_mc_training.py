@@ -1,4 +1,4 @@
-"""The MegaContext training step (megacontext/training.py): the ways such systems silently fail (issue 6)."""
+"""The MegaContext training step (megacontext/training.py): the ways such systems silently fail."""
 
 import random
 from dataclasses import replace

@@ -76,7 +76,7 @@ def test_report_shows_results_by_stage_with_long_context_columns(base):
 
 
 def test_mc_eval_tables_give_accuracy_and_answer_nll():
-    """Where every exact match is 0, the answer-NLL table still separates views (issue 8)."""
+    """Where every exact match is 0, the answer-NLL table still separates views."""
     from scripts.mc_eval import markdown_table
 
     cell = {"accuracy": 0.25, "ci95_low": 0.1, "ci95_high": 0.5, "nll": 2.3456}
