@@ -1,4 +1,4 @@
-"""Focus allocator: LensNet's signed scores -> legal, budget-respecting expand/collapse edits (DESIGN §3).
+"""Focus allocator: LensNet's signed scores -> legal, budget-respecting expand/collapse edits (docs/design.md §3).
 
 Every swap moves the cost by exactly K-1 (a gist of cost 1 <-> K children: K gists, or one raw block of
 K tokens), so the allocator keeps the budget by construction: collapses refund K-1, and an expand is
@@ -292,7 +292,7 @@ class FocusAllocator:
 def random_variant(
     tree, budget: int, recent: int, rng: random.Random, focus: Sequence[int] = ()
 ) -> WorkingContext:
-    """A legal working context covering the whole sequence, for training variants (DESIGN §4).
+    """A legal working context covering the whole sequence, for training variants (docs/design.md §4).
 
     Starts from the coarsest tiling; first zooms the gists covering the token positions in `focus` down to
     LOD1 (in order, while the budget has room), then expands random gists until the budget has no room for

@@ -22,12 +22,12 @@ CHOICES = {
 # Settings that measurements removed (docs/log.md), with the one value the code now implements. A checkpoint's
 # config may still name them: it loads when it used that value, and is refused with a clear line otherwise.
 REMOVED = {
-    "positions": "wc_index",  # "global" token positions with Gaussian RoPE put unseen positions in front of the GPT
+    "positions": "wc_index",  # "global" positions: never run end to end; they show the GPT unseen positions
     "score_norm": "z",  # LensNet's "raw" scores never passed a threshold
     "tree_backend": "ram",  # never read: the session picks the tree's storage
     "match_hints": 0,  # look-alike hints measured worse
     "token_loss": "marginal",  # the mean horizon loss taught the GPT to answer from its prior
-    "gist_weight": 0.0,  # the gist-consistency loss never paid
+    "gist_weight": 0.0,  # the gist-consistency loss: off in every recorded run (docs/log.md)
 }
 
 
@@ -75,8 +75,8 @@ class MCConfig:
         REFERENCE.wc_budget
     )  # W_max: working-context budget (a raw block costs its tokens, a gist 1)
     # R: newest tokens that always stay raw: the text the next tokens lean on most is never gisted, and
-    # LensNet's query (the raw tail) always holds >= K tokens of real text. A quarter of the budget: the rest
-    # is room for old history (half the budget for history measured better than a quarter, docs/log.md).
+    # LensNet's query (the raw tail) always holds >= K tokens of real text. A quarter of the budget, so three
+    # quarters are room for old history (measured better than recent 64 of 128, docs/log.md).
     recent: int = REFERENCE.recent
     max_level: int = 8  # highest gist level (K^8 tokens); sizes GistNet's level and LensNet's LOD embeddings
     gistnet_type: str = "transformer"  # "mean" = no transformer, the cheap control
@@ -122,7 +122,7 @@ class MCConfig:
     # only when a history does not fit the budget otherwise (level_cap): GistNet never learned to make them.
     wc_levels: int = 2
     # Curriculum: the working-context budget starts at this fraction of the sequence length and anneals to
-    # wc_budget over the first half of training (DESIGN §4.6). 0 = no curriculum.
+    # wc_budget over the first half of training (docs/design.md §4.6). 0 = no curriculum.
     curriculum_start: float = 0.5
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Working-context vocabulary shared by the working context and the focus allocator (DESIGN §2).
+"""Working-context vocabulary shared by the working context and the focus allocator (docs/design.md §2).
 
 An `Entry` is one slot of the working context: a raw block of tokens (level 0) or one gist
 (level n >= 1). An `Edit` is one atomic swap the allocator asks for. Invariant violations raise
@@ -13,7 +13,7 @@ from typing import Literal
 
 
 class InvariantError(ValueError):
-    """A working context breaks one of the DESIGN §2 invariants."""
+    """A working context breaks one of the docs/design.md §2 invariants."""
 
 
 class BudgetError(InvariantError):

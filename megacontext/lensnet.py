@@ -26,8 +26,8 @@ worse: passkey 4x 70 -> 50 %, docs/training.md.)
 With `neighbours=True` it adds the same kind of term for the hits of the entries just before and after it
 (max of the two, own weights w_nb and scale, zero-init): a fact is often split across block boundaries, the
 key in one block and the name of what it opens in the next, so an entry's own words cannot tell the right key
-from a distractor's, while its neighbourhood can (measured: docs/training.md, "Which raw blocks cost the
-answer").
+from a distractor's, while its neighbourhood can (measured: docs/log.md, 2026-11-25, "What the passkey
+misses are").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MegaPrediction: the newest node of each level predicts the future at its own scale (DESIGN §6).
+"""MegaPrediction: the newest node of each level predicts the future at its own scale (docs/design.md §6).
 
 Under MegaAttention (megacontext/mega_attention.py) the wLODl node j becomes visible once its last raw child
 has arrived; at that moment it is the newest node of its level, and its row of the mask is its last child's,
@@ -28,7 +28,9 @@ from megacontext.gistnet import Head
 from megacontext.mega_attention import MegaLayout
 from nanochat.gpt import norm
 
-LEVELS = 2  # LOD1 and LOD2 heads (DESIGN §6); higher levels, where a layout has them, are not predicted
+LEVELS = (
+    2  # LOD1 and LOD2 heads (docs/design.md §6); higher levels, where a layout has them, are not predicted
+)
 
 
 class MegaPrediction(nn.Module):

@@ -1,4 +1,4 @@
-"""The MegaContext inference session: a chat whose memory never runs out (DESIGN §3 "Inference session").
+"""The MegaContext inference session: a chat whose memory never runs out (docs/design.md §3 "Inference session").
 
 The loop: ingest tokens into the tree -> GistNet gists every complete block -> the working context (WC) grows
 within W_max (old history collapses into gists) -> every K new tokens (at block boundaries) LensNet scores the

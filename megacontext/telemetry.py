@@ -1,4 +1,4 @@
-"""MegaContext telemetry: the counters and gauges of the focus loop in one place (DESIGN §3, §4).
+"""MegaContext telemetry: the counters and gauges of the focus loop in one place (docs/design.md §3, §4).
 
 Callers record events (a refocus, a timed controller step, an NLL pair); `summary()` turns the window since
 the last reset into one flat dict with `mc/...` keys, which is both the training log line's payload

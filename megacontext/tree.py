@@ -1,4 +1,4 @@
-"""The MegaContext tree: the whole token history at every level of detail (DESIGN §2-§3).
+"""The MegaContext tree: the whole token history at every level of detail (docs/design.md §2-§3).
 
 An append-only K-ary tree. LOD0 holds raw token ids; LOD1 node i is the gist of tokens [i*K, (i+1)*K);
 LODn node i is the gist of LOD(n-1) nodes i*K .. i*K+K-1 and so covers K**n tokens. Only complete blocks

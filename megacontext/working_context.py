@@ -1,4 +1,4 @@
-"""The working context (WC): what the GPT attends over, a budgeted tiling of the whole history (DESIGN §2, §3).
+"""The working context (WC): what the GPT attends over, a budgeted tiling of the whole history (docs/design.md §2, §3).
 
 Entries (raw K-blocks and gists from the MegaContext tree) tile [0, num_tokens) in order; the sum of their
 costs (raw block = its tokens, gist = 1) never exceeds the budget W_max. A WorkingContext is immutable:

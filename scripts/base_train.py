@@ -339,7 +339,7 @@ def main() -> None:
     if mc_cfg is not None:
 
         def objective(x, y, step: int):
-            """MegaContext: one bounded call (DESIGN §4); a row's variants are keyed by its content."""
+            """MegaContext: one bounded call (docs/design.md §4); a row's variants are keyed by its content."""
             row = torch.cat([x, y[:, -1:]], dim=1)
             loss, m = mc_train_step(orig_model, gistnet, lensnet, row, mc_cfg, step / num_iterations, step)
             return loss, None, m

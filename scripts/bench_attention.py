@@ -1,5 +1,5 @@
 """Benchmark one attention layer, forward + backward, against sequence length: dense causal attention vs a
-sliding window vs MegaAttention (the pyramid of DESIGN §6, block-sparse execution); and MegaAttention's
+sliding window vs MegaAttention (the pyramid of docs/design.md §6, block-sparse execution); and MegaAttention's
 hierarchical KV cache: an incremental refocus against a full recompute.
 
     python -m scripts.bench_attention                      # 1k, 4k, 16k, 64k on CPU + the KV cache, ~3 minutes

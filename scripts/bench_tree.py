@@ -8,7 +8,7 @@ chunks of --chunk; each chunk is appended, gisted and committed (one fsync per l
 Memory: VmRSS is read right after touching what a working context needs (the coarsest gists tiling the
 old history plus the raw last --tail tokens), once early in the ingest (rss_mb_start) and once at the end
 (rss_mb_end). Level files are memory-mapped and re-mapped as they grow, so the two should match: memory
-is set by the working context, not by the history length (DESIGN §8).
+is set by the working context, not by the history length (docs/design.md §9).
 
     python -m scripts.bench_tree                   # 1M tokens with GistNet
     python -m scripts.bench_tree --gist mean --tokens 200000

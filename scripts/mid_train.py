@@ -263,7 +263,7 @@ def train(args, stage: str) -> None:
         for x, targets in batches:
             with autocast():
                 # Full detail (the all-raw working context) on every assistant token: the chat skills. MC's
-                # step trains on the horizon only (DESIGN §4), a few % of a row, so it is added, not swapped.
+                # step trains on the horizon only (docs/design.md §4), a few % of a row, so it is added, not swapped.
                 loss = model(x[:, :-1], targets, loss_reduction="sum") / counts.clamp(min=1)
                 loss_sum += loss.detach()
                 loss = loss * world_size  # sync_gradients averages over ranks

@@ -293,7 +293,7 @@ def test_lookahead_lets_the_allocator_zoom_from_lod3_to_the_raw_evidence():
         alloc, wc = FocusAllocator(K, 40, recent, 0.2, 0.2), wc0
         for _ in range(8):
             scores = lookahead_scores(wc, tree, scorer) if lookahead else scorer(wc)
-            wc, _ = alloc.refocus(wc, normalize_scores(scores, "z"), tree)
+            wc, _ = alloc.refocus(wc, normalize_scores(scores), tree)
             wc.check(tree)
         raw = any(e.level == 0 and e.start <= target < e.end for e in wc.entries)
         assert raw == reached, wc.render()

@@ -138,7 +138,7 @@ def test_long_conversation_keeps_invariants_and_cached_logits_exact(smear):
 
     def checked_refocus():
         edits = refocus()
-        s.wc.check(s.tree)  # DESIGN §2: budget, contiguity, alignment, levels in the tree, recency
+        s.wc.check(s.tree)  # docs/design.md §2: budget, contiguity, alignment, levels in the tree, recency
         assert s.wc.cost <= s.cfg.wc_budget
         assert s.wc.num_tokens == s.tree.num_tokens
         checks["refocuses"] += 1

@@ -2,8 +2,8 @@
 
 Nothing but looking back predicts a repeat, and since segment lengths vary, only matching content does (with
 one fixed offset the GPT learns a positional "copy from t - T/2" head in ~60 steps instead, useless on real
-text). `base_train --copy-warmup-steps N` trains the first N steps on these rows, `--copy-frac F` keeps a share
-of copy rows afterwards.
+text). `base_train --copy-warmup-steps N` trains the first N steps on these rows (nanochat/tasks/schedule.py
+sets the default: min(150, a third of the run)).
 """
 
 from __future__ import annotations

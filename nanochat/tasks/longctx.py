@@ -1,6 +1,6 @@
 """Synthetic long-context tasks: passkey retrieval, multi-query associative recall, variable tracking.
 
-These are the tasks where MegaContext must beat a same-budget recent window (DESIGN §5): the evidence
+These are the tasks where MegaContext must beat a same-budget recent window (docs/design.md §5): the evidence
 sits `distance` units before the question, with filler in between, so a model that only sees the recent
 window is at chance. Every generator is seeded and returns an evaluation example:
 
