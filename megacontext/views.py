@@ -162,7 +162,9 @@ def session_logits(ids: list[int], h: int, model, gistnet, lensnet, cfg: MCConfi
     prompt), then each later input token arrives as a generated one would (refocusing at block boundaries)."""
     inputs = ids[:-1]
     n = len(inputs)
-    session = MCSession(model, None, gistnet, lensnet, cfg, device=device)
+    session = MCSession(
+        model, None, gistnet, lensnet, cfg, device=device, model_id="view"
+    )  # no fingerprint: an in-RAM tree
     edits = session.ingest(inputs[: n - h + 1])
     info = {"wc_size": session.wc.cost, "edits": edits, "render": session.wc.render()}
     out = [session.logits()]
