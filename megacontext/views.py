@@ -197,8 +197,8 @@ def horizon_logits(
     info = {"wc_size": None, "edits": 0}
     # the horizon (and, for the mc views, its query) must fit the budget, or the view cannot score it; the
     # window view needs only the horizon: a model without MC nets scores it at any budget above h
-    fits = h < cfg.wc_budget if view == "window" else eval_recent(cfg, h) <= cfg.wc_budget
-    if view != "full" and not fits:
+    room = h < cfg.wc_budget if view == "window" else eval_recent(cfg, h) <= cfg.wc_budget
+    if view != "full" and not room:
         return None, info
     if view == "mc-lens":
         return session_logits(ids, h, model, gistnet, lensnet, cfg, device)
@@ -211,6 +211,8 @@ def horizon_logits(
         return model(idx=x)[0, -h:], info
     recent = eval_recent(cfg, h)
     tree = tree if tree is not None else build_tree(inputs, model, gistnet, cfg, device)
+    while tree.cap < tree.tree.max_level and not fits(tree, cfg.wc_budget, recent):
+        tree.cap += 1  # a long answer keeps more raw than cfg.recent: the history must go coarser to fit
     if view == ORACLE:
         wc = oracle_wc(tree, cfg.wc_budget, recent, evidence) if evidence is not None else None
         if wc is None:

@@ -226,3 +226,16 @@ def test_lens_inputs_from_a_tree_equal_those_of_training():
             tree_entry_match(wc.entries, tree, query, "cpu", cache), match, atol=0, rtol=0
         )
     assert hits > 0  # the test sees real matches, not only zeros
+
+
+def test_a_long_answer_makes_the_diagnostic_views_go_coarser_to_fit():
+    """The horizon (a UUID answer, say) is kept raw with the query: more than cfg.recent. The mc views must still
+    fit the budget (a level coarser) rather than fail."""
+    model, cfg, gistnet, lensnet = tiny(wc_levels=1)
+    ids = torch.randint(0, V, (61,), generator=torch.Generator().manual_seed(5)).tolist()
+    tree = build_tree(ids[:-1], model, gistnet, cfg, "cpu")
+    assert tree.cap == 1  # 13 LOD1 gists + 8 recent tokens fit 24; with 16 raw for the answer they do not
+    for view in ("mc-nolens", "mc-attn"):
+        logits, info = horizon_logits(view, ids, 12, model, gistnet, lensnet, cfg, "cpu", tree=tree)
+        assert logits.shape == (12, V) and info["wc_size"] <= cfg.wc_budget
+    assert tree.cap == 2
