@@ -213,6 +213,8 @@ def horizon_logits(
     tree = tree if tree is not None else build_tree(inputs, model, gistnet, cfg, device)
     while tree.cap < tree.tree.max_level and not fits(tree, cfg.wc_budget, recent):
         tree.cap += 1  # a long answer keeps more raw than cfg.recent: the history must go coarser to fit
+    if not fits(tree, cfg.wc_budget, recent):
+        return None, info  # not even the coarsest gists leave room for the raw answer: the view cannot score
     if view == ORACLE:
         wc = oracle_wc(tree, cfg.wc_budget, recent, evidence) if evidence is not None else None
         if wc is None:

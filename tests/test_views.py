@@ -239,3 +239,6 @@ def test_a_long_answer_makes_the_diagnostic_views_go_coarser_to_fit():
         logits, info = horizon_logits(view, ids, 12, model, gistnet, lensnet, cfg, "cpu", tree=tree)
         assert logits.shape == (12, V) and info["wc_size"] <= cfg.wc_budget
     assert tree.cap == 2
+    # an answer the budget cannot hold raw next to the coarsest history: the view does not score (no error)
+    long = torch.randint(0, V, (200,), generator=torch.Generator().manual_seed(6)).tolist()
+    assert horizon_logits("mc-nolens", long, 14, model, gistnet, lensnet, cfg, "cpu")[0] is None
