@@ -101,16 +101,17 @@ def iter_row_groups(
     data_dir: str | os.PathLike | None = None,
     resume: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, int, list[str]]]:
-    """Yield (shard index in split, row group index, texts) for row groups start, start+step, ... of each
-    shard: rank r of world w passes start=r, step=w. `resume=(shard, row_group)` starts there instead
-    (the loader's exact-resume position)."""
+    """Yield (shard index in split, row group index, texts) for row groups start, start+step, ... of the
+    split, counted across shard boundaries (so a step larger than one shard's row groups still reaches
+    every row group): rank r of world w passes start=r, step=w. `resume=(shard, row_group)` starts there
+    instead (the loader's exact-resume position); the stride continues from it."""
     files = split_files(split, data_dir)
-    first_shard, first_group = resume if resume is not None else (0, start)
-    if not 0 <= first_shard < len(files):
-        raise UserError(f"resume position shard {first_shard} is outside the {len(files)} {split} shards")
-    for si in range(first_shard, len(files)):
+    si, gi = resume if resume is not None else (0, start)
+    if not 0 <= si < len(files):
+        raise UserError(f"resume position shard {si} is outside the {len(files)} {split} shards")
+    while si < len(files):
         pf = open_shard(files[si])
-        for gi in range(first_group if si == first_shard else start, pf.num_row_groups, step):
+        while gi < pf.num_row_groups:
             try:
                 column = pf.read_row_group(gi, columns=["text"]).column("text")
             except (pa.ArrowException, OSError) as e:
@@ -118,12 +119,15 @@ def iter_row_groups(
                     f"{files[si]}: row group {gi} is unreadable ({e}); re-create the shards"
                 ) from e
             yield si, gi, [t for t in column.to_pylist() if t is not None]
+            gi += step
+        gi -= pf.num_row_groups  # the stride runs on into the next shard
+        si += 1
 
 
 def parquets_iter_batched(
     split: str, start: int = 0, step: int = 1, data_dir: str | os.PathLike | None = None
 ) -> Iterator[list[str]]:
-    """One list of document texts per row group, row groups start, start+step, ... of every shard."""
+    """One list of document texts per row group: row groups start, start+step, ... of the split."""
     for _, _, texts in iter_row_groups(split, start, step, data_dir):
         yield texts
 
