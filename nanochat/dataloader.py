@@ -271,8 +271,15 @@ def gather_state(loader: LaneLoader) -> dict:
     if dist.is_available() and dist.is_initialized():
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, loader.state_dict())
+    return merge_lane_states(parts, loader.lanes)
+
+
+def merge_lane_states(parts: list[dict], lanes: int) -> dict:
+    """The ranks' {lane: state} parts as one state: {"version": 2, "lanes": [state of lane 0, ...]}."""
     merged = {int(j): s for part in parts for j, s in part.items()}
-    return {"version": LANES_VERSION, "lanes": [merged[j] for j in range(loader.lanes)]}
+    if sorted(merged) != list(range(lanes)):
+        raise RuntimeError(f"loader states cover lanes {sorted(merged)}, not 0..{lanes - 1}")
+    return {"version": LANES_VERSION, "lanes": [merged[j] for j in range(lanes)]}
 
 
 def check_lane_state(state: dict, lanes: int) -> None:
