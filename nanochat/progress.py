@@ -58,6 +58,12 @@ def progress(
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled(), **kwargs)
 
 
+def say(msg: str) -> None:
+    """print() a line without breaking an active bar (the bar redraws below it); flushed for log files."""
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def ingest_callback(desc: str = "ingest") -> Callable[[int, int], None]:
     """A `progress(done, total)` callback (MCSession.ingest's form) that drives a bar; the bar closes
     itself when done reaches total (the next call opens a new one), so a caller needs one line:

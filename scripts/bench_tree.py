@@ -6,9 +6,11 @@ plain mean of the block (--gist mean, no network: measures the storage path alon
 chunks of --chunk; each chunk is appended, gisted and committed (one fsync per level file per chunk).
 
 Memory: VmRSS is read right after touching what a working context needs (the coarsest gists tiling the
-old history plus the raw last --tail tokens), once early in the ingest (rss_mb_start) and once at the end
-(rss_mb_end). Level files are memory-mapped and re-mapped as they grow, so the two should match: memory
-is set by the working context, not by the history length (DESIGN §8).
+old history plus the raw last --tail tokens), early in the ingest (rss_mb_start), halfway (rss_mb_mid)
+and at the end (rss_mb_end), with its anonymous and file-mapped parts at start and end. Level files are
+memory-mapped and re-mapped as they grow, so memory is set by the working context, not by the history
+length (DESIGN §8): mid and end should match. Start can sit lower: each new level's first gists and the
+allocator's high-water mark come after it.
 
 Save and reopen (what a session costs at this size; a disk session's save() only commits its tree):
 flush_ms_mean / flush_ms_max time the per-chunk commit; then the tree is closed, its files dropped from
@@ -44,13 +46,15 @@ from nanochat.common import UserError, get_base_dir, resolve_device_type, run_ma
 from nanochat.progress import add_quiet_flag, progress, set_quiet
 
 
-def rss_mb() -> float:
-    """Resident set size now (not the peak), from /proc: Linux only."""
+def rss_mb(kind: str = "VmRSS") -> float:
+    """Resident set size now (not the peak), from /proc: Linux only. kind: VmRSS (all), RssAnon (the
+    process's own memory) or RssFile (pages of mapped files, e.g. the tree's levels: page cache that
+    the kernel can take back)."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         raise UserError("bench_tree reads VmRSS from /proc/self/status, which needs Linux") from None
-    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{kind}:"))
     return kb / 1024
 
 
@@ -177,7 +181,7 @@ def main() -> None:
     tree = MegaContextTree.open(path, K=args.block_size, d=args.d, model_id=model_id, dtype=args.dtype)
     copy_path = path.with_name(path.name + "_copy")
     try:
-        rss_start = ingest_seconds = 0.0
+        rss_start = anon_start = file_start = rss_mid = ingest_seconds = 0.0
         flush_ms: list[float] = []
         bar = progress(total=args.tokens, desc="bench_tree ingest", unit="tok")
         while tree.num_tokens < args.tokens:
@@ -194,10 +198,13 @@ def main() -> None:
             bar.update(n)
             if tree.num_tokens == 2 * args.chunk:  # early: warm (first chunk done) but the history is short
                 read_working_context(tree, args.tail)
-                rss_start = rss_mb()
+                rss_start, anon_start, file_start = rss_mb(), rss_mb("RssAnon"), rss_mb("RssFile")
+            if rss_mid == 0 and tree.num_tokens >= args.tokens // 2:  # halfway: growth after it is a leak
+                read_working_context(tree, args.tail)
+                rss_mid = rss_mb()
         bar.close()
         entries = read_working_context(tree, args.tail)
-        rss_end = rss_mb()
+        rss_end, anon_end, file_end = rss_mb(), rss_mb("RssAnon"), rss_mb("RssFile")
         t0 = time.perf_counter()
         tree.close()  # commits (nothing is pending: the last chunk was flushed)
         close_ms = 1000 * (time.perf_counter() - t0)
@@ -231,7 +238,12 @@ def main() -> None:
             "disk_bytes_per_token": round(disk_bytes / tree.num_tokens, 3),
             "bytes_per_level": level_bytes,
             "rss_mb_start": round(rss_start, 1),
+            "rss_mb_mid": round(rss_mid, 1),
             "rss_mb_end": round(rss_end, 1),
+            "rss_anon_mb_start": round(anon_start, 1),
+            "rss_anon_mb_end": round(anon_end, 1),
+            "rss_file_mb_start": round(file_start, 1),
+            "rss_file_mb_end": round(file_end, 1),
             "flush_ms_mean": round(float(np.mean(flush_ms)), 2),
             "flush_ms_max": round(float(np.max(flush_ms)), 2),
             "close_ms": round(close_ms, 2),
