@@ -7,12 +7,20 @@ data. Slow: base_train under torchrun, 2 ranks -> 1 and 1 -> 2, against an unint
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from test_base_train import COMMON, make_corpus, read_log, run
+from test_chat_train import REPO as repo
+from test_chat_train import TINY, run_stage
+from test_chat_train import base as _base  # noqa: F401 (fixture "base": a tiny base checkpoint)
+from test_chat_train import read_log as read_losses
+from test_chat_train import tokenizer as _tokenizer  # noqa: F401 (the fixture it needs)
 
 from nanochat import dataset
 from nanochat.chat_data import ConversationLoader
@@ -208,3 +216,27 @@ def test_base_train_resumes_on_another_world_size(reference, first, second):
     want = torch.load(src.parent / "ref" / "model_000006.pt", weights_only=True)["model"]
     for key in want:
         torch.testing.assert_close(final[key], want[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mid_train_resumes_two_ranks_on_one(base):
+    """mid_train (chat_sft is the same program): 2 ranks save at step 2, one process continues; the losses
+    are those of the 2-rank run, which lanes make the same as a single process's."""
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"}
+    args = [*TINY, "--num-iterations", "4", "--eval-every", "-1", "--save-every", "2"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    out = subprocess.run(
+        [*two, "-m", "scripts.mid_train", *args, "--log-json", str(base / "two.jsonl")],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    ckpt = base / "mid_checkpoints" / "d2"
+    for path in ckpt.glob("*_000004*"):  # as if the 2-rank job died right after committing step 2
+        path.unlink()
+    run_stage("mid_train", [*args, "--resume-from-step", "-2", "--log-json", str(base / "one.jsonl")])
+    full, resumed = read_losses(base / "two.jsonl"), read_losses(base / "one.jsonl")
+    assert sorted(resumed) == [2, 3]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-5)
+    meta = json.loads((ckpt / "meta_000004.json").read_text())
+    assert meta["ranks"] == 1 and len(meta["loader_state"]["lanes"]) == 4
