@@ -64,16 +64,17 @@ def say(msg: str) -> None:
     sys.stdout.flush()
 
 
-def ingest_callback(desc: str = "ingest") -> Callable[[int, int], None]:
+def ingest_callback(desc: str = "ingest", delay: float = 0.5) -> Callable[[int, int], None]:
     """A `progress(done, total)` callback (MCSession.ingest's form) that drives a bar; the bar closes
     itself when done reaches total (the next call opens a new one), so a caller needs one line:
-    `session.ingest(ids, progress=ingest_callback())`."""
+    `session.ingest(ids, progress=ingest_callback())`. A bar shows only once an ingest has run `delay`
+    seconds, so short messages never flash one."""
     bar: tqdm | None = None
 
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = progress(total=total, desc=desc, unit="tok")
+            bar = progress(total=total, desc=desc, unit="tok", delay=delay)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()

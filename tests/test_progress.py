@@ -75,7 +75,7 @@ def test_ingest_callback_draws_one_bar_per_ingest(tty, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(sys, "stderr", stream)
-    update = P.ingest_callback("paste")
+    update = P.ingest_callback("paste", delay=0)
     for done in (4096, 8192, 10000):  # MCSession.ingest's (done, total) after each chunk
         update(done, 10000)
     update(50, 100)  # the next ingest opens a new bar
@@ -84,6 +84,10 @@ def test_ingest_callback_draws_one_bar_per_ingest(tty, monkeypatch):
     text = read_all(master, until_closed=False)
     # two bars (updates faster than tqdm's 0.1 s redraw interval only show at the start)
     assert "paste:   0%" in text and "/10.0k [" in text and "/100 [" in text
+    update = P.ingest_callback("short")  # the default: no bar for an ingest shorter than half a second
+    update(10, 10)
+    stream.flush()
+    assert "short" not in read_all(master, until_closed=False)
 
 
 def run(cmd: list[str], base: Path, terminal: bool, **env: str) -> tuple[int, str]:
