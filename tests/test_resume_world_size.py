@@ -17,10 +17,13 @@ import pytest
 import torch
 from test_base_train import COMMON, make_corpus, read_log, run
 from test_chat_train import REPO as repo
-from test_chat_train import TINY, run_stage
-from test_chat_train import base as _base  # noqa: F401 (fixture "base": a tiny base checkpoint)
+from test_chat_train import (
+    TINY,
+    base,  # noqa: F401 (the fixture: a base dir with a tiny base checkpoint)
+    run_stage,
+    tokenizer,  # noqa: F401 (the fixture it needs)
+)
 from test_chat_train import read_log as read_losses
-from test_chat_train import tokenizer as _tokenizer  # noqa: F401 (the fixture it needs)
 
 from nanochat import dataset
 from nanochat.chat_data import ConversationLoader
@@ -182,29 +185,29 @@ def test_resume_step_and_one_optimizer_file(tmp_path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted single-process run (tag ref, 6 steps, checkpoints at 3 and 6)."""
-    base = tmp_path_factory.mktemp("nanochat")
-    make_corpus(base)
-    run(base, [*COMMON, "--model-tag", "ref", "--log-json", str(base / "ref.jsonl")])
-    return base
+    root = tmp_path_factory.mktemp("nanochat")
+    make_corpus(root)
+    run(root, [*COMMON, "--model-tag", "ref", "--log-json", str(root / "ref.jsonl")])
+    return root
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
 def test_base_train_resumes_on_another_world_size(reference, first, second):
-    base = reference
-    src = base / "base_checkpoints" / "ref"
+    root = reference
+    src = root / "base_checkpoints" / "ref"
     if first != 1:  # the same 6 steps on `first` ranks: its step-3 checkpoint is where we stop
-        run(base, [*COMMON, "--model-tag", f"w{first}"], nproc=first)
-        src = base / "base_checkpoints" / f"w{first}"
+        run(root, [*COMMON, "--model-tag", f"w{first}"], nproc=first)
+        src = root / "base_checkpoints" / f"w{first}"
     tag = f"w{first}to{second}"
-    dst = base / "base_checkpoints" / tag
+    dst = root / "base_checkpoints" / tag
     dst.mkdir()
     for path in src.glob("*_000003*"):  # the run stopped right after committing step 3
         shutil.copy(path, dst / path.name)
-    log = base / f"{tag}.jsonl"
-    out = run(base, [*COMMON, "--model-tag", tag, "--resume-from-step", "-2", "--log-json", str(log)], second)
+    log = root / f"{tag}.jsonl"
+    out = run(root, [*COMMON, "--model-tag", tag, "--resume-from-step", "-2", "--log-json", str(log)], second)
     assert f"step 3 (written by {first} ranks, now {second})" in out.stdout
-    full, _ = read_log(base / "ref.jsonl")
+    full, _ = read_log(root / "ref.jsonl")
     resumed, _ = read_log(log)
     assert sorted(resumed) == [3, 4, 5]
     for step in resumed:
@@ -219,7 +222,7 @@ def test_base_train_resumes_on_another_world_size(reference, first, second):
 
 
 @pytest.mark.slow
-def test_mid_train_resumes_two_ranks_on_one(base):
+def test_mid_train_resumes_two_ranks_on_one(base):  # noqa: F811 (the fixture imported above)
     """mid_train (chat_sft is the same program): 2 ranks save at step 2, one process continues; the losses
     are those of the 2-rank run, which lanes make the same as a single process's."""
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"}
