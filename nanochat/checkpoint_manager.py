@@ -4,9 +4,15 @@ Layout: get_base_dir()/<source>_checkpoints/<model_tag>/ with, per step,
     model_<step:06d>.pt              {"model": GPT state_dict, "mc": {"gistnet": ..., "lensnet": ...}}
                                      ("mc" only when MegaContext nets were trained alongside; with
                                      --attention mega it holds {"mega_gistnet", "mega_prediction"})
-    optim_<step:06d>_rank<r>.pt      list of optimizer state_dicts of rank r ([AdamW, Muon])
+    optim_<step:06d>.pt              list of optimizer state_dicts ([AdamW, Muon]), written by rank 0
     meta_<step:06d>.json             step, model_config, tokenizer_id, dataloader state, user config, "mc",
                                      "attention" (megacontext.attention_modes; absent = dense)
+
+World-size independent: the weights and the optimizer state are replicated on every rank
+(nanochat.optim: each rank steps on the same averaged gradients), so rank 0's copy is the whole state and
+every rank of a resumed run, however many there are, loads the same files; save_checkpoint checks that
+the ranks agree. The loader state is one state per lane (nanochat.dataloader), also independent of the
+ranks. Checkpoints written before this kept one optim_<step>_rank<r>.pt per rank; rank 0's is loaded.
 
 Every file is written atomically (temp + fsync + rename), and meta is written last: it is the commit
 point. A step counts only when its meta and a complete model file are both there, so a crash at any
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -48,8 +55,12 @@ def meta_path(ckpt_dir: str | Path, step: int) -> Path:
     return Path(ckpt_dir) / f"meta_{step:06d}.json"
 
 
-def optim_path(ckpt_dir: str | Path, step: int, rank: int) -> Path:
-    return Path(ckpt_dir) / f"optim_{step:06d}_rank{rank}.pt"
+def optim_path(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"optim_{step:06d}.pt"
+
+
+def _legacy_optim_path(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"optim_{step:06d}_rank0.pt"  # one file per rank, all alike, before
 
 
 def tokenizer_id(directory: str | Path | None = None) -> str:
@@ -69,12 +80,16 @@ def save_checkpoint(
     rank: int = 0,
     mc_state: dict | None = None,
 ) -> None:
-    """Every rank calls this. Rank r writes its optimizer states; rank 0 writes the model and then,
-    once all ranks are done (barrier), the meta that commits the step.
+    """Every rank calls this (it holds collectives). Rank 0 writes the model and the optimizer states
+    and then, once all ranks are done (barrier), the meta that commits the step.
 
     meta must hold "model_config"; "step" is filled in. mc_state: extra modules' state dicts by name.
+    optim_states: every rank passes its own; they are compared across ranks and rank 0's are saved.
     """
     ckpt_dir = Path(ckpt_dir)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if optim_states is not None and distributed:
+        _warn_if_ranks_differ(optim_states, step)
     if rank == 0:
         if "model_config" not in meta:
             raise ValueError("checkpoint meta needs 'model_config' to rebuild the model")
@@ -82,13 +97,48 @@ def save_checkpoint(
         if mc_state is not None:
             payload["mc"] = mc_state
         atomic_torch_save(payload, model_path(ckpt_dir, step))
-    if optim_states is not None:
-        atomic_torch_save(list(optim_states), optim_path(ckpt_dir, step, rank))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank's optimizer file is on disk before the step is committed
+        if optim_states is not None:
+            atomic_torch_save(list(optim_states), optim_path(ckpt_dir, step))
+    if distributed:
+        dist.barrier()  # no rank runs ahead of a step that is not yet on disk
     if rank == 0:
         atomic_write_json(meta_path(ckpt_dir, step), {**meta, "step": step})
         logger.info("saved checkpoint step %d to %s", step, ckpt_dir)
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """The tensors of a nested state dict, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k])]
+    if isinstance(obj, list | tuple):
+        return [t for x in obj for t in _tensors(x)]
+    return []
+
+
+def _warn_if_ranks_differ(optim_states: list, step: int) -> None:
+    """Rank 0's optimizer state stands for every rank's; say so loudly if the ranks have drifted apart
+    (e.g. GPUs that round differently), since the checkpoint then keeps rank 0's trajectory only."""
+    tensors = _tensors(optim_states)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    sums = [torch.nan_to_num(t.detach().double().sum()).to(device) for t in tensors]
+    local = torch.stack([torch.tensor(float(len(tensors)), dtype=torch.float64, device=device), *sums])
+    n = torch.tensor([local.numel()], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    if n.item() != local.numel():  # a rank with more tensors: pad so the collectives line up, then differ
+        local = torch.cat([local, torch.full((int(n.item()) - local.numel(),), math.nan, device=device)])
+    lo, hi = local.clone(), local.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi) and dist.get_rank() == 0:
+        logger.warning(
+            "step %d: the ranks' optimizer states differ (largest gap %.3g); the checkpoint keeps rank 0's",
+            step,
+            (hi - lo).abs().nan_to_num(math.inf).max().item(),
+        )
 
 
 def _torch_load(path: Path, device, mmap: bool = False):
@@ -111,15 +161,40 @@ def load_meta(ckpt_dir: str | Path, step: int) -> dict:
 
 
 def load_checkpoint(
-    ckpt_dir: str | Path, step: int, device, load_optimizer: bool = False, rank: int = 0
+    ckpt_dir: str | Path, step: int, device, load_optimizer: bool = False
 ) -> tuple[dict, list | None, dict]:
-    """(GPT state_dict, optimizer states of `rank` or None, meta)."""
+    """(GPT state_dict, optimizer states or None, meta); the same files for any number of ranks."""
     meta = load_meta(ckpt_dir, step)
     payload = _torch_load(model_path(ckpt_dir, step), device)
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"checkpoint {model_path(ckpt_dir, step)} has no 'model' state dict")
-    optim_states = _torch_load(optim_path(ckpt_dir, step, rank), device) if load_optimizer else None
+    optim_states = None
+    if load_optimizer:
+        path = optim_path(ckpt_dir, step)
+        if not path.is_file() and _legacy_optim_path(ckpt_dir, step).is_file():
+            path = _legacy_optim_path(ckpt_dir, step)
+        optim_states = _torch_load(path, device)
     return payload["model"], optim_states, meta
+
+
+def resume_step(ckpt_dir: str | Path, requested: int) -> int | None:
+    """The step --resume-from-step asks for: N >= 0 is step N, -1 a fresh run (None), -2 the latest
+    committed step or a fresh run when there is none, so one command line serves a first start and every
+    restart (torchrun --max-restarts). Under torchrun rank 0 decides and tells the others (a multi-node
+    run needs the checkpoint directory on a filesystem every node sees)."""
+    if requested < -2:
+        raise UserError(f"--resume-from-step must be a step >= 0, -1 (none) or -2 (latest), got {requested}")
+    step = requested if requested >= 0 else None
+    if requested == -2:
+        try:
+            step = find_last_step(ckpt_dir)
+        except CheckpointError:
+            step = None
+    if dist.is_available() and dist.is_initialized():
+        box = [step]
+        dist.broadcast_object_list(box, src=0)
+        step = box[0]
+    return step
 
 
 def load_mc_state(ckpt_dir: str | Path, step: int, device) -> dict:

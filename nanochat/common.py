@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nanochat.elastic import peer_failure_line, record_peers, restart_rendezvous
+
 logger = logging.getLogger("nanochat")
 
 
@@ -82,9 +84,10 @@ def compute_init(device_type: str | None = None, seed: int = 42):
         if device_type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl", device_id=device)
+            dist.init_process_group(backend="nccl", device_id=device, **restart_rendezvous())
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", **restart_rendezvous())
+        record_peers()  # so a rank that dies can be named by its peers (nanochat.elastic)
     if device_type == "cuda":
         device = torch.device("cuda", local_rank if ddp else 0)
     else:
@@ -172,7 +175,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def run_main(main) -> None:
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2, a collective that
+    failed because another rank died one line naming it (nanochat.elastic) and exit code 1."""
     try:
         main()
     except UserError as e:
@@ -181,3 +185,10 @@ def run_main(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except RuntimeError as e:
+        line = peer_failure_line(e)
+        if line is None:
+            raise
+        if line:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)

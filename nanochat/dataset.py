@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import UserError, atomic_write_json, fsync_dir, get_base_dir, run_main
+from nanochat.progress import add_quiet_flag, progress, say, set_quiet
 from nanochat.tasks import longctx
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -101,16 +102,17 @@ def iter_row_groups(
     data_dir: str | os.PathLike | None = None,
     resume: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, int, list[str]]]:
-    """Yield (shard index in split, row group index, texts) for row groups start, start+step, ... of each
-    shard: rank r of world w passes start=r, step=w. `resume=(shard, row_group)` starts there instead
-    (the loader's exact-resume position)."""
+    """Yield (shard index in split, row group index, texts) for row groups start, start+step, ... of the
+    split, counted across shard boundaries (so a step larger than one shard's row groups still reaches
+    every row group): rank r of world w passes start=r, step=w. `resume=(shard, row_group)` starts there
+    instead (the loader's exact-resume position); the stride continues from it."""
     files = split_files(split, data_dir)
-    first_shard, first_group = resume if resume is not None else (0, start)
-    if not 0 <= first_shard < len(files):
-        raise UserError(f"resume position shard {first_shard} is outside the {len(files)} {split} shards")
-    for si in range(first_shard, len(files)):
+    si, gi = resume if resume is not None else (0, start)
+    if not 0 <= si < len(files):
+        raise UserError(f"resume position shard {si} is outside the {len(files)} {split} shards")
+    while si < len(files):
         pf = open_shard(files[si])
-        for gi in range(first_group if si == first_shard else start, pf.num_row_groups, step):
+        while gi < pf.num_row_groups:
             try:
                 column = pf.read_row_group(gi, columns=["text"]).column("text")
             except (pa.ArrowException, OSError) as e:
@@ -118,12 +120,15 @@ def iter_row_groups(
                     f"{files[si]}: row group {gi} is unreadable ({e}); re-create the shards"
                 ) from e
             yield si, gi, [t for t in column.to_pylist() if t is not None]
+            gi += step
+        gi -= pf.num_row_groups  # the stride runs on into the next shard
+        si += 1
 
 
 def parquets_iter_batched(
     split: str, start: int = 0, step: int = 1, data_dir: str | os.PathLike | None = None
 ) -> Iterator[list[str]]:
-    """One list of document texts per row group, row groups start, start+step, ... of every shard."""
+    """One list of document texts per row group: row groups start, start+step, ... of the split."""
     for _, _, texts in iter_row_groups(split, start, step, data_dir):
         yield texts
 
@@ -210,6 +215,7 @@ def download(num_shards: int, workers: int, attempts: int, backoff_s: float, tim
     base_url = os.environ.get("NANOCHAT_DATA_URL") or BASE_URL
     print(f"downloading {num_shards} shards from {base_url} to {data_dir} with {workers} workers", flush=True)
     failed = []
+    bar = progress(total=num_shards, desc="shards", unit="shard")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
             pool.submit(download_shard, i, data_dir, base_url, attempts, backoff_s, timeout_s): i
@@ -221,7 +227,9 @@ def download(num_shards: int, workers: int, attempts: int, backoff_s: float, tim
             except ShardError as e:
                 status = "FAILED"
                 failed.append(str(e))
-            print(f"[{done}/{num_shards}] {shard_name(futures[fut])} {status}", flush=True)
+            say(f"[{done}/{num_shards}] {shard_name(futures[fut])} {status}")
+            bar.update(1)
+    bar.close()
     if failed:
         raise UserError(f"{len(failed)} of {num_shards} shards failed, first: {failed[0]}; re-run to resume")
     print(f"done: {num_shards} shards in {data_dir}", flush=True)
@@ -235,6 +243,7 @@ def read_text_files(root: Path, exts: set[str], max_chars: int | None) -> list[s
     """UTF-8 text of every file under `root` with one of `exts`, in sorted path order (deterministic);
     hidden and package directories skipped, undecodable and empty files skipped and counted."""
     texts, chars, skipped = [], 0, 0
+    bar = progress(desc=f"reading {root.name or root}", unit="file")
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)
         for name in sorted(filenames):
@@ -249,8 +258,11 @@ def read_text_files(root: Path, exts: set[str], max_chars: int | None) -> list[s
                 continue
             texts.append(text)
             chars += len(text)
+            bar.update(1)
             if max_chars is not None and chars >= max_chars:
+                bar.close()
                 return texts
+    bar.close()
     if skipped:
         print(f"{root}: skipped {skipped} unreadable or non-UTF-8 files", flush=True)
     return texts
@@ -347,7 +359,7 @@ def build_local(
     data_dir.mkdir(parents=True, exist_ok=True)
     for p in existing + [manifest]:
         p.unlink(missing_ok=True)
-    for i, shard in enumerate(shards):
+    for i, shard in enumerate(progress(shards, desc="writing shards", unit="shard")):
         write_shard(data_dir / shard_name(i), shard, row_group_docs)
     fsync_dir(data_dir)
     chars = sum(len(d) for d in docs)
@@ -418,7 +430,9 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="--local: shuffle and synthetic-task seed")
     parser.add_argument("--force", action="store_true", help="--local: replace shards already in base_data")
+    add_quiet_flag(parser)
     args = parser.parse_args()
+    set_quiet(args.quiet)
     if args.num_shards is not None:
         download(args.num_shards, args.workers, args.attempts, args.backoff_s, args.timeout_s)
     elif args.local is not None:

@@ -28,7 +28,11 @@ def add_run_flags(p: argparse.ArgumentParser, eval_every: int) -> None:
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
     p.add_argument(
-        "--resume-from-step", type=int, default=-1, help="resume this stage from its checkpoint at this step"
+        "--resume-from-step",
+        type=int,
+        default=-1,
+        help="resume this stage from its checkpoint at this step, on any number of ranks; -2: the latest "
+        "checkpoint if there is one (else start fresh: for torchrun --max-restarts); -1: start fresh",
     )
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
     p.add_argument(

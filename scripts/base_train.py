@@ -31,9 +31,9 @@ from megacontext.attention_modes import (
 from megacontext.config import MCConfig, add_mc_args, build_nets, mc_config_from_args
 from megacontext.training import auto_device_batch, mc_train_step
 from megacontext.views import val_rows, view_bpb
-from nanochat.checkpoint_manager import load_checkpoint, load_mc_state, save_checkpoint
+from nanochat.checkpoint_manager import load_checkpoint, load_mc_state, resume_step, save_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
-from nanochat.dataloader import DataLoader
+from nanochat.dataloader import DataLoader, check_lane_state, gather_state, pretraining_loader
 from nanochat.device import autocast_ctx, peak_flops, pick_dtype, sync
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_for_depth
@@ -227,37 +227,38 @@ def main() -> None:
     step, loader_state = 0, None
     loop = {"smooth_loss": 0.0, "train_time": 0.0, "timed_tokens": 0, "min_val_bpb": float("inf")}
     # Exact resume needs model, optimizer and loader state only: training draws no random numbers
-    # (no dropout) and the schedules are functions of the step.
-    if args.resume_from_step >= 0:
-        model_state, optim_states, meta = load_checkpoint(
-            ckpt_dir, args.resume_from_step, device, load_optimizer=True, rank=rank
-        )
+    # (no dropout) and the schedules are functions of the step. All three are independent of the number
+    # of ranks (nanochat.checkpoint_manager, nanochat.dataloader's lanes): resume on any that divides
+    # the step's rows. --resume-from-step -2: the latest checkpoint, if any (elastic restarts).
+    resume_from = resume_step(ckpt_dir, args.resume_from_step)
+    if resume_from is not None:
+        model_state, optim_states, meta = load_checkpoint(ckpt_dir, resume_from, device, load_optimizer=True)
         if meta["model_config"] != config.to_dict():
             raise UserError(
                 f"checkpoint model config {meta['model_config']} differs from this run's {config.to_dict()}"
-            )
-        if len(meta["loader_states"]) != world_size:
-            raise UserError(
-                f"checkpoint was written by {len(meta['loader_states'])} ranks, this run has {world_size}"
             )
         saved = AttentionConfig.from_dict(meta.get("attention"))  # no key: a dense checkpoint
         if saved.mode != attn_cfg.mode or (attn is not None and saved != attn_cfg):
             raise UserError(
                 f"checkpoint attention ({describe(saved)}) differs from this run's ({describe(attn_cfg)})"
             )
+        check_lane_state(meta.get("loader_state"), args.total_batch_size // T)
         orig_model.load_state_dict(model_state)
         if attn is not None and attn.aux_modules():
-            attn.load_aux_state(load_mc_state(ckpt_dir, args.resume_from_step, device))
+            attn.load_aux_state(load_mc_state(ckpt_dir, resume_from, device))
         if mc_cfg is not None:
-            mc_state = load_mc_state(ckpt_dir, args.resume_from_step, device)
+            mc_state = load_mc_state(ckpt_dir, resume_from, device)
             gistnet.load_state_dict(mc_state["gistnet"])
             lensnet.load_state_dict(mc_state["lensnet"])
         for opt, state in zip(optimizers, optim_states):
             opt.load_state_dict(state)
-        step, loader_state, loop = meta["step"], meta["loader_states"][rank], meta["loop_state"]
-        print0(f"resumed from {ckpt_dir} step {step}")
-    train_loader = DataLoader(
-        tokenizer, B, T, "train", device, rank=rank, world_size=world_size, state=loader_state
+        step, loader_state, loop = meta["step"], meta["loader_state"], meta["loop_state"]
+        print0(
+            f"resumed from {ckpt_dir} step {step} (written by {meta.get('ranks', '?')} ranks, now {world_size})"
+        )
+    # row j of every step comes from lane j, whatever the number of ranks
+    train_loader = pretraining_loader(
+        tokenizer, B, T, args.total_batch_size // T, device, rank, world_size, loader_state
     )
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
 
@@ -279,23 +280,19 @@ def main() -> None:
             wandb_run.log(record, step=record["step"])
 
     def save(step: int) -> None:
-        loader_states = [None] * world_size
-        if ddp:
-            dist.all_gather_object(loader_states, train_loader.state_dict())
-        else:
-            loader_states = [train_loader.state_dict()]
         meta = {
             "step": step,
             "model_config": config.to_dict(),
             "user_config": user_config,
             "device_batch_size": B,
             "max_seq_len": T,
-            "loader_states": loader_states,
+            "ranks": world_size,
+            "loader_state": gather_state(train_loader),  # every lane's position (a collective)
             "loop_state": loop,
             "mc": mc_cfg.to_dict() if mc_cfg is not None else None,
             "attention": attn_cfg.to_dict(),  # loaders rebuild the mode without flags
         }
-        # every rank writes its optimizer state; rank 0 also the model, then (after a barrier inside
+        # rank 0 writes the model and the (replicated) optimizer state, then (after a barrier inside
         # save_checkpoint) the meta file that commits the step
         model_state = orig_model.state_dict() if master else None
         optim_states = [opt.state_dict() for opt in optimizers]

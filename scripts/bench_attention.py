@@ -56,6 +56,7 @@ from megacontext.mega_attention import (
 )
 from nanochat.common import UserError, run_main
 from nanochat.gpt import GPT, config_for_depth
+from nanochat.progress import add_quiet_flag, progress, say, set_quiet
 
 METHODS = ("dense", "window", "mega")
 KV_DEPTHS = (0.01, 0.10, 0.50)  # edit depth as a share of the WC, from the newest end
@@ -274,7 +275,9 @@ def main():
     parser.add_argument(
         "--worker", choices=(*METHODS, "kv"), help=argparse.SUPPRESS
     )  # internal: one measurement
+    add_quiet_flag(parser)
     args = parser.parse_args()
+    set_quiet(args.quiet)
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     except ValueError:
@@ -302,7 +305,7 @@ def main():
         print(json.dumps(measure(args.worker, lengths[0], **shape, repeats=args.repeats, device=args.device)))
         return
     rows = []
-    for N in lengths:
+    for N in progress(lengths, desc="lengths", unit="length"):
         row: dict = {"seq_len": N, **shape, "threads": torch.get_num_threads(), "device": args.device}
         for method in METHODS:
             r = None if method == "dense" and N > args.dense_max_len else run_worker(method, N, args)
@@ -315,7 +318,7 @@ def main():
                 row[f"{method}_plan_ms"] = round(r["plan_ms"], 1)
             if method == "mega" and r is not None:
                 row["mega_levels"], row["mega_packed_len"] = r["levels"], r["packed_len"]
-        print(json.dumps(row), flush=True)
+        say(json.dumps(row))  # keeps the bar intact on a terminal
         rows.append(row)
     if args.kv_len:
         kv = run_worker("kv", args.kv_len, args)

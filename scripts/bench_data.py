@@ -22,6 +22,7 @@ import time
 from nanochat import dataset
 from nanochat.common import UserError, run_main
 from nanochat.dataloader import DataLoader
+from nanochat.progress import add_quiet_flag, progress, set_quiet
 from nanochat.tokenizer import Tokenizer
 
 
@@ -53,7 +54,9 @@ def main() -> None:
     parser.add_argument("-B", "--batch-size", type=int, default=8, help="loader rows per batch")
     parser.add_argument("-T", "--seq-len", type=int, default=1024, help="loader tokens per row")
     parser.add_argument("--batches", type=int, default=200, help="loader batches to time")
+    add_quiet_flag(parser)
     args = parser.parse_args()
+    set_quiet(args.quiet)
     if min(args.max_chars, args.train_chars, args.encode_chars, args.batches) < 1:
         raise UserError("--max-chars, --train-chars, --encode-chars and --batches must be positive")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -91,7 +94,7 @@ def main() -> None:
         dl = DataLoader(tok, args.batch_size, args.seq_len, "train", "cpu", tokenizer_threads=args.threads)
         next(dl)  # the first row group's tokenization is start-up, not throughput
         t0 = time.perf_counter()
-        for _ in range(args.batches):
+        for _ in progress(range(args.batches), desc="loader batches", unit="batch"):
             next(dl)
         loader_s = time.perf_counter() - t0
 

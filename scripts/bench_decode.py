@@ -38,6 +38,7 @@ from megacontext.tree import MegaContextTree
 from nanochat.common import UserError, run_main
 from nanochat.engine import KVCache, sample_next_token
 from nanochat.gpt import GPT, config_for_depth
+from nanochat.progress import add_quiet_flag, progress, set_quiet
 
 INGEST_BATCH = 1 << 17  # tokens appended (and gisted) per step of the history build
 SPECIALS = ("<|bos|>", "<|assistant_end|>")
@@ -73,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per child (0 = torch's default)")
     p.add_argument("--workdir", type=Path, default=None, help="where the trees go (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
+    add_quiet_flag(p)
     args = p.parse_args(argv)
+    set_quiet(args.quiet)
     args.history_list = [parse_history(h.strip()) for h in args.histories.split(",") if h.strip()]
     if not args.history_list or args.decode_tokens < 2 or args.warmup < 0:
         raise UserError("need at least one history, --decode-tokens >= 2 and --warmup >= 0")
@@ -223,7 +226,7 @@ def main(argv=None) -> None:
     del model
     results = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
-        for n in args.history_list:
+        for n in progress(args.history_list, desc="histories", unit="history"):
             path = str(Path(work) / f"tree-{n}")
             row = {"history": n, **in_child(build_tree, args, n, path), **in_child(time_mc, args, path)}
             fits = n <= args.full_max and n + args.warmup + args.decode_tokens <= rotary_len

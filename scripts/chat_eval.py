@@ -43,6 +43,7 @@ from nanochat.common import (
 )
 from nanochat.device import autocast_ctx, pick_dtype
 from nanochat.engine import Engine, ToolEngine, ToolUse, session_turn
+from nanochat.progress import add_quiet_flag, progress, set_quiet
 from nanochat.report import get_report
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.common import Task
@@ -110,8 +111,10 @@ def categorical_results(model, tokenizer, task: Task, indices: list[int], batch_
     padding after it."""
     device, bos, limit = model.wte.weight.device, tokenizer.get_bos_token_id(), model.rotary_len
     results = []
+    bar = progress(total=len(indices), desc=type(task).__name__, unit="problem")
     for lo in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[lo : lo + batch_size]]
+        bar.update(len(conversations))
         prompts = [tokenizer.render_for_completion(c)[-limit:] for c in conversations]
         T = max(len(p) for p in prompts)
         ids = torch.tensor([p + [bos] * (T - len(p)) for p in prompts], device=device)
@@ -121,6 +124,7 @@ def categorical_results(model, tokenizer, task: Task, indices: list[int], batch_
             letters = conversation["letters"]
             choice = letters[int(row[letter_ids(tokenizer, letters)].argmax())]
             results.append(bool(task.evaluate(conversation, choice)))
+    bar.close()
     return results
 
 
@@ -138,8 +142,10 @@ def generative_results(
     """Per problem: does any of num_samples completions pass task.evaluate?"""
     tokenizer, limit = engine.tokenizer, engine.model.rotary_len
     results = []
+    bar = progress(total=len(indices), desc=type(task).__name__, unit="problem")
     for lo in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[lo : lo + batch_size]]
+        bar.update(len(conversations))
         keep = max(1, limit - max_new_tokens)  # prompt + completion must fit the rotary table
         prompts = [tokenizer.render_for_completion(c)[-keep:] for c in conversations]
         rows, _ = engine.generate_batch(
@@ -154,6 +160,7 @@ def generative_results(
             samples = rows[j * num_samples : (j + 1) * num_samples]
             completions = [tokenizer.decode(r[len(prompt) :]) for r in samples]
             results.append(any(bool(task.evaluate(conversation, c)) for c in completions))
+    bar.close()
     return results
 
 
@@ -187,7 +194,7 @@ def mc_session_results(
     cfg, gistnet, lensnet = nets
     device = model.wte.weight.device
     results = []
-    for i in indices:
+    for i in progress(indices, desc=f"{type(task).__name__} (MC)", unit="problem"):
         conversation = task[i]
         passed = False
         for s in range(1 if task.eval_type == "categorical" else num_samples):
@@ -278,11 +285,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16")
     p.add_argument("--seed", type=int, default=42, help="sampling seed")
+    add_quiet_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    set_quiet(args.quiet)
     ddp, rank, _, world_size, device = compute_init(args.device_type, args.seed)
     dtype = pick_dtype(device, args.dtype)
     ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)

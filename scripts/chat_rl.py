@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     sync_params = optimizer_params(optimizers)
     step, history = 0, []
     if args.resume_from_step >= 0:
-        state, optim_states, meta = load_checkpoint(ckpt_dir, args.resume_from_step, device, True, rank)
+        state, optim_states, meta = load_checkpoint(ckpt_dir, args.resume_from_step, device, True)
         model.load_state_dict(state)
         for opt, s in zip(optimizers, optim_states):
             opt.load_state_dict(s)

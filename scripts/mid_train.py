@@ -37,9 +37,11 @@ from nanochat.checkpoint_manager import (
     load_checkpoint,
     load_mc_state,
     resolve_checkpoint,
+    resume_step,
     save_checkpoint,
 )
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanochat.dataloader import LaneLoader, check_lane_state, gather_state
 from nanochat.device import autocast_ctx, pick_dtype, sync
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_params, setup_optimizers, sync_gradients
@@ -145,29 +147,31 @@ def train(args, stage: str) -> None:
     optimizers = setup_optimizers(orig_model, *lrs, extra_modules=nets)
     sync_params = optimizer_params(optimizers)
     step, loader_state, loop = 0, None, {"smooth_loss": 0.0, "train_time": 0.0, "min_val_bpb": float("inf")}
-    if args.resume_from_step >= 0:
-        model_state, optim_states, meta = load_checkpoint(
-            ckpt_dir, args.resume_from_step, device, load_optimizer=True, rank=rank
-        )
-        if len(meta["loader_states"]) != world_size:
-            raise UserError(
-                f"checkpoint was written by {len(meta['loader_states'])} ranks, this run has {world_size}"
-            )
+    resume_from = resume_step(ckpt_dir, args.resume_from_step)  # -2: the latest checkpoint, if any
+    rows = args.total_batch_size // T  # row j of every step comes from lane j, whatever the ranks
+    if resume_from is not None:
+        model_state, optim_states, meta = load_checkpoint(ckpt_dir, resume_from, device, load_optimizer=True)
+        check_lane_state(meta.get("loader_state"), rows)
         if bool(meta.get("mc")) != (mc_cfg is not None):
-            raise UserError(
-                f"checkpoint {ckpt_dir} step {args.resume_from_step} does not match this run's --mc"
-            )
+            raise UserError(f"checkpoint {ckpt_dir} step {resume_from} does not match this run's --mc")
         orig_model.load_state_dict(model_state)
         if mc_cfg is not None:
-            mc_state = load_mc_state(ckpt_dir, args.resume_from_step, device)
+            mc_state = load_mc_state(ckpt_dir, resume_from, device)
             nets[0].load_state_dict(mc_state["gistnet"])
             nets[1].load_state_dict(mc_state["lensnet"])
         for opt, state in zip(optimizers, optim_states):
             opt.load_state_dict(state)
-        step, loader_state, loop = meta["step"], meta["loader_states"][rank], meta["loop_state"]
-        print0(f"resumed from {ckpt_dir} step {step}")
+        step, loader_state, loop = meta["step"], meta["loader_state"], meta["loop_state"]
+        print0(
+            f"resumed from {ckpt_dir} step {step} (written by {meta.get('ranks', '?')} ranks, now {world_size})"
+        )
     align = "end" if mc_cfg is not None else "start"  # MC: the horizon (row tail) holds the final answer
-    loader = ConversationLoader(tokenizer, train_task, B, T, device, rank, world_size, loader_state, align)
+    if len(train_task) < rows:
+        raise UserError(
+            f"a step takes {rows} rows, each from its own lane, but there are {len(train_task)} conversations"
+        )
+    lane = lambda j, state: ConversationLoader(tokenizer, train_task, 1, T, "cpu", j, rows, state, align)
+    loader = LaneLoader(lane, rows, B, device, rank, world_size, loader_state)
     token_bytes = get_token_bytes(device)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
     mc_rng = random.Random(args.seed * 1000 + rank * 100_003 + step)  # resumed runs draw new variants
@@ -208,11 +212,6 @@ def train(args, stage: str) -> None:
         return args.init_lr_frac * lrm
 
     def save(step: int) -> None:
-        loader_states = [None] * world_size
-        if ddp:
-            dist.all_gather_object(loader_states, loader.state_dict())
-        else:
-            loader_states = [loader.state_dict()]
         meta = {
             "model_config": config.to_dict(),
             "tokenizer_id": src_meta.get("tokenizer_id"),
@@ -220,7 +219,8 @@ def train(args, stage: str) -> None:
             "user_config": user_config,
             "device_batch_size": B,
             "max_seq_len": T,
-            "loader_states": loader_states,
+            "ranks": world_size,
+            "loader_state": gather_state(loader),  # every lane's position (a collective)
             "loop_state": loop,
         }
         mc_state = None
@@ -316,7 +316,7 @@ def train(args, stage: str) -> None:
          "megacontext": "on" if mc_cfg is not None else "off"},
         {"iterations": step, "ranks": world_size, "grad accumulation steps": grad_accum_steps,
          "train conversations": len(train_task), "dtype": str(dtype).removeprefix("torch."),
-         "conversations cut to the row length (rank 0)": f"{loader.truncated} of {loader.rendered}"},
+         "conversations cut to the row length (rank 0's lanes)": f"{loader.truncated} of {loader.rendered}"},
         {"val_bpb": val_bpb, "min val bpb": loop["min_val_bpb"],
          "final train loss (smoothed)": loop["smooth_loss"] / (1 - ema_beta ** max(1, step)),
          "training time (min)": round(loop["train_time"] / 60, 2)},

@@ -10,7 +10,8 @@ import time
 from collections.abc import Iterator
 
 from nanochat.common import UserError, get_base_dir, print0, run_main
-from nanochat.dataset import list_parquet_files, parquets_iter_batched
+from nanochat.dataset import list_parquet_files, open_shard, parquets_iter_batched, split_files
+from nanochat.progress import add_quiet_flag, progress, set_quiet
 from nanochat.report import get_report
 from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
@@ -38,6 +39,7 @@ def parse_args() -> argparse.Namespace:
         help="use at most this many characters of each document, so a few huge documents cannot dominate "
         "the merge statistics (default 10000)",
     )
+    add_quiet_flag(parser)
     return parser.parse_args()
 
 
@@ -49,19 +51,26 @@ def main() -> None:
         )
     if args.max_chars <= 0 or args.doc_cap <= 0:
         raise UserError("--max-chars and --doc-cap must be positive")
+    set_quiet(args.quiet)
     list_parquet_files()  # fail now, with the dataset's one-line hint, if no shards are downloaded
 
     seen = {"docs": 0, "chars": 0}
+    # documents read out of the train split's (the BPE merges that follow the reading have no bar)
+    total_docs = sum(open_shard(f).metadata.num_rows for f in split_files("train"))
 
     def texts() -> Iterator[str]:
+        bar = progress(total=total_docs, desc="tokenizer: reading", unit="doc")
         for batch in parquets_iter_batched("train"):
             for doc in batch:
                 doc = doc[: args.doc_cap]
                 seen["docs"] += 1
                 seen["chars"] += len(doc)
+                bar.update(1)
                 yield doc
                 if seen["chars"] >= args.max_chars:
+                    bar.close()
                     return
+        bar.close()
 
     t0 = time.time()
     tokenizer = Tokenizer.train_from_iterator(texts(), args.vocab_size)

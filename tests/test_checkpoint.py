@@ -94,7 +94,7 @@ def test_round_trip_model_optimizer_meta_and_mc(base_dir, trained_tokenizer):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
         "meta_000005.json",
         "model_000005.pt",
-        "optim_000005_rank0.pt",
+        "optim_000005.pt",
     ]
 
     model_state, optim_states, meta = load_checkpoint(ckpt_dir, 5, "cpu", load_optimizer=True)

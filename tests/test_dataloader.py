@@ -72,7 +72,8 @@ def test_two_ranks_see_disjoint_data(corpus):
         seen.append(set(re.findall(r"doc-\d+-\d+", tok.decode(ids))))
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     assert all(int(d.split("-")[1]) < 3 for d in seen[0] | seen[1])  # never the val shard
-    # Row groups r, r+2 of each shard: documents 0-2 and 6-8 go to rank 0, 3-5 and 9-11 to rank 1.
+    # Row groups r, r+2, ... of the split (4 per shard): documents 0-2 and 6-8 of each shard go to rank 0,
+    # 3-5 and 9-11 to rank 1.
     assert all((int(d.split("-")[2]) // 3) % 2 == 0 for d in seen[0])
     assert all((int(d.split("-")[2]) // 3) % 2 == 1 for d in seen[1])
 
@@ -110,6 +111,6 @@ def test_bad_states_and_empty_ranks(corpus):
     with pytest.raises(UserError, match="split"):
         loader(corpus, split="val", rank=0, world_size=2, state=state)
     with pytest.raises(UserError, match="gets no row groups"):
-        next(loader(corpus, rank=5, world_size=6))  # only 4 row groups per shard
+        next(loader(corpus, rank=12, world_size=13))  # only 12 row groups in the train split
     with pytest.raises(UserError, match="outside world size"):
         loader(corpus, rank=2, world_size=2)

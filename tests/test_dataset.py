@@ -214,6 +214,13 @@ def test_row_group_sharding_is_disjoint_and_complete(tmp_path):
     # Resume from a (shard, row group) position: the rest of that rank's sequence.
     rest = list(dataset.iter_row_groups("train", 1, 3, tmp_path, resume=(1, 1)))
     assert [(s, g) for s, g, _ in rest] == [(1, 1), (1, 4)]
+    # The stride counts row groups across shards, so a stride longer than a shard still reaches every
+    # group once: 7 ranks over 2 train shards of 5 groups; rank 0 reads split groups 0 and 7 = (0, 0) and
+    # (1, 2), rank 6 only group 6 = (1, 1).
+    where = [[(s, g) for s, g, _ in dataset.iter_row_groups("train", r, 7, tmp_path)] for r in range(7)]
+    assert sorted(sum(where, [])) == [(s, g) for s in (0, 1) for g in range(5)]
+    assert where[0] == [(0, 0), (1, 2)] and where[6] == [(1, 1)]
+    assert list(dataset.iter_row_groups("train", 2, 7, tmp_path, resume=(1, 4)))[0][:2] == (1, 4)
 
 
 def test_missing_text_column_and_single_shard(tmp_path):
