@@ -25,6 +25,7 @@ from megacontext.session import load_mc_nets
 from megacontext.views import ORACLE, VIEWS, build_tree, horizon_logits, horizon_nll
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_init, print0, run_main
+from nanochat.progress import add_quiet_flag, progress, set_quiet
 from nanochat.tasks import longctx
 
 SUITES = {
@@ -54,11 +55,13 @@ def evidence_tokens(tokenizer, prompt: str, chars: tuple[int, int]) -> tuple[int
 
 
 @torch.no_grad()
-def evaluate(examples, tokenizer, model, gistnet, lensnet, cfg: MCConfig, views, device) -> dict:
+def evaluate(
+    examples, tokenizer, model, gistnet, lensnet, cfg: MCConfig, views, device, desc: str = ""
+) -> dict:
     """Per view: correct count, summed answer NLL, WC sizes and edits over the examples."""
     out = {v: {"correct": 0, "nll": 0.0, "n": 0, "wc": 0, "edits": 0} for v in views}
     full_nll = []
-    for ex in examples:
+    for ex in progress(examples, desc=desc, unit="example"):
         prompt = tokenizer.encode(ex["prompt"], prepend=tokenizer.get_bos_token_id())
         answer = tokenizer.encode(ex["answer"])
         ids = prompt + answer
@@ -122,7 +125,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
+    add_quiet_flag(parser)
     args = parser.parse_args()
+    set_quiet(args.quiet)
     views = [v for v in args.views.split(",") if v]
     for flag in ("tau_expand", "tau_collapse"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
@@ -169,7 +174,9 @@ def main() -> None:
                     count=lambda s: len(tokenizer.encode(s)),
                     **kw,
                 )
-                r = evaluate(examples, tokenizer, model, gistnet, lensnet, cfg, views, device)
+                r = evaluate(
+                    examples, tokenizer, model, gistnet, lensnet, cfg, views, device, f"{name} {dx}x"
+                )
                 full_nll = r.pop("_full_nll")
                 for v in views:
                     s = r[v]
