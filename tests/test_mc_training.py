@@ -11,7 +11,6 @@ from megacontext import plans, training
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Entry
 from megacontext.positional import gaussian_rotary
-from megacontext.working_context import WorkingContext
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import setup_optimizers
 

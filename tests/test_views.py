@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from megacontext import training, views
+from megacontext import training
 from megacontext.allocator import normalize_scores, random_variant
 from megacontext.config import MCConfig, build_nets
 from megacontext.lens_inputs import lens_inputs, row_entry_match, tree_entry_inputs, tree_entry_match
