@@ -101,7 +101,9 @@ def test_step_equals_the_reference_with_a_random_generator_seed():
     model, gistnet, lensnet, cfg = nets(256)
     x = rows(2, 256)
     seed = random.Random(3)
-    (ref_loss, _, ref_g), (loss, _, g) = run_both(model, gistnet, lensnet, x, cfg, 0.5, seed, chat_targets(x, 2))
+    (ref_loss, _, ref_g), (loss, _, g) = run_both(
+        model, gistnet, lensnet, x, cfg, 0.5, seed, chat_targets(x, 2)
+    )
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_g:
         torch.testing.assert_close(g[name], ref_g[name], rtol=1e-5, atol=1e-5, msg=name)
