@@ -8,9 +8,10 @@ import _mc_reference as reference
 import pytest
 import torch
 
-from megacontext import training
+from megacontext import batch_plan, plans, training
 from megacontext.config import MCConfig, build_nets
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.op_count import HostSyncError, OpCount
 
 V, D = 97, 64
 
@@ -107,3 +108,111 @@ def test_step_equals_the_reference_with_a_random_generator_seed():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_g:
         torch.testing.assert_close(g[name], ref_g[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def sync_free_step(model, gistnet, lensnet, x, cfg, targets=None, **count):
+    """Plan ahead (as the loader thread does), then one step forward + backward under OpCount."""
+    plan = training.plan_batch(x, cfg, 1.0, 3)
+    with OpCount(**count) as c:
+        loss, metrics = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, 3, targets, plan=plan)
+        loss.backward()
+    return c, metrics
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_step_never_reads_the_device_from_the_host(chat):
+    """No .item(), float(t), .tolist(), .cpu(), boolean-mask index... between the forward and the backward's
+    end: OpCount(forbid_syncs=True) raises at the first one. The metrics stay tensors until mean_metrics."""
+    model, gistnet, lensnet, cfg = nets(256)
+    x = rows(3, 256)
+    c, metrics = sync_free_step(
+        model, gistnet, lensnet, x, cfg, chat_targets(x, 0) if chat else None, forbid_syncs=True
+    )
+    assert c.syncs == []
+    sums, counts = {}, {}
+    with OpCount(forbid_syncs=True):
+        training.accumulate_metrics(sums, counts, metrics)
+    means = training.mean_metrics(sums, counts)
+    assert set(means) == set(metrics) and all(isinstance(v, float) for v in means.values())
+    assert means["mc/token_loss"] > 0
+
+
+def test_the_step_inline_plan_is_where_the_host_reads():
+    """Without a plan made ahead the step plans inline, which reads the rows back: the guard sees it (the
+    sync-free test above is not vacuous)."""
+    model, gistnet, lensnet, cfg = nets(256)
+    with pytest.raises(HostSyncError), OpCount(forbid_syncs=True):
+        training.mc_train_step(model, gistnet, lensnet, rows(2, 256), cfg, 1.0, 3)
+
+
+def test_dispatched_ops_do_not_grow_with_rows():
+    """One batched pass per network and vectorised losses: 8 rows dispatch the ops 1 row does (within 10 %)."""
+    model, gistnet, lensnet, cfg = nets(256)
+    ops = {B: sync_free_step(model, gistnet, lensnet, rows(B, 256), cfg)[0].ops for B in (1, 8)}
+    assert abs(ops[8] - ops[1]) <= 0.1 * ops[1], ops
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_step_passes_cuda_sync_debug_mode():
+    model, gistnet, lensnet, cfg = nets(256)
+    model, gistnet, lensnet = model.cuda(), gistnet.cuda(), lensnet.cuda()
+    x = rows(4, 256)
+    plan = training.plan_batch(x, cfg, 1.0, 3, pin=True).to("cuda", non_blocking=True)
+    x = x.pin_memory().to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, 3, plan=plan)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_device_candidate_choice_equals_the_host_rule(seed):
+    """batch_plan.choose_candidates (all rows, on the device) picks what RowPlan.candidates picks row by row,
+    for random scores, tied scores and scores that favour gists."""
+    T = 256
+    cfg = MCConfig.for_seq_len(T, lens_hints=2, variants=5)
+    x = rows(4, T, seed)
+    plan = training.plan_batch(x, cfg, 0.7, seed)
+    g = torch.Generator().manual_seed(seed)
+    for scores in (torch.randn(4, T // cfg.block_size, generator=g), torch.zeros(4, T // cfg.block_size)):
+        chosen, valid = batch_plan.choose_candidates(scores, plan, cfg)
+        picked = plan.order.gather(1, chosen)
+        for b, row in enumerate(host_rows(x, cfg, 0.7, seed)):
+            want = row.candidates(cfg, scores[b, : len(row.base.entries)])
+            assert sorted(picked[b][valid[b]].tolist()) == want
+
+
+def host_rows(x, cfg, progress, seed):
+    """The RowPlans build_plan made, rebuilt the same way on the host."""
+    T = x.shape[1] - 1
+    K, H = cfg.block_size, cfg.horizon
+    recent = max(cfg.recent, H + K)
+    shape = plans.SequenceShape(K, T, training.trained_levels(cfg, T))
+    budget = training.curriculum_budget(cfg, T, progress)
+    for row in x:
+        hints = plans.copy_hints(row.tolist(), T - H, T - recent, K, cfg.copy_hints)
+        yield plans.plan_row(shape, cfg, budget, recent, plans.row_rng(seed, row), hints)
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.3, 1.0])
+def test_planned_slots_are_the_working_contexts_bank_rows(progress):
+    """Every padded row of the plan is the working context it stands for: baseline, base and the one-edit
+    variant of every editable entry (the edit applied by WorkingContext.apply), then the padding row."""
+    T = 256
+    cfg = MCConfig.for_seq_len(T)
+    x = rows(3, T, 1)
+    plan = training.plan_batch(x, cfg, progress, 9)
+    levels = training.trained_levels(cfg, T)
+    offsets, pad = batch_plan.bank_offsets(T, cfg.block_size, levels)
+    shape = plans.SequenceShape(cfg.block_size, T, levels)
+    assert plan.slots >= plan.budget and plan.slots % (cfg.wc_budget // 4) == 0
+    for b, row in enumerate(host_rows(x, cfg, progress, 9)):
+        wcs = [row.baseline, row.base] + [row.variant(i, shape) for i in row.order]
+        for w, wc in enumerate(wcs):
+            want = batch_plan.entry_rows(wc.entries, offsets, cfg.block_size)
+            assert plan.wc_rows[b, w].tolist() == want + [pad] * (plan.slots - len(want))
+        assert (plan.wc_rows[b, len(wcs) :] == pad).all()
+        assert plan.editable[b].nonzero().flatten().tolist() == row.editable
