@@ -216,3 +216,33 @@ def test_planned_slots_are_the_working_contexts_bank_rows(progress):
             assert plan.wc_rows[b, w].tolist() == want + [pad] * (plan.slots - len(want))
         assert (plan.wc_rows[b, len(wcs) :] == pad).all()
         assert plan.editable[b].nonzero().flatten().tolist() == row.editable
+
+
+@pytest.mark.slow
+def test_the_networks_compile_without_graph_breaks_and_match_eager():
+    """Static shapes: the GPT (working contexts and raw rows), GistNet (both levels) and LensNet compile with
+    fullgraph=True, give the eager step's loss and gradients, and a second batch reuses the graphs (no
+    recompile). ~5-10 min of CPU compilation."""
+    import torch._dynamo
+
+    model, gistnet, lensnet, cfg = nets(256)
+    compiled = [torch.compile(m, fullgraph=True, dynamic=False) for m in (model, gistnet, lensnet)]
+
+    def run(nets_, seed):
+        x = rows(3, 256, seed)
+        plan = training.plan_batch(x, cfg, 1.0, seed)
+        for m in (model, gistnet, lensnet):
+            m.zero_grad(set_to_none=True)
+        loss, _ = training.mc_train_step(*nets_, x, cfg, 1.0, seed, plan=plan)
+        loss.backward()
+        return loss.detach(), grads(model, gistnet, lensnet)
+
+    graphs = []
+    for seed in (0, 1):
+        want_loss, want = run((model, gistnet, lensnet), seed)
+        loss, got = run(compiled, seed)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+    assert graphs[1] == graphs[0]
