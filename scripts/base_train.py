@@ -487,6 +487,7 @@ def main() -> None:
         step += 1
 
     # ---- wrap up
+    batches.close()  # the prefetch thread stops after the item it is making
     mean_mfu = flops_per_token * loop["timed_tokens"] / max(loop["train_time"], 1e-9) / (peak * world_size)
     print0(f"min val bpb {loop['min_val_bpb']:.6f} | training time {loop['train_time'] / 60:.2f} min")
     get_report().log(
