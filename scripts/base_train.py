@@ -367,7 +367,7 @@ def main() -> None:
         the loader's rows, the schedule's replacements (copy, task, long-context rows), the MC step's plan, and
         the loader's resume point after them."""
         pin = device.type == "cuda"  # pinned: the copy to the device overlaps compute
-        while True:
+        while step < num_iterations:  # nothing past the last step: no rows read or made for nothing
             kind = schedule.kind(step)
             for _ in range(grad_accum_steps):
                 x, y = next(train_loader)
