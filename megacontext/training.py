@@ -182,7 +182,8 @@ def mc_train_step(
         loss = loss + cfg.lm_weight * lm_loss
     full_loss, full_positions = loss.new_zeros(()), 0
     if cfg.full_weight > 0:  # the vanilla objective on the same rows (MCConfig.full_weight)
-        full_loss = model(inputs, targets)
+        # a mean over the labelled tokens; 0, not 0/0, for a micro-batch of chat rows with none
+        full_loss = model(inputs, targets, loss_reduction="sum") / (targets >= 0).sum().clamp(min=1)
         loss = loss + cfg.full_weight * full_loss
         full_positions = B * T
     measured = cand_valid.sum()

@@ -110,6 +110,17 @@ def test_step_equals_the_reference_with_a_random_generator_seed():
         torch.testing.assert_close(g[name], ref_g[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_a_micro_batch_without_labels_gives_a_finite_loss():
+    """Chat rows whose micro-batch holds no assistant token (targets all -1): the loss is 0-valued terms, not
+    0/0 = nan (which would poison the whole step's gradient)."""
+    model, gistnet, lensnet, cfg = nets(256)
+    x = rows(2, 256)
+    loss, metrics = training.mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, 0, torch.full((2, 256), -1))
+    loss.backward()
+    assert torch.isfinite(loss) and float(metrics["mc/full_loss"]) == 0.0
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def sync_free_step(model, gistnet, lensnet, x, cfg, targets=None, **count):
     """Plan ahead (as the loader thread does), then one step forward + backward under OpCount."""
     plan = training.plan_batch(x, cfg, 1.0, 3)
