@@ -170,10 +170,15 @@ class GistNet(nn.Module):
             raise ValueError(
                 f"GistNet gists complete blocks of {self.block_size}, got {K} (never a padded block)"
             )
-        level = torch.as_tensor(level, dtype=torch.long, device=x.device).expand(B)
-        if bool(((level < 1) | (level > self.max_level)).any()):
-            raise ValueError(f"GistNet level must be in 1..{self.max_level}, got {level.tolist()}")
-        lvl = self.level_emb(level - 1)[:, None, :]  # [B, 1, d]
+        if isinstance(level, int):  # one level for the batch: checked on the host, no device read (training)
+            if not 1 <= level <= self.max_level:
+                raise ValueError(f"GistNet level must be in 1..{self.max_level}, got {level}")
+            lvl = self.level_emb.weight[level - 1].expand(B, 1, d)
+        else:
+            level = torch.as_tensor(level, dtype=torch.long, device=x.device).expand(B)
+            if bool(((level < 1) | (level > self.max_level)).any()):
+                raise ValueError(f"GistNet level must be in 1..{self.max_level}, got {level.tolist()}")
+            lvl = self.level_emb(level - 1)[:, None, :]  # [B, 1, d]
         h = norm(x) + lvl
         if self.kind == "mean":
             return norm(self.head(h.mean(dim=1)))

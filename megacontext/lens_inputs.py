@@ -23,36 +23,80 @@ def lens_positions(n: int, K: int):
     return [float(i) for i in range(n)], [0.0] * n, [float(n + j) for j in range(K)]
 
 
-def lens_inputs(entries: tuple[Entry, ...], bank: torch.Tensor, offsets: list[int], K: int, lexical: bool):
-    """Per-entry (embeds [N, d], lod, lex [N, d] or None) for LensNet from a training row's bank. A raw block
-    is represented by its LOD1 gist when the block is complete (what the lens would collapse it into), else by
-    the mean of its token embeddings; `lex` is the mean token embedding of every entry's span."""
+def batch_lens_inputs(
+    bank: torch.Tensor,
+    ids: torch.Tensor,
+    entry_row: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    query_ids: torch.Tensor,
+    lexical: bool,
+    matching: bool,
+    partial: bool = False,
+):
+    """What LensNet sees of B working contexts' entries, from the rows' banks [B, R, d] (token embeddings
+    first, T of them) and token ids [B, T]: (embeds [B, N, d], lex [B, N, d] or None, match [B, N, Q] or None).
+
+    entry_row [B, N]: the bank row that stands for each entry (a gist; a complete raw block's LOD1 gist, what
+    the lens would collapse it into), or -1 for the mean of its token embeddings (the newest, incomplete
+    block, only with partial=True: training rows have none); start / end [B, N]: its span. `lex` is the mean token embedding of every entry's span, `match` 1
+    where query token q [B, Q] occurs in the span: one prefix sum over the row, read at the spans' ends.
+    Padding entries may hold any in-range values (LensNet masks them)."""
+    B, T = ids.shape
+    d = bank.shape[-1]
+    embeds = bank.gather(1, entry_row.clamp(min=0)[..., None].expand(-1, -1, d))
+    lex = None
+    if lexical or partial:
+        csum = torch.cat([bank.new_zeros(B, 1, d), bank[:, :T].cumsum(dim=1)], dim=1)
+        at = lambda p: csum.gather(1, p[..., None].expand(-1, -1, d))  # noqa: E731
+        lex = (at(end) - at(start)) / (end - start).clamp(min=1)[..., None].to(bank.dtype)
+        if partial:
+            embeds = torch.where(entry_row[..., None] < 0, lex, embeds)
+    match = None
+    if matching:
+        Q = query_ids.shape[1]
+        hits = (ids[:, :, None] == query_ids[:, None, :]).long()
+        csum = torch.cat([hits.new_zeros(B, 1, Q), hits.cumsum(dim=1)], dim=1)
+        at = lambda p: csum.gather(1, p[..., None].expand(-1, -1, Q))  # noqa: E731
+        match = ((at(end) - at(start)) > 0).float()
+    return embeds, (lex if lexical else None), match
+
+
+def _entry_tensors(entries, offsets: list[int], K: int, T: int, device):
+    """(bank row, start, end) [1, N] per entry for batch_lens_inputs from a training row's bank layout, and
+    whether any entry is an incomplete block (bank row -1: the mean of its tokens)."""
     rows = []
     for e in entries:
         if e.level >= 1:
-            rows.append(bank[offsets[e.level] + e.start // K**e.level])
-        elif e.size == K and len(offsets) > 1:
-            rows.append(bank[offsets[1] + e.start // K])
+            rows.append(offsets[e.level] + e.start // K**e.level)
+        elif e.size == K and len(offsets) > 1 and e.end <= T:
+            rows.append(offsets[1] + e.start // K)
         else:
-            rows.append(bank[e.start : e.end].mean(dim=0))
-    lex = None
-    if lexical:
-        T = offsets[1] if len(offsets) > 1 else bank.shape[0]
-        csum = torch.cat([bank.new_zeros(1, bank.shape[1]), bank[:T].cumsum(dim=0)])
-        starts = torch.tensor([e.start for e in entries], device=bank.device)
-        ends = torch.tensor([e.end for e in entries], device=bank.device)
-        lex = (csum[ends] - csum[starts]) / (ends - starts)[:, None]
-    return torch.stack(rows), [e.level for e in entries], lex
+            rows.append(-1)
+    t = lambda v: torch.tensor([v], dtype=torch.long, device=device)  # noqa: E731
+    return t(rows), t([e.start for e in entries]), t([e.end for e in entries]), min(rows, default=0) < 0
+
+
+def lens_inputs(entries: tuple[Entry, ...], bank: torch.Tensor, offsets: list[int], K: int, lexical: bool):
+    """Per-entry (embeds [N, d], lod, lex [N, d] or None) for LensNet from ONE training row's bank [R, d]:
+    batch_lens_inputs for a single working context (what the training step runs, for tests and tools)."""
+    T = offsets[1] if len(offsets) > 1 else bank.shape[0]
+    row, start, end, partial = _entry_tensors(entries, offsets, K, T, bank.device)
+    ids = torch.zeros(1, T, dtype=torch.long, device=bank.device)
+    emb, lex, _ = batch_lens_inputs(bank[None], ids, row, start, end, ids[:, :1], lexical, False, partial)
+    return emb[0], [e.level for e in entries], None if lex is None else lex[0]
 
 
 def row_entry_match(entries, ids: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
-    """match [N, Q] (float 0/1) from a training row's token ids [T]: does query token q occur in entry n's
-    span? One prefix count of the hits per query token, read at every span's ends."""
-    hits = (ids[:, None] == query_ids[None, :]).long()
-    csum = torch.cat([hits.new_zeros(1, hits.shape[1]), hits.cumsum(dim=0)])
-    starts = torch.tensor([e.start for e in entries], device=ids.device)
-    ends = torch.tensor([e.end for e in entries], device=ids.device)
-    return ((csum[ends] - csum[starts]) > 0).float()
+    """match [N, Q] (float 0/1) from ONE training row's token ids [T]: does query token q occur in entry n's
+    span? batch_lens_inputs for a single working context."""
+    T = ids.shape[0]
+    start = torch.tensor([[e.start for e in entries]], dtype=torch.long, device=ids.device)
+    end = torch.tensor([[e.end for e in entries]], dtype=torch.long, device=ids.device)
+    bank = torch.zeros(1, T, 1, device=ids.device)
+    return batch_lens_inputs(
+        bank, ids[None], torch.zeros_like(start), start, end, query_ids[None], False, True
+    )[2][0]
 
 
 def run_lens(

@@ -5,13 +5,18 @@ The candidates are random by default; hints steer some of them to the blocks mos
 block a horizon copies from, LensNet's own favourites), so the few variants a row
 can afford measure the evidence and its distractors instead of ~1 block in 30. Pure data-structure code:
 torch only for the row's random stream and for reading scores.
+
+A row is planned in two parts. Everything that follows from the row's tokens and its random stream (baseline,
+base, the order in which the base's entries become candidates) is `plan_row`, integer work that the data
+loader's thread does ahead of the step (megacontext.batch_plan). Which of them LensNet's favourites displace
+needs LensNet's scores of the base, so that last choice is made on the device, for all rows at once
+(batch_plan.choose_candidates); `RowPlan.candidates` is the same rule for one row, on the host.
 """
 
 from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +47,39 @@ class SequenceShape:
 
 @dataclass
 class RowPlan:
-    """The working contexts of one row: index 0 = baseline, 1 = base, 2 + j = the one-edit variant of
-    candidate j (an expand of a gist, or a collapse of a complete raw block into its LOD1 gist)."""
+    """A row's experiments before LensNet has looked: the baseline, the base, and every entry of the base a
+    one-edit variant could edit, in the order they become candidates (copy-hinted gists first, then a random
+    order). A variant expands a gist, or collapses a complete raw block into its LOD1 gist."""
 
-    wcs: list[WorkingContext]
-    candidates: list[int]  # index into base.entries of the entry edited by variant 2 + j
-    expands: list[bool]  # True: variant 2 + j expands that gist; False: it collapses that raw block
-    editable: list[int]  # every entry of the base a one-edit variant could have edited (sorted)
+    baseline: WorkingContext
+    base: WorkingContext
+    order: list[int]  # editable entries of the base (indices into base.entries), in candidate order
+    n_hinted: int  # the first n_hinted of `order` are the copy hints' gists
+
+    @property
+    def editable(self) -> list[int]:
+        return sorted(self.order)
+
+    def candidates(self, cfg: MCConfig, scores: torch.Tensor | None = None) -> list[int]:
+        """The base entries the row's variants edit (sorted): the copy hints, then the cfg.lens_hints gists
+        LensNet scores highest among the rest (hard negatives: what the allocator would open gets its cost
+        measured), then the rest in random order; cfg.variants in all. Without scores the lens picks are
+        skipped. Ties go to the earlier entry in `order`, as in batch_plan.choose_candidates."""
+        order = self.order
+        if scores is not None and cfg.lens_hints:
+            s = scores.detach()
+            rest = order[self.n_hinted :]
+            top = sorted((i for i in rest if self.base.entries[i].level >= 1), key=lambda i: -float(s[i]))
+            top = top[: cfg.lens_hints]
+            order = order[: self.n_hinted] + top + [i for i in rest if i not in top]
+        return sorted(order[: cfg.variants])
+
+    def variant(self, i: int, shape) -> WorkingContext:
+        """The base with entry i expanded (a gist) or collapsed into its LOD1 gist (a raw block)."""
+        e = self.base.entries[i]
+        if e.level >= 1:
+            return self.base.apply([Edit("expand", e.level, e.index(self.base.K))], shape)
+        return self.base.apply([Edit("collapse", 1, e.start // self.base.K)], shape)
 
 
 def copy_hints(row: list[int], horizon_start: int, before: int, K: int, limit: int, n: int = COPY_NGRAM):
@@ -76,16 +107,13 @@ def plan_row(
     recent: int,
     rng: random.Random,
     hints: list[int] = (),
-    score: Callable[[WorkingContext], torch.Tensor] | None = None,
 ) -> RowPlan:
-    """Baseline, a random base with room for one more swap, and up to N distinct one-edit variants.
+    """Baseline, a random base with room for one more swap, and the order of its candidate entries.
 
     Candidates mix both directions so LensNet sees the value of detail everywhere: expanding a gist (what
     the allocator would spend budget on) and collapsing a raw block (what it would refund budget from).
     With `hints` (copy_hints: LOD1 block indices), the base first zooms those blocks' gists to LOD1 and their
-    expansions are candidates first. With `score` (LensNet on the base) and cfg.lens_hints, the gists it
-    scores highest come next: the allocator would open them, so their cost is measured too (hard
-    negatives). The other candidates stay random.
+    expansions come first in the order.
     """
     K = cfg.block_size
     baseline = WorkingContext.from_tree(shape, budget, recent)
@@ -102,23 +130,8 @@ def plan_row(
     order = {b * K: j for j, b in enumerate(hints)}  # hinted LOD1 gists first, in the hints' order
     rank = [order.get(e.start, len(order)) if e.level == 1 else len(order) for e in base.entries]
     editable.sort(key=lambda i: rank[i])
-    if score is not None and cfg.lens_hints:
-        s = score(base).detach()
-        n_hinted = sum(1 for i in editable if rank[i] < len(order))
-        rest = editable[n_hinted:]
-        top = sorted((i for i in rest if base.entries[i].level >= 1), key=lambda i: -float(s[i]))
-        top = top[: cfg.lens_hints]
-        editable = editable[:n_hinted] + top + [i for i in rest if i not in top]
-    candidates = sorted(editable[: cfg.variants])
-    variants, expands = [], []
-    for i in candidates:
-        e = base.entries[i]
-        if e.level >= 1:
-            variants.append(base.apply([Edit("expand", e.level, e.index(K))], shape))
-        else:
-            variants.append(base.apply([Edit("collapse", 1, e.start // K)], shape))
-        expands.append(e.level >= 1)
-    return RowPlan([baseline, base, *variants], candidates, expands, sorted(editable))
+    n_hinted = sum(1 for i in editable if rank[i] < len(order))
+    return RowPlan(baseline, base, editable, n_hinted)
 
 
 def row_rng(seed: int, row: torch.Tensor) -> random.Random:

@@ -8,17 +8,22 @@ Per training row x[0..T] (inputs x[:T], labels x[1:T+1]):
    history plus as many raw recent tokens as fit. The *base* is a random legal mix of LOD0/1/2
    (megacontext.allocator.random_variant) built with K-1 budget to spare, and each *one-edit variant*
    expands one of the base's gists (megacontext.plans chooses which: hinted blocks first, e.g. the ones
-   the horizon copies from, then random). The newest `recent` tokens are raw in all of them, so every working
-   context ends with the same raw horizon of H tokens, where the variants are compared.
+   the horizon copies from, then LensNet's favourites, then random). The newest `recent` tokens are raw in all
+   of them, so every working context ends with the same raw horizon of H tokens, where the variants are compared.
 3. All working contexts are gathered from the bank into one padded batch and run through the GPT; the loss
    is next-token cross-entropy on raw horizon positions only, with the true next tokens as labels, as the
-   marginal -log mean_v p(horizon | WC_v) over a row's working contexts (marginal_horizon_loss).
+   marginal -log mean_v p(horizon | WC_v) over a row's working contexts (objectives.marginal_horizon_loss).
 4. The variants are a designed experiment: base and variant differ in exactly one entry, so
    utility(entry) = loss(base) - loss(variant) is the loss saved by expanding that entry, measured, not
    guessed. LensNet scores the base's entries against the query (the K raw tokens just before the horizon:
    the horizon itself is what gets predicted, so showing it to the lens would leak the answer) and learns to
-   rank entries by utility (pairwise Bradley–Terry) and to put their sign right (regression on
-   tanh(utility / scale)), so the allocator's absolute thresholds mean something.
+   rank entries by utility (objectives.lens_loss), so the allocator's absolute thresholds mean something.
+
+Speed: the rows' working contexts are planned on the host ahead of the step (megacontext.batch_plan, in the
+data loader's thread); the step is one batched pass per network (GistNet over all blocks, LensNet over all
+bases, the GPT over all working contexts, the vanilla GPT over the raw rows) and losses reduced over padded
+[rows, variants] tensors, at shapes fixed by the config, with no read back to the host: its metrics stay
+0-dim tensors until the log line (accumulate_metrics / mean_metrics).
 
 Positions: a working context's slots are numbered 0..L-1 with ordinary RoPE (gists too). It never holds more
 than W_max slots, so evaluation at 64x the budget shows the GPT exactly the position range it was trained on
@@ -28,20 +33,14 @@ than W_max slots, so evaluation at 64x the budget shows the GPT exactly the posi
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
+from megacontext.batch_plan import BatchPlan, build_plan, choose_candidates
 from megacontext.config import MCConfig
-from megacontext.lens_inputs import lens_inputs, lens_positions, row_entry_match, run_lens
-from megacontext.plans import RowPlan, SequenceShape, copy_hints, plan_row, row_rng
-from megacontext.positional import gaussian_rotary
-from megacontext.working_context import WorkingContext
-
-UTILITY_SCALE = 0.05  # nats: a utility of this size maps to a regression target of tanh(1) = 0.76
-TOP_MARGIN = 0.05  # nats: lens_top_loss only where the best candidate beats the median one by this much
-LOGIT_L2 = 0.01  # keeps LensNet's logits in tanh's responsive range
+from megacontext.lens_inputs import batch_lens_inputs
+from megacontext.objectives import lens_loss, marginal_horizon_loss
 
 
 def trained_levels(cfg: MCConfig, seq_len: int) -> int:
@@ -66,17 +65,6 @@ def build_bank(embeds: torch.Tensor, gistnet, K: int, levels: int) -> tuple[torc
     return torch.cat(parts, dim=1), offsets
 
 
-def entry_rows(entries, offsets: list[int], K: int) -> list[int]:
-    """Bank rows of a working context in timeline order: one per raw token, one per gist."""
-    rows: list[int] = []
-    for e in entries:
-        if e.level == 0:
-            rows.extend(range(e.start, e.end))
-        else:
-            rows.append(offsets[e.level] + e.start // K**e.level)
-    return rows
-
-
 def curriculum_budget(cfg: MCConfig, seq_len: int, progress: float) -> int:
     """C2 anneals linearly from curriculum_start·T (0.8 by default) to the target over the first half of
     training: early on the GPT sees mostly raw text while GistNet's gists are still noise."""
@@ -94,50 +82,13 @@ def auto_device_batch(device_batch: int, seq_len: int, cfg: MCConfig) -> int:
     return max(1, (device_batch * seq_len) // per_row)
 
 
-def lens_loss_fn(logits: torch.Tensor, utility: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """Ranking + sign loss for one row's candidate logits [n] (pre-tanh scores) and measured utilities [n].
-
-    * Bradley–Terry over ordered pairs: P(a ranked above b) = sigmoid(logit_a - logit_b), weighted by how
-      much their utilities differ (pairs within 1e-4 nats carry no preference and are skipped);
-    * sign: tanh(logit) regresses on tanh((u - mean u) / scale) — centred on the row's mean utility, so detail
-      that helps more than average scores positive (expand / keep) and the rest negative (collapse): the
-      allocator can only spend budget on the evidence if something else refunds it;
-    * a small L2 on the logits keeps them from drifting into tanh's flat tails, where ranking would stop.
-
-    Returns (loss, rank agreement over ordered pairs, sign agreement).
-    """
-    diff_u = utility[:, None] - utility[None, :]
-    pref = diff_u > 1e-4
-    target = torch.tanh((utility - utility.mean()) / UTILITY_SCALE)
-    loss = F.mse_loss(torch.tanh(logits), target) + LOGIT_L2 * logits.square().mean()
-    rank_agree, sign_agree = float("nan"), float("nan")
-    if pref.any():
-        diff_s = logits[:, None] - logits[None, :]
-        weight = diff_u.abs().clamp(max=1.0)[pref]
-        bt = F.softplus(-diff_s[pref])
-        loss = loss + (weight * bt).sum() / weight.sum()
-        rank_agree = float((diff_s[pref] > 0).float().mean())
-    signed = utility.abs() > 1e-3
-    if signed.any():
-        sign_agree = float(((logits[signed] > 0) == (utility[signed] > 0)).float().mean())
-    return loss, rank_agree, sign_agree
-
-
-def lens_top_loss(logits: torch.Tensor, plan: RowPlan, utility: torch.Tensor):
-    """Listwise term (MCConfig.lens_listwise): where some candidates clearly pay (best utility >= median +
-    TOP_MARGIN), those within TOP_MARGIN of the best should outscore ALL editable entries (-log of their softmax
-    mass over them): the pairwise loss only orders the few measured candidates, the allocator picks among all.
-    Returns (loss, hit: LensNet's first choice is one of them, mc/lens_top1), or None where none stands out."""
-    if float(utility.max() - utility.median()) < TOP_MARGIN:
-        return None
-    idx = torch.tensor(plan.editable, device=logits.device)
-    good = {
-        plan.candidates[j] for j in range(len(plan.candidates)) if utility[j] >= utility.max() - TOP_MARGIN
-    }
-    is_good = torch.tensor([i in good for i in plan.editable], device=logits.device)
-    logp = logits[idx].log_softmax(dim=0)
-    loss = -torch.logsumexp(logp[is_good], dim=0)
-    return loss, float(is_good[int(logits[idx].argmax())])
+def plan_batch(x: torch.Tensor, cfg: MCConfig, progress: float, seed, pin: bool = False) -> BatchPlan:
+    """The plan of rows x [B, T+1] (host tensor) for the step at `progress` with this seed: what
+    mc_train_step(..., plan=...) runs. Call it in the data loader's thread for the next batch (pin=True
+    where the plan goes to a GPU: plan.to(device, non_blocking=True) then does not stall the host)."""
+    T = x.shape[1] - 1
+    plan = build_plan(x, cfg, curriculum_budget(cfg, T, progress), trained_levels(cfg, T), seed)
+    return plan.pin_memory() if pin else plan
 
 
 def mc_train_step(
@@ -147,176 +98,137 @@ def mc_train_step(
     x: torch.Tensor,
     cfg: MCConfig,
     progress: float,
-    seed: int,
+    seed,
     targets: torch.Tensor | None = None,
+    plan: BatchPlan | None = None,
 ):
     """One MC micro-batch. x: [B, T+1] token ids; targets [B, T] (default x[:, 1:]; -1 = no loss, e.g. the
-    non-assistant tokens of a chat row). Returns (loss, metrics dict of floats).
+    non-assistant tokens of a chat row); plan: plan_batch(x, cfg, progress, seed) made ahead (without it the
+    step plans inline, which reads x back to the host). Returns (loss, metrics: name -> 0-dim tensor or
+    float; convert them at the log line, mean_metrics, not inside the step).
 
     The loss = marginal horizon loss over the working contexts + lens_weight · lens loss
     (+ lm_weight · next-token loss on the raw positions before the horizon)
     (+ full_weight · the vanilla loss of the whole raw row). Backward it as usual: GPT, GistNet and LensNet all
-    get gradients.
+    get gradients. `model` may be the compiled GPT: the step's shapes are static (batch_plan).
     """
-    t0 = time.perf_counter()
     B, T = x.shape[0], x.shape[1] - 1
     K, H = cfg.block_size, cfg.horizon
-    recent = max(cfg.recent, H + K)
-    assert T % K == 0, f"MC needs the sequence length ({T}) to be a multiple of the block size ({K})"
+    if plan is None:
+        plan = plan_batch(x.detach().cpu(), cfg, progress, seed).to(x.device)
+    if plan.wc_rows.shape[0] != B:
+        raise ValueError(f"the plan holds {plan.wc_rows.shape[0]} rows, the batch {B}")
     inputs = x[:, :T]
     targets = x[:, 1:] if targets is None else targets
-    levels = trained_levels(cfg, T)
-    shape = SequenceShape(K, T, levels)
-    budget = curriculum_budget(cfg, T, progress)
-    hints = [
-        copy_hints(row.tolist(), T - H, T - recent, K, cfg.copy_hints) if cfg.copy_hints else [] for row in x
-    ]
-    t_ctrl = time.perf_counter() - t0
-    embeds = model.wte(inputs)
-    bank, offsets = build_bank(embeds, gistnet, K, levels)
-    t0 = time.perf_counter()
     horizon_start = T - H
-
-    def lens_scores(b: int, base: WorkingContext) -> torch.Tensor:
-        """LensNet's logits for row b's base entries (queried by the K raw tokens before the horizon)."""
-        e_emb, lod, lex = lens_inputs(base.entries, bank[b].detach(), offsets, K, lensnet.lex is not None)
-        e_mu, e_sig, q_pos = lens_positions(len(base.entries), K)
-        q_emb = embeds[b, horizon_start - K : horizon_start].detach()
-        match = None
-        if lensnet.match is not None:
-            match = row_entry_match(base.entries, inputs[b], inputs[b, horizon_start - K : horizon_start])
-        return run_lens(lensnet, e_emb, lod, e_mu, e_sig, q_emb, q_pos, True, lex, match)
-
-    # with cfg.lens_hints LensNet scores each base while it is planned; the loss below reuses those scores
-    base_scores: dict[int, torch.Tensor] = {}
-    plans = []
-    for b, (row, h) in enumerate(zip(x, hints)):
-        score = None
-        if cfg.lens_hints:
-            score = lambda base, b=b: base_scores.setdefault(b, lens_scores(b, base))  # noqa: E731
-        plans.append(plan_row(shape, cfg, budget, recent, row_rng(seed, row), h, score))
+    embeds = model.wte(inputs)
+    bank, _ = build_bank(embeds, gistnet, K, plan.levels)
     d = bank.shape[-1]
-    bank = torch.cat([bank, bank.new_zeros(B, 1, d)], dim=1)  # last row: padding
+    bank = torch.cat([bank, bank.new_zeros(B, 1, d)], dim=1)  # last row: padding (plan's pad row)
+
+    # LensNet on every row's base in one padded call; its favourites become candidates (lens hints)
+    query = slice(horizon_start - K, horizon_start)
+    e_emb, lex, match = batch_lens_inputs(
+        bank.detach(), inputs, plan.entry_row, plan.entry_start, plan.entry_end, inputs[:, query],
+        lensnet.lex is not None, lensnet.match is not None,
+    )  # fmt: skip
+    N = e_emb.shape[1]
+    e_mu = torch.arange(N, device=x.device, dtype=torch.float32).expand(B, N)
+    q_pos = (plan.n_entries[:, None] + torch.arange(K, device=x.device)).float()
+    scores = lensnet(
+        e_emb, plan.entry_lod, e_mu, torch.zeros_like(e_mu), embeds[:, query].detach(), q_pos,
+        entry_mask=plan.entry_valid, return_logits=True, entry_lex=lex, entry_match=match,
+    )  # fmt: skip
+    chosen, cand_valid = choose_candidates(scores, plan, cfg)
+    V = chosen.shape[1]
+    cand = plan.order.gather(1, chosen)
+    expands = plan.order_gist.gather(1, chosen)
+
+    # the GPT on every working context: [B, 2 + V, L] bank rows (baseline, base, variants), padding masked
+    L = plan.slots
+    variant_rows = plan.wc_rows[:, 2:].gather(1, chosen[:, :, None].expand(B, V, L))
     pad_row = bank.shape[1] - 1
-
-    seqs = [(b, wc) for b, plan in enumerate(plans) for wc in plan.wcs]
-    L = max(wc.cost for _, wc in seqs)
-    rows = torch.full((len(seqs), L), pad_row, dtype=torch.long)
-    tgt = torch.full((len(seqs), L), -1, dtype=torch.long)
-    mu = torch.zeros(len(seqs), L)
-    sigma = torch.zeros(len(seqs), L)
-    in_h = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for v, (b, wc) in enumerate(seqs):
-        r = entry_rows(wc.entries, offsets, K)
-        rows[v, : len(r)] = torch.tensor(r)
-        m, s = [float(i) for i in range(len(r))], [0.0] * len(r)
-        mu[v, : len(m)] = torch.tensor(m)
-        sigma[v, : len(s)] = torch.tensor(s)
-        # labels: the true next token of every raw position (bank row p is token p; gist rows are >= T)
-        raw = torch.tensor(r)
-        is_raw = raw < T
-        tgt[v, : len(r)][is_raw] = targets[b, raw[is_raw]].cpu()
-        in_h[v, : len(r)] = (raw >= horizon_start) & is_raw
-    device = x.device
-    rows, tgt, in_h = rows.to(device), tgt.to(device), in_h.to(device)
-    batch_ids = torch.tensor([b for b, _ in seqs], device=device)
-    packed = bank[batch_ids[:, None], rows]  # [V, L, d]
-    head_dim = model.config.head_dim
-    cos, sin = gaussian_rotary(mu.to(device), sigma.to(device), head_dim)
-    t_ctrl += time.perf_counter() - t0
-
-    logits = model(embeds=packed, rotary=(cos, sin))
+    variant_rows = variant_rows.masked_fill(~cand_valid[:, :, None], pad_row)
+    rows = torch.cat([plan.wc_rows[:, :2], variant_rows], dim=1)
+    W = rows.shape[1]
+    flat = (rows + torch.arange(B, device=x.device)[:, None, None] * bank.shape[1]).view(B * W, L)
+    packed = bank.reshape(B * bank.shape[1], d)[flat]  # [B·W, L, d]
+    is_raw = rows < T  # bank row p < T is token p: its label is the true next token
+    tgt = targets.gather(1, rows.clamp(max=T - 1).view(B, W * L)).view(B, W, L).masked_fill(~is_raw, -1)
+    in_h = is_raw & (rows >= horizon_start)
+    logits = model(embeds=packed)  # slots 0..L-1: the GPT's own rotary positions
     tok_loss = F.cross_entropy(
         logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction="none"
     )
-    tok_loss = tok_loss.view(len(seqs), L)
-    h_mask = in_h & (tgt >= 0)
-    per_wc = (tok_loss * h_mask).sum(dim=1) / h_mask.sum(dim=1).clamp(min=1)  # horizon loss of each WC
-    token_loss = per_wc.mean()
-    train_loss = marginal_horizon_loss(tok_loss, h_mask, plans)
-    # Optional LM term on the raw positions before the horizon (see MCConfig.lm_weight)
-    lm_mask = ~in_h & (tgt >= 0)
+    tok_loss = tok_loss.view(B, W, L)
+    labelled = tgt >= 0
+    h_mask = in_h & labelled
+    summed = (tok_loss * h_mask).sum(dim=2)  # [B, W] summed horizon NLL of each WC
+    per_wc = summed / h_mask.sum(dim=2).clamp(min=1)
+    wc_valid = torch.cat([torch.ones(B, 2, dtype=torch.bool, device=x.device), cand_valid], dim=1)
+    train_loss = marginal_horizon_loss(summed, h_mask[:, 0].sum(dim=1), wc_valid)
+    lm_mask = ~in_h & labelled  # next-token loss on the raw positions before the horizon (lm_weight)
     lm_loss = (tok_loss * lm_mask).sum() / lm_mask.sum().clamp(min=1)
 
-    # LensNet on each row's base: utilities measured from its one-edit variants
-    t1 = time.perf_counter()
-    lens_losses, rank_agree, sign_agree, utilities, top1 = [], [], [], [], []
-    v = 0
-    for b, plan in enumerate(plans):
-        n_wc = len(plan.wcs)
-        losses = per_wc[v : v + n_wc].detach()
-        v += n_wc
-        if not plan.candidates:
-            continue
-        # value of detail at each candidate: loss saved by expanding a gist / lost by collapsing a block
-        sign = torch.tensor([1.0 if ex else -1.0 for ex in plan.expands], device=device)
-        utility = sign * (losses[1] - losses[2:])
-        scores = base_scores[b] if b in base_scores else lens_scores(b, plan.wcs[1])
-        cand = torch.tensor(plan.candidates, device=device)
-        loss_b, ra, sa = lens_loss_fn(scores[cand], utility)
-        top = lens_top_loss(scores, plan, utility)
-        if top is not None:
-            top1.append(top[1])
-            if cfg.lens_listwise > 0:
-                loss_b = loss_b + cfg.lens_listwise * top[0]
-        lens_losses.append(loss_b)
-        rank_agree.append(ra)
-        sign_agree.append(sa)
-        utilities.append(utility)
-    lens_loss = torch.stack(lens_losses).mean() if lens_losses else token_loss.new_zeros(())
-    t_ctrl += time.perf_counter() - t1
+    # LensNet learns the utilities its bases' variants measured
+    losses = per_wc.detach()
+    utility = torch.where(expands, 1.0, -1.0) * (losses[:, 1:2] - losses[:, 2:])
+    lens, rank_agree, sign_agree, top1 = lens_loss(
+        scores, cand, cand_valid, utility, plan.editable, cfg.lens_listwise
+    )
 
-    loss = train_loss + cfg.lens_weight * lens_loss
+    loss = train_loss + cfg.lens_weight * lens
     if cfg.lm_weight > 0:
         loss = loss + cfg.lm_weight * lm_loss
-    full_loss, full_positions = token_loss.new_zeros(()), 0
+    full_loss, full_positions = loss.new_zeros(()), 0
     if cfg.full_weight > 0:  # the vanilla objective on the same rows (MCConfig.full_weight)
-        full_loss = model(inputs, targets)
+        # a mean over the labelled tokens; 0, not 0/0, for a micro-batch of chat rows with none
+        full_loss = model(inputs, targets, loss_reduction="sum") / (targets >= 0).sum().clamp(min=1)
         loss = loss + cfg.full_weight * full_loss
         full_positions = B * T
-    nb = len(plans)
-    baseline_losses = per_wc.detach()[[sum(len(p.wcs) for p in plans[:b]) for b in range(nb)]]
-    all_u = torch.cat(utilities) if utilities else torch.zeros(1)
-    bases = [p.wcs[1] for p in plans]
+    measured = cand_valid.sum()
     metrics = {
-        "mc/token_loss": float(token_loss.detach()),
-        "mc/lm_loss": float(lm_loss.detach()),
-        "mc/baseline_loss": float(baseline_losses.mean()),
-        "mc/adv_delta_mean": float(all_u.mean()),
-        "mc/lens_loss": float(lens_loss.detach()),
-        "mc/full_loss": float(full_loss.detach()),
-        "mc/lens_rank_agreement": _nanmean(rank_agree),
-        "mc/preference_agreement": _nanmean(sign_agree),
-        "mc/lens_top1": _nanmean(top1),
-        "mc/swap_rate": sum(len(p.candidates) for p in plans) / max(1, sum(w.num_entries for w in bases)),
-        "mc/residency": sum(w.residency for w in bases) / nb,
-        "mc/wc_budget": float(budget),
-        "mc/time_controller_ms": 1000.0 * t_ctrl,
-        "mc/gpt_positions": float(len(seqs) * L + full_positions),
+        "mc/token_loss": (per_wc.detach() * wc_valid).sum() / wc_valid.sum(),
+        "mc/lm_loss": lm_loss.detach(),
+        "mc/baseline_loss": losses[:, 0].mean(),
+        "mc/adv_delta_mean": (utility * cand_valid).sum() / measured.clamp(min=1),
+        "mc/lens_loss": lens.detach(),
+        "mc/full_loss": full_loss.detach(),
+        "mc/lens_rank_agreement": rank_agree.detach().nanmean(),
+        "mc/preference_agreement": sign_agree.detach().nanmean(),
+        "mc/lens_top1": top1.detach().nanmean(),
+        "mc/swap_rate": plan.candidates / max(1, plan.base_entries),
+        "mc/residency": plan.residency,
+        "mc/wc_budget": float(plan.budget),
+        "mc/time_controller_ms": plan.plan_ms,
+        "mc/gpt_positions": float(B * W * L + full_positions),
     }
     return loss, metrics
 
 
-def marginal_horizon_loss(tok_loss: torch.Tensor, h_mask: torch.Tensor, plans) -> torch.Tensor:
-    """-log mean_v p(horizon | WC_v) per row, per horizon token, averaged over rows .
-
-    The mean of per-WC losses teaches every working context to predict the horizon, also those whose evidence
-    is gisted: on a long-context row most of them, so the GPT learns to answer from its prior, which fought
-    the copying that the rows with raw evidence teach. The marginal gives each WC the gradient share of its
-    posterior (softmax of minus its summed horizon loss): where one WC holds the evidence it gets the gradient,
-    where none stands out (plain text) all share it alike.
-    """
-    summed = (tok_loss * h_mask).sum(dim=1)  # [V] summed horizon NLL per WC
-    out, v = [], 0
-    for plan in plans:
-        n = len(plan.wcs)
-        s = summed[v : v + n]
-        count = h_mask[v].sum().clamp(min=1)  # every WC of a row shares the same horizon
-        out.append((math.log(n) - torch.logsumexp(-s, dim=0)) / count)
-        v += n
-    return torch.stack(out).mean()
+def accumulate_metrics(sums: dict, counts: dict, metrics: dict) -> None:
+    """Add one micro-batch's metrics into running sums, without reading a device value: a nan (nothing
+    measured) counts as absent. Floats and 0-dim tensors alike."""
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().float()
+            ok = ~v.isnan()
+            sums[k] = sums.get(k, 0.0) + torch.where(ok, v, 0.0)
+            counts[k] = counts.get(k, 0) + ok.to(torch.int64)
+        else:
+            ok = not math.isnan(v)
+            sums[k] = sums.get(k, 0.0) + (v if ok else 0.0)
+            counts[k] = counts.get(k, 0) + int(ok)
 
 
-def _nanmean(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
+def mean_metrics(sums: dict, counts: dict) -> dict[str, float]:
+    """The per-metric means as floats (nan where no micro-batch measured it), read from the device in one go:
+    call at the log line, once per optimizer step."""
+    keys = list(sums)
+    if not keys:
+        return {}
+    dev = next((v.device for v in sums.values() if isinstance(v, torch.Tensor)), "cpu")
+    s = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=dev) for k in keys])
+    n = torch.stack([torch.as_tensor(counts[k], dtype=torch.float32, device=dev) for k in keys])
+    means = torch.where(n > 0, s / n.clamp(min=1), torch.nan).tolist()
+    return dict(zip(keys, means))

@@ -29,16 +29,23 @@ from megacontext.attention_modes import (
     describe,
 )
 from megacontext.config import MCConfig, add_mc_args, build_nets, mc_config_from_args
-from megacontext.training import auto_device_batch, mc_train_step
+from megacontext.training import (
+    accumulate_metrics,
+    auto_device_batch,
+    mc_train_step,
+    mean_metrics,
+    plan_batch,
+)
 from megacontext.views import val_rows, view_bpb
 from nanochat.checkpoint_manager import load_checkpoint, load_mc_state, resume_step, save_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
-from nanochat.dataloader import DataLoader, check_lane_state, gather_state, pretraining_loader
+from nanochat.dataloader import DataLoader, check_lane_state, merge_lane_states, pretraining_loader
 from nanochat.device import autocast_ctx, peak_flops, pick_dtype, sync
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import Muon, optimizer_params, setup_optimizers, sync_gradients
+from nanochat.prefetch import Prefetch
 from nanochat.report import get_report
 from nanochat.tasks.schedule import default_schedule
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -155,7 +162,6 @@ def main() -> None:
             raise UserError(
                 f"--max-seq-len {args.max_seq_len} must be a multiple of the MC block size {mc_cfg.block_size}"
             )
-        # the MC step builds variable-length packed batches: it runs the plain module, not a compiled one
         gistnet, lensnet = build_nets(mc_cfg, config.n_embd)
         gistnet.to(device)
         lensnet.to(device)
@@ -256,10 +262,12 @@ def main() -> None:
         print0(
             f"resumed from {ckpt_dir} step {step} (written by {meta.get('ranks', '?')} ranks, now {world_size})"
         )
-    # row j of every step comes from lane j, whatever the number of ranks
+    # row j of every step comes from lane j, whatever the number of ranks; host batches: the prefetch thread
+    # below makes each micro-step's rows (and MC plan) one batch ahead
     train_loader = pretraining_loader(
-        tokenizer, B, T, args.total_batch_size // T, device, rank, world_size, loader_state
+        tokenizer, B, T, args.total_batch_size // T, "cpu", rank, world_size, loader_state
     )
+    loader_state = train_loader.state_dict()  # the resume point: after the last micro-batch the loop took
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
 
     wandb_run = None
@@ -279,6 +287,14 @@ def main() -> None:
         if wandb_run is not None:
             wandb_run.log(record, step=record["step"])
 
+    def gather_lanes(state: dict) -> dict:
+        """The lane states of every rank (a collective): the world-size independent resume point."""
+        parts = [state]
+        if ddp:
+            parts = [None] * world_size
+            dist.all_gather_object(parts, state)
+        return merge_lane_states(parts, train_loader.lanes)
+
     def save(step: int) -> None:
         meta = {
             "step": step,
@@ -287,7 +303,7 @@ def main() -> None:
             "device_batch_size": B,
             "max_seq_len": T,
             "ranks": world_size,
-            "loader_state": gather_state(train_loader),  # every lane's position (a collective)
+            "loader_state": gather_lanes(loader_state),  # every lane's position after the last step taken
             "loop_state": loop,
             "mc": mc_cfg.to_dict() if mc_cfg is not None else None,
             "attention": attn_cfg.to_dict(),  # loaders rebuild the mode without flags
@@ -309,7 +325,8 @@ def main() -> None:
     print0(f"peak FLOP/s for MFU: {peak:.3e} per rank ({peak_source})")
     start_step, val_bpb = step, float("nan")
     mc_metrics: dict = {}
-    mc_counts: dict = {}  # MC path: micro-batches that measured each metric
+    mc_sums: dict = {}  # per-metric sums over the step's micro-batches (0-dim tensors: no sync until the log)
+    mc_counts: dict = {}  # micro-batches that measured each metric
 
     def mc_step_flops(gpt_positions: float) -> float:
         """Training FLOPs of an MC step: the GPT over every working-context slot that ran (attention at the
@@ -334,17 +351,43 @@ def main() -> None:
 
     # ---- the objective, chosen once: (loss, auxiliary loss or None, metrics) of one micro-batch
     if mc_cfg is not None:
+        # compiled where the vanilla step is: the MC step's shapes are static (megacontext/batch_plan.py)
+        mc_gist, mc_lens = (torch.compile(n, dynamic=False) if device.type == "cuda" else n for n in mc_nets)
 
-        def objective(x, y, step: int):
-            """MegaContext: one bounded call (docs/design.md §4); a row's variants are keyed by its content."""
+        def objective(x, y, step: int, plan):
+            """MegaContext: one bounded call (docs/design.md §4) on rows planned ahead (host_batches)."""
             row = torch.cat([x, y[:, -1:]], dim=1)
-            loss, m = mc_train_step(orig_model, gistnet, lensnet, row, mc_cfg, step / num_iterations, step)
+            loss, m = mc_train_step(
+                model, mc_gist, mc_lens, row, mc_cfg, step / num_iterations, step, plan=plan
+            )
             return loss, None, m
 
     elif attn is not None:  # window / mega: MegaPrediction's loss trains, unlogged as loss
-        objective = lambda x, y, step: attn.train_loss(x, y, step / num_iterations)  # noqa: E731
+        objective = lambda x, y, step, plan: attn.train_loss(x, y, step / num_iterations)  # noqa: E731
     else:
-        objective = lambda x, y, step: (model(x, y), None, {})  # noqa: E731
+        objective = lambda x, y, step, plan: (model(x, y), None, {})  # noqa: E731
+
+    def host_batches(step: int):
+        """Each micro-step's inputs, made on the host in a prefetch thread while the device runs the step before:
+        the loader's rows, the schedule's replacements (copy, task, long-context rows), the MC step's plan, and
+        the loader's resume point after them."""
+        pin = device.type == "cuda"  # pinned: the copy to the device overlaps compute
+        while step < num_iterations:  # nothing past the last step: no rows read or made for nothing
+            kind = schedule.kind(step)
+            for micro in range(grad_accum_steps):
+                x, y = next(train_loader)
+                x, y = schedule.batch(kind, x, y, args.seed, config.vocab_size, tokenizer)
+                plan = None
+                if mc_cfg is not None and kind != "copy":
+                    row = torch.cat([x, y[:, -1:]], dim=1)
+                    plan = plan_batch(row, mc_cfg, step / num_iterations, step, pin=pin)
+                if pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                last = micro == grad_accum_steps - 1  # lane states exist between steps only
+                yield kind, x, y, plan, train_loader.state_dict() if last else None
+            step += 1
+
+    batches = Prefetch(host_batches(step), depth=2)
 
     ema_beta = 0.9
     while True:
@@ -386,27 +429,22 @@ def main() -> None:
         sync(device)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        kind = schedule.kind(step)
         for _ in range(grad_accum_steps):
-            x, y = next(train_loader)
-            x, y = schedule.batch(kind, x, y, args.seed, config.vocab_size, tokenizer)
+            kind, x, y, plan, state = next(batches)
+            loader_state = state or loader_state
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            plan = None if plan is None else plan.to(device, non_blocking=True)
             with autocast():
                 if kind == "copy":  # short copy rows teach the GPT itself to copy: the plain loss
                     loss, aux, m = model(x, y), None, {}
                 else:
-                    loss, aux, m = objective(x, y, step)
-            for k, v in m.items():  # mean over the micro-batches that measured it (nan: nothing to)
-                measured = not math.isnan(v)
-                mc_metrics[k] = mc_metrics.get(k, 0.0) + (v if measured else 0.0)
-                mc_counts[k] = mc_counts.get(k, 0) + measured
+                    loss, aux, m = objective(x, y, step, plan)
+            accumulate_metrics(mc_sums, mc_counts, m)  # mean over the micro-batches that measured it
             loss_sum += loss.detach()
             if aux is not None:
                 loss = loss + aux
             (loss / grad_accum_steps).backward()
         sync_gradients(sync_params, world_size)
-        for k, n in mc_counts.items():
-            mc_metrics[k] = mc_metrics[k] / n if n else math.nan
-        mc_counts.clear()
         lrm = lr_multiplier(step)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -424,6 +462,9 @@ def main() -> None:
             train_loss /= world_size
         raw_loss = train_loss.item()  # also syncs the device, so dt below is the real step time
         dt = time.perf_counter() - t0
+        mc_metrics = mean_metrics(mc_sums, mc_counts)  # the step's metrics, read from the device once
+        mc_sums.clear()
+        mc_counts.clear()
 
         loop["smooth_loss"] = ema_beta * loop["smooth_loss"] + (1 - ema_beta) * raw_loss
         debiased = loop["smooth_loss"] / (1 - ema_beta ** (step + 1))
@@ -453,6 +494,7 @@ def main() -> None:
         step += 1
 
     # ---- wrap up
+    batches.close()  # the prefetch thread stops after the item it is making
     mean_mfu = flops_per_token * loop["timed_tokens"] / max(loop["train_time"], 1e-9) / (peak * world_size)
     print0(f"min val bpb {loop['min_val_bpb']:.6f} | training time {loop['train_time'] / 60:.2f} min")
     get_report().log(

@@ -12,6 +12,7 @@ measured here in the same dtype (so a CPU figure is against what this CPU can ac
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -19,6 +20,7 @@ import torch
 
 from nanochat.common import UserError, compute_init, resolve_device_type, run_main
 from nanochat.device import autocast_ctx, peak_flops, pick_dtype, sync
+from nanochat.op_count import OpCount
 
 
 class _NoStopTokens:
@@ -54,55 +56,102 @@ def parse_args() -> argparse.Namespace:
         "--mc",
         action="store_true",
         help="also time the MegaContext step at equal tokens (the default recipe at --max-seq-len, as "
-        "base_train --mc trains it) and report the MC/vanilla tokens/s ratio and controller time",
+        "base_train --mc trains it) and report the MC/vanilla tokens/s ratio, the GPT positions per token, "
+        "their product mc_efficiency (1.0 = no overhead beyond the GPT's arithmetic), the ATen ops dispatched "
+        "per forward + backward (MC and vanilla, at 1 row and at --device-batch-size rows) and host syncs",
     )
     return parser.parse_args()
 
 
-def bench_mc(args, model, device, dtype, vanilla_tokens_per_s: float) -> dict:
-    """The MC training step on the same model and the same training tokens per step (rows of T+1)."""
-    from megacontext.config import MCConfig, build_nets
-    from megacontext.training import mc_train_step
-    from nanochat.optim import setup_optimizers
+def count_step(step, rows: int) -> tuple[int, int]:
+    """(ATen ops dispatched, host syncs) of one forward + backward of `step(rows)` (nanochat/op_count.py)."""
+    with OpCount() as c:
+        step(rows)
+    return c.ops, len(c.syncs)
 
-    T = args.max_seq_len
+
+def bench_mc(args, model, train_model, device, dtype, vanilla_step) -> dict:
+    """The MC training step on the same model and the same training tokens per step (rows of T+1), its rows
+    made and planned one batch ahead in a background thread as base_train does (nanochat/prefetch.py).
+
+    Timed steps alternate with vanilla ones (`vanilla_step`, the full optimizer step timed above), and the
+    ratio is taken between the two sums: on a shared machine the load then weighs on both alike."""
+    from megacontext.config import MCConfig, build_nets
+    from megacontext.training import mc_train_step, plan_batch
+    from nanochat.optim import setup_optimizers
+    from nanochat.prefetch import Prefetch
+
+    T, B = args.max_seq_len, args.device_batch_size
     cfg = MCConfig.for_seq_len(T)  # the recipe base_train --mc trains at this length
     gistnet, lensnet = build_nets(cfg, model.config.n_embd)
     gistnet.to(device)
     lensnet.to(device)
     optimizers = setup_optimizers(model, extra_modules=[gistnet, lensnet])
     gen = torch.Generator(device="cpu").manual_seed(1)
-    ctrl_ms, positions = [], []
+    pin = device.type == "cuda"
 
-    def step(i: int) -> None:
-        x = torch.randint(0, args.vocab_size, (args.device_batch_size, T + 1), generator=gen).to(device)
+    def batches(rows: int):
+        for i in itertools.count():
+            x = torch.randint(0, args.vocab_size, (rows, T + 1), generator=gen)
+            yield i, (x.pin_memory() if pin else x), plan_batch(x, cfg, 1.0, seed=i, pin=pin)
+
+    # compiled like the vanilla step where it is (static shapes: batch_plan); counted eager, as the vanilla one
+    compiled = train_model is not model
+    nets = [torch.compile(n, dynamic=False) if compiled else n for n in (gistnet, lensnet)]
+
+    def forward_backward(item, eager: bool = False) -> dict:
+        i, x, plan = item
+        x, plan = x.to(device, non_blocking=True), plan.to(device, non_blocking=True)
+        gpt, gist, lens = (model, gistnet, lensnet) if eager else (train_model, *nets)
         with autocast_ctx(device, dtype):
-            loss, m = mc_train_step(model, gistnet, lensnet, x, cfg, 1.0, seed=i)
+            loss, m = mc_train_step(gpt, gist, lens, x, cfg, 1.0, i, plan=plan)
         loss.backward()
+        return m
+
+    def step(item) -> dict:
+        m = forward_backward(item)
         for opt in optimizers:
             opt.step()
         for net in (model, gistnet, lensnet):
             net.zero_grad(set_to_none=True)
+        return m
+
+    def timed(fn):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        return time.perf_counter() - t0, out
+
+    ahead = Prefetch(batches(B), depth=2)
+    for _ in range(args.warmup_steps):
+        step(next(ahead))
+    ctrl_ms, positions, dt, dt_vanilla = [], [], 0.0, 0.0
+    for _ in range(args.steps):
+        dt_vanilla += timed(vanilla_step)[0]
+        t, m = timed(lambda: step(next(ahead)))
+        dt += t
         ctrl_ms.append(m["mc/time_controller_ms"])
         positions.append(m["mc/gpt_positions"])
-
-    for i in range(args.warmup_steps):
-        step(i)
-    ctrl_ms.clear()
-    positions.clear()
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        step(1000 + i)
-    sync(device)
-    dt = time.perf_counter() - t0
-    mc_tokens_per_s = args.steps * args.device_batch_size * T / dt
+    ahead.close()
+    mc_tokens_per_s = args.steps * B * T / dt
+    ratio = dt_vanilla / dt
+    per_token = sum(positions) / (args.steps * B * T)
+    ops = {}
+    for rows in sorted({1, B}):  # eager, one micro-step each: the count does not depend on the values
+        item = next(batches(rows))
+        ops[rows] = count_step(lambda _, item=item: forward_backward(item, eager=True), rows)
+        for net in (model, gistnet, lensnet):
+            net.zero_grad(set_to_none=True)
     return {
         "mc_tokens_per_s": round(mc_tokens_per_s, 1),
-        "mc_vs_vanilla_tokens_per_s": round(mc_tokens_per_s / vanilla_tokens_per_s, 3),
+        "mc_vs_vanilla_tokens_per_s": round(ratio, 3),
+        "mc_gpt_positions_per_token": round(per_token, 3),
+        "mc_efficiency": round(ratio * per_token, 3),
+        "mc_aten_ops_per_step": {str(r): n for r, (n, _) in ops.items()},
+        "mc_host_syncs_per_step": max(s for _, s in ops.values()),
         "mc_time_controller_ms": round(sum(ctrl_ms) / len(ctrl_ms), 2),
         "mc_controller_share": round(sum(ctrl_ms) / 1000 / dt, 4),
-        "mc_gpt_positions_per_token": round(sum(positions) / (args.steps * args.device_batch_size * T), 3),
         "mc_config": cfg.to_dict(),
     }
 
@@ -160,7 +209,22 @@ def main() -> None:
         sync(device)
     decode_tokens_per_s = decoded / (time.perf_counter() - t0)
 
-    mc_result = bench_mc(args, model, device, dtype, tokens_per_s) if args.mc else {}
+    vanilla_ops = {}
+    if (
+        args.mc
+    ):  # dispatched ops of the vanilla forward + backward at the row counts the MC step is counted at
+
+        def vanilla_step(rows: int) -> None:
+            x = torch.randint(0, args.vocab_size, (rows, T + 1), generator=gen).to(device)
+            with autocast_ctx(device, dtype):
+                model(x[:, :-1], x[:, 1:]).backward()
+            model.zero_grad(set_to_none=True)
+
+        vanilla_ops = {str(r): count_step(vanilla_step, r)[0] for r in sorted({1, B})}
+    model.train()
+    mc_result = bench_mc(args, model, train_model, device, dtype, train_step) if args.mc else {}
+    if args.mc:
+        mc_result["aten_ops_per_step"] = vanilla_ops
     result = {
         **mc_result,
         "tokens_per_s": round(tokens_per_s, 1),

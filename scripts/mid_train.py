@@ -289,6 +289,8 @@ def train(args, stage: str) -> None:
             mc_sum /= world_size
         raw_loss = loss_sum.item()  # also syncs the device, so dt is the real step time
         if mc_cfg is not None:
+            # the step's metrics are 0-dim tensors: read them from the device once, here
+            mc_metrics = {k: float(v) for k, v in mc_metrics.items()}
             mc_metrics["mc/loss"] = mc_sum.item()
         dt = time.perf_counter() - t0
         loop["smooth_loss"] = ema_beta * loop["smooth_loss"] + (1 - ema_beta) * raw_loss

@@ -113,6 +113,12 @@ def test_bench_train_mc_reports_the_ratio_and_controller_time():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["mc_vs_vanilla_tokens_per_s"] > 0 and out["mc_time_controller_ms"] > 0
     assert out["mc_gpt_positions_per_token"] > 1  # N+2 working contexts per row actually ran
+    ratio, per_token = out["mc_vs_vanilla_tokens_per_s"], out["mc_gpt_positions_per_token"]
+    assert abs(out["mc_efficiency"] - ratio * per_token) < 2e-3
+    # dispatched ops of one forward + backward at 1 row and at the device batch, MC and vanilla; no host sync
+    assert set(out["mc_aten_ops_per_step"]) == set(out["aten_ops_per_step"]) == {"1"}
+    assert out["mc_aten_ops_per_step"]["1"] > out["aten_ops_per_step"]["1"] > 100
+    assert out["mc_host_syncs_per_step"] == 0
 
 
 def test_copy_warmup_with_smear_trains_the_plain_gpt_then_mc(tmp_path, monkeypatch):

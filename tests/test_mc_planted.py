@@ -5,7 +5,7 @@ block first. ~2 min on 2 CPU cores: marked slow (`bash test.sh -m slow`)."""
 import pytest
 import torch
 
-from megacontext import plans, training
+from megacontext import batch_plan, plans, training
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Edit
 from megacontext.lens_inputs import lens_inputs, lens_positions, run_lens
@@ -51,7 +51,7 @@ def test_planted_evidence_block_is_kept_raw_and_ranked_first():
             opt.step()
         for m in (model, gistnet, lensnet):
             m.zero_grad(set_to_none=True)
-        agreement.append(metrics["mc/lens_rank_agreement"])
+        agreement.append(float(metrics["mc/lens_rank_agreement"]))
     early, late = sum(agreement[10:110]) / 100, sum(agreement[-100:]) / 100
     assert late > early + 0.05, (early, late)  # mc/lens_rank_agreement rises during training
 
@@ -64,7 +64,7 @@ def test_planted_evidence_block_is_kept_raw_and_ranked_first():
             bank, offsets = training.build_bank(model.wte(row[:, :T]), gistnet, K, 1)
             wc = WorkingContext.coarsest(shape, cfg.wc_budget, cfg.recent)
             emb, lod, _ = lens_inputs(wc.entries, bank[0], offsets, K, False)
-            mu, sigma, q_pos = lens_positions(wc.entries, "wc_index", T - cfg.horizon, K)
+            mu, sigma, q_pos = lens_positions(len(wc.entries), K)
             query = model.wte(row[0, T - cfg.horizon - K : T - cfg.horizon])
             scores = run_lens(lensnet, emb, lod, mu, sigma, query, q_pos)
             gists = [j for j, e in enumerate(wc.entries) if e.level >= 1]
@@ -74,7 +74,7 @@ def test_planted_evidence_block_is_kept_raw_and_ranked_first():
             raw = wc.apply([Edit("expand", 1, int(evidence[i]))], shape)
             losses = []
             for w in (raw, wc):
-                rows = torch.tensor(training.entry_rows(w.entries, offsets, K))
+                rows = torch.tensor(batch_plan.entry_rows(w.entries, offsets, K))
                 logits = model(embeds=bank[0, rows][None])[0, -cfg.horizon :]
                 losses.append(torch.nn.functional.cross_entropy(logits, row[0, T - cfg.horizon + 1 :]))
             raw_better += int(losses[0] < losses[1])

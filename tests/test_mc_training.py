@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacontext import plans, training
+from megacontext import batch_plan, objectives, plans, training
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import Entry
 from megacontext.positional import gaussian_rotary
@@ -43,14 +43,15 @@ def test_variants_satisfy_invariants(budget, seed, hints):
     cfg = MCConfig(block_size=K, wc_budget=48, recent=24, horizon=16, variants=6)
     shape = plans.SequenceShape(K, T, 2)
     plan = plans.plan_row(shape, cfg, budget, 24, random.Random(seed), hints)
-    baseline, base, *variants = plan.wcs
-    assert len(variants) == len(plan.candidates) > 0
-    for wc in plan.wcs:
+    base, candidates = plan.base, plan.candidates(cfg)
+    variants = [plan.variant(i, shape) for i in plan.order]  # every variant the row could run
+    assert 0 < len(candidates) == min(cfg.variants, len(plan.order))
+    for wc in [plan.baseline, base, *variants]:
         wc.check(shape)  # every DESIGN §2 invariant, against the row's tree structure
         assert wc.cost <= budget
         assert [e for e in wc.entries if e.end > T - 24] == [Entry(0, s, s + K) for s in range(T - 24, T, K)]
     assert len({v.entries for v in variants}) == len(variants)  # deduplicated
-    for i, v in zip(plan.candidates, variants):  # each variant differs from the base in that one entry
+    for i, v in zip(plan.order, variants):  # each variant differs from the base in that one entry
         changed = set(base.entries) ^ set(v.entries)
         assert base.entries[i] in changed
         assert v != base
@@ -71,7 +72,7 @@ def test_hinted_blocks_are_zoomed_and_expanded_first(seed):
     cfg = MCConfig(block_size=K, wc_budget=48, recent=24, horizon=16, variants=3)
     shape = plans.SequenceShape(K, T, 2)
     plan = plans.plan_row(shape, cfg, 48, 24, random.Random(seed), [2])
-    base, variants = plan.wcs[1], plan.wcs[2:]
+    base, variants = plan.base, [plan.variant(i, shape) for i in plan.candidates(cfg)]
     assert Entry(1, 2 * K, 3 * K) in base.entries
     assert any(Entry(0, 2 * K, 3 * K) in v.entries for v in variants)
 
@@ -89,27 +90,30 @@ def test_lens_hints_measure_the_gists_lensnet_scores_highest(seed):
         picked["i"] = max(gists, key=lambda i: abs(base.entries[i].start - 2 * K))
         return torch.tensor([1.0 if i == picked["i"] else -1.0 for i in range(base.num_entries)])
 
-    plan = plans.plan_row(shape, cfg, 48, 24, random.Random(seed), [2], score)
-    base = plan.wcs[1]
-    hinted = base.entries.index(Entry(1, 2 * K, 3 * K))
-    assert sorted(plan.candidates) == sorted([hinted, picked["i"]])  # the copy hint and the lens's favourite
+    plan = plans.plan_row(shape, cfg, 48, 24, random.Random(seed), [2])
+    scores = score(plan.base)
+    hinted = plan.base.entries.index(Entry(1, 2 * K, 3 * K))
+    assert plan.candidates(cfg, scores) == sorted([hinted, picked["i"]])  # the copy hint and the favourite
     # without a scorer the second candidate is drawn at random: over seeds it is not always that gist
-    others = {tuple(plans.plan_row(shape, cfg, 48, 24, random.Random(s), [2]).candidates) for s in range(10)}
+    others = {
+        tuple(plans.plan_row(shape, cfg, 48, 24, random.Random(s), [2]).candidates(cfg)) for s in range(10)
+    }
     assert len(others) > 1
 
 
 def test_marginal_horizon_loss_credits_the_informed_working_context():
     """Equal losses: the marginal is the mean. Unequal: the WC that predicts the horizon best gets the largest
-    share of the gradient, a WC that predicts it badly almost none (it is not taught to answer blind)."""
-    rows = [plans.RowPlan([None] * 3, [], [], []), plans.RowPlan([None] * 2, [], [], [])]
-    h_mask = torch.ones(5, 4, dtype=torch.bool)
-    flat = torch.full((5, 4), 2.0)
-    assert float(training.marginal_horizon_loss(flat, h_mask, rows)) == pytest.approx(2.0)
-    tok = torch.tensor([[0.1] * 4, [3.0] * 4, [3.0] * 4, [1.0] * 4, [1.0] * 4], requires_grad=True)
-    training.marginal_horizon_loss(tok, h_mask, rows).backward()
-    g = tok.grad.sum(dim=1)
-    assert g[0] > 0.99 * g[:3].sum() and g[1] < 1e-3 * g[0]
-    assert g[3] == pytest.approx(float(g[4]))
+    share of the gradient, a WC that predicts it badly almost none (it is not taught to answer blind). Rows of
+    3 and 2 working contexts (the second padded), 4 horizon tokens each."""
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    count = torch.tensor([4, 4])
+    flat = torch.full((2, 3), 2.0 * 4)
+    assert float(objectives.marginal_horizon_loss(flat, count, valid)) == pytest.approx(2.0)
+    summed = torch.tensor([[0.4, 12.0, 12.0], [4.0, 4.0, 99.0]], requires_grad=True)
+    objectives.marginal_horizon_loss(summed, count, valid).backward()
+    g = summed.grad
+    assert g[0, 0] > 0.99 * g[0].sum() and g[0, 1] < 1e-3 * g[0, 0]
+    assert g[1, 0] == pytest.approx(float(g[1, 1])) and g[1, 2] == 0
 
 
 def test_marginal_token_loss_trains_every_net():
@@ -125,7 +129,7 @@ def test_all_raw_working_context_equals_vanilla_forward():
     x = batch(1)[:, :T]
     bank, offsets = training.build_bank(model.wte(x), gistnet, K, 2)
     entries = [Entry(0, s, s + K) for s in range(0, T, K)]
-    rows = torch.tensor(training.entry_rows(entries, offsets, K))
+    rows = torch.tensor(batch_plan.entry_rows(entries, offsets, K))
     cos, sin = gaussian_rotary(torch.arange(len(rows), dtype=torch.float32)[None], 0.0, model.config.head_dim)
     with torch.no_grad():
         mc = model(embeds=bank[0, rows][None], rotary=(cos, sin))
@@ -144,7 +148,7 @@ def test_baseline_loss_is_the_vanilla_horizon_loss_with_true_next_tokens():
         logits = model(idx=x[:, :T])
     h = cfg.horizon
     expect = F.cross_entropy(logits[:, -h:].reshape(-1, V), x[:, T - h + 1 :].reshape(-1))
-    assert metrics["mc/baseline_loss"] == pytest.approx(float(expect), abs=1e-5)
+    assert float(metrics["mc/baseline_loss"]) == pytest.approx(float(expect), abs=1e-5)
 
 
 def test_loss_is_taken_on_horizon_raw_positions_only():
@@ -174,8 +178,8 @@ def test_lm_weight_adds_the_vanilla_loss_on_raw_positions_before_the_horizon():
         logits = model(idx=x[:, :T])
     h = cfg.horizon
     lm = F.cross_entropy(logits[:, : T - h].reshape(-1, V), x[:, 1 : T - h + 1].reshape(-1))
-    assert m["mc/lm_loss"] == pytest.approx(float(lm), rel=2e-5)
-    assert float(loss) == pytest.approx(m["mc/token_loss"] + 0.5 * m["mc/lm_loss"], rel=1e-5)
+    assert float(m["mc/lm_loss"]) == pytest.approx(float(lm), rel=2e-5)
+    assert float(loss) == pytest.approx(float(m["mc/token_loss"] + 0.5 * m["mc/lm_loss"]), rel=1e-5)
     # ... and a label changed before the horizon now moves the loss (it did not with lm_weight = 0)
     targets = x[:, 1:].clone()
     targets[:, 0] = (targets[:, 0] + 1) % V
@@ -193,37 +197,44 @@ def test_full_weight_adds_the_vanilla_loss_of_the_whole_row():
             model, gistnet, lensnet, x.clone(), replace(cfg, full_weight=0.5), 0.5, 0
         )
         vanilla = model(x[:, :T], x[:, 1:])
-    assert m["mc/full_loss"] == pytest.approx(float(vanilla), rel=1e-5)
+    assert float(m["mc/full_loss"]) == pytest.approx(float(vanilla), rel=1e-5)
     assert float(loss) == pytest.approx(float(base) + 0.5 * float(vanilla), rel=1e-5)
     assert m["mc/gpt_positions"] == m0["mc/gpt_positions"] + 2 * T  # MFU counts the extra forward
+
+
+def lens(logits, cand, utility, editable, listwise=0.0):
+    """objectives.lens_loss for one row."""
+    cand = torch.tensor([cand])
+    n = logits.shape[-1]
+    edit = torch.tensor([[i in editable for i in range(n)]])
+    ones = torch.ones_like(cand, dtype=torch.bool)
+    return objectives.lens_loss(logits[None], cand, ones, utility[None], edit, listwise)
 
 
 def test_lens_loss_pushes_positive_utility_scores_up():
     scores = torch.zeros(4, requires_grad=True)
     utility = torch.tensor([0.5, 0.0, -0.1, 0.0])
-    loss, _, _ = training.lens_loss_fn(scores, utility)
-    loss.backward()
+    lens(scores, [0, 1, 2, 3], utility, range(4))[0].backward()
     assert scores.grad[0] < 0  # gradient descent raises the score of the entry whose detail helps
     assert scores.grad[2] > 0  # and lowers the one whose detail hurts
 
 
-def test_lens_top_loss_lifts_the_paying_candidate_above_every_editable_entry():
+def test_lens_listwise_term_lifts_the_paying_candidate_above_every_editable_entry():
     """The measured candidate that clearly pays (entry 3) must outscore all seven editable entries, not only
     the three other candidates: gradient descent raises it and lowers every other entry, measured or not."""
-    plan = plans.RowPlan([None] * 6, [1, 3, 4, 5], [True] * 4, list(range(7)))
     logits = torch.zeros(9, requires_grad=True)  # entries 7, 8: protected recent text, never editable
-    loss, hit = training.lens_top_loss(logits, plan, torch.tensor([0.01, 0.5, 0.0, 0.02]))
-    loss.backward()
+    utility = torch.tensor([0.01, 0.5, 0.0, 0.02])
+    with_top, _, _, top1 = lens(logits, [1, 3, 4, 5], utility, range(7), listwise=1.0)
+    (with_top - lens(logits, [1, 3, 4, 5], utility, range(7))[0]).backward()  # the listwise term alone
     assert logits.grad[3] < 0 and (logits.grad[[0, 1, 2, 4, 5, 6]] > 0).all()
     assert (logits.grad[7:] == 0).all()
-    assert (
-        training.lens_top_loss(
-            torch.tensor([0, 0, 0, 5.0, 0, 0, 0, 9, 9]), plan, torch.tensor([0.01, 0.5, 0.0, 0.02])
-        )[1]
-        == 1.0
-    )
-    # nothing stands out (plain text, or every variant equally better): no target
-    assert training.lens_top_loss(logits, plan, torch.tensor([0.5, 0.5, 0.49, 0.5])) is None
+    assert float(top1[0]) == 0.0  # all scores tie: the lens's first choice (entry 0) is not the paying one
+    hit = lens(torch.tensor([0, 0, 0, 5.0, 0, 0, 0, 9, 9]), [1, 3, 4, 5], utility, range(7), 1.0)[3]
+    assert float(hit[0]) == 1.0  # its first editable choice is the paying entry (7 and 8 are not editable)
+    # nothing stands out (plain text, or every variant equally better): no listwise term, no top-1 figure
+    flat = torch.tensor([0.5, 0.5, 0.49, 0.5])
+    loss, _, _, top1 = lens(logits, [1, 3, 4, 5], flat, range(7), listwise=1.0)
+    assert torch.equal(loss, lens(logits, [1, 3, 4, 5], flat, range(7))[0]) and top1.isnan().all()
 
 
 @pytest.mark.parametrize(
