@@ -244,9 +244,6 @@ class MegaKVCache:
     under `mega_mask` (tests/test_kv_cache.py). `levels` is fixed for the cache's life: the mask of an old
     query depends on the top level, so it must be the level count the model was trained with (base_train
     derives it from --max-seq-len: `auto_levels(max_seq_len, K, W)`), not the one the current length needs.
-    `sink` is the mask's attention sink (raw position 0 visible to every query), as the model was trained;
-    it changes no dirty set: raw 0 sees only itself, so it changes only when edited, and an edit of raw 0
-    dirties everything anyway.
     Masks are dense: a full recompute holds a [T, T] bool mask (T² bytes: 18 MB at T = 4k, 270 MB at 16k),
     so this is for working-context-scale sequences; long training sequences use plan_blocksparse.
     """
@@ -260,14 +257,13 @@ class MegaKVCache:
         levels: int,
         capacity: int = 1024,
         full_fraction: float = FULL_RECOMPUTE_FRACTION,
-        sink: bool = False,
     ):
         if K < 2 or W < 0 or levels < 0:
             raise ValueError(f"need K >= 2, W >= 0, levels >= 0; got K={K}, W={W}, levels={levels}")
         if levels and gistnet is None:
             raise ValueError(f"levels={levels} needs a GistNet to make the nodes")
         self.model, self.gistnet, self.K, self.W, self.levels = model, gistnet, K, W, levels
-        self.full_fraction, self.sink = full_fraction, sink
+        self.full_fraction = full_fraction
         c, weight = model.config, model.wte.weight
         self.head_dim = c.head_dim
         self.by_level = []
@@ -286,7 +282,7 @@ class MegaKVCache:
         self.last_logits: torch.Tensor | None = None  # after the newest raw position, as of the last refresh
         self.recomputes = {"incremental": 0, "full": 0}
         self.last_shape = (0, 0)  # (dirty rows, key columns) of the last refresh
-        self._plan: tuple[list[torch.Tensor], list[int], bool, bool] | None = None  # during refresh's forward
+        self._plan: tuple[list[torch.Tensor], list[int], bool] | None = None  # during refresh's forward
         self._full_mask: tuple[int, torch.Tensor] | None = None  # (N, [T, T] bool) of the last full recompute
 
     # ------------------------------------------------------------ content and edits
@@ -388,7 +384,7 @@ class MegaKVCache:
         if full:
             for lv in self.by_level:
                 lv.dirty[: lv.n] = True
-        lay = build_mega_layout(self.N, self.K, self.W, self.levels, self.sink)
+        lay = build_mega_layout(self.N, self.K, self.W, self.levels)
         rows = [lv.dirty[: lv.n].nonzero()[:, 0] for lv in self.by_level]
         # Key columns: per level everything from the lowest bound any dirty query can see (bounds rise with
         # the anchor, so the earliest dirty anchor sets them) to the level's end. A superset of what the rows
@@ -399,12 +395,8 @@ class MegaKVCache:
             0 if lv == self.levels else a // self.K ** (lv + 1) * self.K ** (lv + 1) // self.K**lv
             for lv in range(self.levels + 1)
         ]
-        sink_col = self.sink and lo[0] > 0  # raw 0, when the raw range does not hold it already
         q_packed = torch.cat([lay.offsets[lv] + q for lv, q in enumerate(rows)])
-        cols = torch.cat(
-            [torch.zeros(int(sink_col), dtype=torch.long)]
-            + [lay.offsets[lv] + torch.arange(lo[lv], n) for lv, n in enumerate(self.counts)]
-        )
+        cols = torch.cat([lay.offsets[lv] + torch.arange(lo[lv], n) for lv, n in enumerate(self.counts)])
         device = self.model.wte.weight.device
         if full:  # the whole-sequence mask is a function of N alone: refocuses between appends reuse it
             if self._full_mask is None or self._full_mask[0] != self.N:
@@ -427,7 +419,7 @@ class MegaKVCache:
         row = rows[0].numel() - 1 if newest else 0
         # Only one row's logits are wanted; the LM head would otherwise run on every dirty row.
         hook = self.model.lm_head.register_forward_pre_hook(lambda m, args: (args[0][:, row : row + 1],))
-        self._plan = (dev_rows, lo, full, sink_col)
+        self._plan = (dev_rows, lo, full)
         try:
             out = self.model(embeds=embeds[None], rotary=rotary, kv_cache=self, attn_mask=mask[None, None])
         finally:
@@ -456,7 +448,7 @@ class MegaKVCache:
         """Store the dirty rows' k, v [1, H_kv, rows, D]; return this layer's keys/values at refresh's columns."""
         if self._plan is None:
             raise ValueError("MegaKVCache is driven by refresh(), not by a plain forward")
-        rows, lo, full, sink_col = self._plan
+        rows, lo, full = self._plan
         at = 0
         for lv, q in zip(self.by_level, rows):
             n = q.numel()
@@ -466,8 +458,7 @@ class MegaKVCache:
             at += n
         if full:  # the rows are every element in packed order: they are the keys
             return k, v
-        first = [self.by_level[0].kv[layer_idx, :, :, :1]] if sink_col else []  # [2, H_kv, 1, D]
-        kv = torch.cat(first + [lv.kv[layer_idx, :, :, a : lv.n] for lv, a in zip(self.by_level, lo)], dim=2)
+        kv = torch.cat([lv.kv[layer_idx, :, :, a : lv.n] for lv, a in zip(self.by_level, lo)], dim=2)
         k_all, v_all = kv[0], kv[1]
         return k_all[None], v_all[None]
 

@@ -81,7 +81,9 @@ def default_schedule(
         raise UserError("warm-up steps must be >= 0 and --recall-frac / --longctx-frac in [0, 1]")
     if (recall_warmup or recall_frac) and objective == "mc":
         # the MC step takes its labels from the row itself: a task row's answer-only targets would be lost
-        raise UserError("--recall-warmup-steps / --recall-frac train attention modes; they do not apply to --mc")
+        raise UserError(
+            "--recall-warmup-steps / --recall-frac train attention modes; they do not apply to --mc"
+        )
     if (recall_warmup or recall_frac) and not rows_fit:
         raise UserError(f"task-row steps need --max-seq-len >= {MIN_LENGTH}, got {seq_len}")
     return DataSchedule(copy_warmup, recall_warmup, recall_frac, longctx_frac)
