@@ -31,6 +31,7 @@ import torch
 
 from megacontext.mega_attention import _visible, build_mega_layout, mega_mask
 from megacontext.positional import gaussian_rotary, span_mu_sigma
+from megacontext.zoom import cached_zoom
 from nanochat.gpt import InputHistory
 
 LEVEL_SHIFT = 48  # key = level << 48 | index: 2^48 tokens of history before two keys could collide
@@ -244,6 +245,8 @@ class MegaKVCache:
     under `mega_mask` (tests/test_kv_cache.py). `levels` is fixed for the cache's life: the mask of an old
     query depends on the top level, so it must be the level count the model was trained with (base_train
     derives it from --max-seq-len: `auto_levels(max_seq_len, K, W)`), not the one the current length needs.
+    `zoom_k`: the model's zoom (megacontext/zoom.py); raw rows read their chunks from the cached raw K/V, and
+    the dirty sets are unchanged (a chunk is read from the anchor on that first sees its node).
     Masks are dense: a full recompute holds a [T, T] bool mask (T² bytes: 18 MB at T = 4k, 270 MB at 16k),
     so this is for working-context-scale sequences; long training sequences use plan_blocksparse.
     """
@@ -257,13 +260,15 @@ class MegaKVCache:
         levels: int,
         capacity: int = 1024,
         full_fraction: float = FULL_RECOMPUTE_FRACTION,
+        zoom_k: int = 0,
     ):
         if K < 2 or W < 0 or levels < 0:
             raise ValueError(f"need K >= 2, W >= 0, levels >= 0; got K={K}, W={W}, levels={levels}")
         if levels and gistnet is None:
             raise ValueError(f"levels={levels} needs a GistNet to make the nodes")
         self.model, self.gistnet, self.K, self.W, self.levels = model, gistnet, K, W, levels
-        self.full_fraction = full_fraction
+        self.full_fraction, self.zoom_k = full_fraction, zoom_k if levels else 0
+        self._layer = 0  # the layer whose K/V insert_kv stored last (the zoom reads its cache)
         c, weight = model.config, model.wte.weight
         self.head_dim = c.head_dim
         self.by_level = []
@@ -421,7 +426,12 @@ class MegaKVCache:
         hook = self.model.lm_head.register_forward_pre_hook(lambda m, args: (args[0][:, row : row + 1],))
         self._plan = (dev_rows, lo, full)
         try:
-            out = self.model(embeds=embeds[None], rotary=rotary, kv_cache=self, attn_mask=mask[None, None])
+            zoom = None
+            if self.zoom_k:  # raw rows also read their top-k chunks from this layer's cached raw K/V
+                zoom = lambda q, k, v: self._zoom(q, k, v, mask, rows[0])  # noqa: E731
+            out = self.model(
+                embeds=embeds[None], rotary=rotary, kv_cache=self, attn_mask=mask[None, None], attn_fn=zoom
+            )
         finally:
             hook.remove()
             self._plan = None
@@ -449,6 +459,7 @@ class MegaKVCache:
         if self._plan is None:
             raise ValueError("MegaKVCache is driven by refresh(), not by a plain forward")
         rows, lo, full = self._plan
+        self._layer = layer_idx
         at = 0
         for lv, q in zip(self.by_level, rows):
             n = q.numel()
@@ -469,6 +480,14 @@ class MegaKVCache:
             raise ValueError(f"advance({T_new}) but refresh ran {sum(q.numel() for q in rows)} rows")
         for lv, q in zip(self.by_level, rows):
             lv.dirty[q.cpu()] = False
+
+    def _zoom(self, q, k, v, mask, raw_rows):
+        """The zoom over this layer's cache (zoom.cached_zoom): every raw row may read any complete chunk."""
+        raw, nodes = self.by_level[0], self.by_level[1]
+        kv = lambda level, i: level.kv[self._layer, i, :, : level.n][None]
+        return cached_zoom(
+            q, k, v, mask, raw_rows, kv(nodes, 0), kv(raw, 0), kv(raw, 1), self.K, self.W, self.zoom_k
+        )
 
     # ------------------------------------------------------------ inspection
 

@@ -49,7 +49,7 @@ from megacontext.mega_attention import (
 # Packed lengths up to this run the dense reference on CPU, longer ones the block-sparse path: dense holds a
 # [B, H, T, T] score tensor (T = 2k: 16 MB per row and head in fp32).
 DENSE_MAX_LEN = 2048
-READ_ROWS = 1024  # raw queries per gather in `read_chunks` without grad: bounds the [rows, k·K, D] copies
+READ_ROWS = 512  # raw queries per gather in `read_chunks`: bounds the [rows, k·K, D] copies
 
 
 def _repeat_kv(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -81,32 +81,65 @@ def select_chunks(
     return scores.topk(k, dim=-1)
 
 
+def _gather(q, raw_k, raw_v, index, K):
+    """(keys, values [B, H, r, k, K, D], the flat chunk rows read) of the selected chunks; raw_k, raw_v as
+    [B·H·n1, K·D] (one row per chunk: index_select moves whole chunks)."""
+    B, H, r, D = q.shape
+    n1 = raw_k.size(0) // (B * H)
+    rows = (torch.arange(B * H, device=q.device).view(B, H, 1, 1) * n1 + index).reshape(-1)
+    shape = (B, H, r, index.size(-1), K, D)
+    return raw_k.index_select(0, rows).view(shape), raw_v.index_select(0, rows).view(shape), rows
+
+
+def _read_probs(q, kg):
+    """The per-chunk softmax [B, H, r, k, K] of q [B, H, r, D] over gathered keys [B, H, r, k, K, D]."""
+    return (torch.einsum("bhrd,bhrcjd->bhrcj", q, kg) / math.sqrt(q.size(-1))).softmax(-1)
+
+
+class _ChunkRead(torch.autograd.Function):
+    """read_chunks in slices of READ_ROWS queries; the backward gathers again instead of keeping the
+    [R, k·K, D] copies of every slice (they would hold k·K keys per query, ~0.5 GB per 4k tokens and head)."""
+
+    @staticmethod
+    def forward(ctx, q, raw_k, raw_v, index, K):
+        ctx.save_for_backward(q, raw_k, raw_v, index)
+        ctx.K = K
+        out = []
+        for s in range(0, q.size(2), READ_ROWS):
+            qs = q[:, :, s : s + READ_ROWS]
+            kg, vg, _ = _gather(qs, raw_k, raw_v, index[:, :, s : s + READ_ROWS], K)
+            out.append(torch.einsum("bhrcj,bhrcjd->bhrcd", _read_probs(qs, kg), vg))
+        return torch.cat(out, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, raw_k, raw_v, index = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(raw_k), torch.zeros_like(raw_v)
+        for s in range(0, q.size(2), READ_ROWS):
+            qs, g = q[:, :, s : s + READ_ROWS], grad[:, :, s : s + READ_ROWS]  # g [B, H, r, k, D]
+            kg, vg, rows = _gather(qs, raw_k, raw_v, index[:, :, s : s + READ_ROWS], ctx.K)
+            p = _read_probs(qs, kg)
+            dp = torch.einsum("bhrcd,bhrcjd->bhrcj", g, vg)
+            ds = p * (dp - (p * dp).sum(-1, keepdim=True)) / math.sqrt(q.size(-1))
+            dq[:, :, s : s + READ_ROWS] = torch.einsum("bhrcj,bhrcjd->bhrd", ds, kg)
+            dk.index_add_(0, rows, torch.einsum("bhrcj,bhrd->bhrcjd", ds, qs).reshape(rows.numel(), -1))
+            dv.index_add_(0, rows, torch.einsum("bhrcj,bhrcd->bhrcjd", p, g).reshape(rows.numel(), -1))
+        return dq, dk, dv, None, None
+
+
 def read_chunks(
     q: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.Tensor, index: torch.Tensor, K: int
 ) -> torch.Tensor:
     """Attention of each raw query over the K raw keys of each selected chunk, a softmax per chunk.
 
     q [B, H, R, D]; raw_k, raw_v [B, H_kv, N, D] (rotated at their own positions); index [B, H, R, k] chunk ids.
-    Returns [B, H, R, k, D]. Without grad the rows go in slices (READ_ROWS) to bound the gathered copies."""
+    Returns [B, H, R, k, D]. Runs in slices of READ_ROWS queries, forward and backward (`_ChunkRead`)."""
     B, H, R, D = q.shape
-    k = index.size(-1)
-    if k == 0:
+    if index.size(-1) == 0:
         return q.new_zeros(B, H, R, 0, D)
-    if not torch.is_grad_enabled() and R > READ_ROWS:
-        parts = [
-            read_chunks(q[:, :, s : s + READ_ROWS], raw_k, raw_v, index[:, :, s : s + READ_ROWS], K)
-            for s in range(0, R, READ_ROWS)
-        ]
-        return torch.cat(parts, dim=2)
-    raw_k, raw_v = _repeat_kv(raw_k, H), _repeat_kv(raw_v, H)
-    N = raw_k.size(2)
-    heads = torch.arange(B * H, device=q.device).view(B, H, 1, 1, 1) * N
-    rows = (heads + index[..., None] * K + torch.arange(K, device=q.device)).reshape(-1)  # [B·H·R·k·K]
-    # index_select on a flat [B·H·N, D] view moves whole rows; its backward is a row-wise index_add
-    kg = raw_k.reshape(B * H * N, D).index_select(0, rows).view(B, H, R, k * K, D)
-    vg = raw_v.reshape(B * H * N, D).index_select(0, rows).view(B, H, R, k, K, D)
-    s = torch.einsum("bhrd,bhrjd->bhrj", q, kg).view(B, H, R, k, K) / math.sqrt(D)
-    return torch.einsum("bhrcj,bhrcjd->bhrcd", s.softmax(-1), vg)
+    n1 = raw_k.size(2) // K
+    chunks = lambda x: _repeat_kv(x, H)[:, :, : n1 * K].reshape(B * H * n1, K * D)  # one row per chunk
+    return _ChunkRead.apply(q, chunks(raw_k), chunks(raw_v), index, K)
 
 
 def merge(y: torch.Tensor, lse: torch.Tensor, logits: torch.Tensor, y_chunks: torch.Tensor) -> torch.Tensor:
@@ -195,3 +228,21 @@ class ZoomAttention:
         if self.path == "dense":
             return zoom_dense(q, k, v, self.lay, self.topk)
         return zoom_sparse(q, k, v, self.lay, self.topk, self.pyramid)
+
+
+def cached_zoom(q, k, v, mask, rows, node_k, raw_k, raw_v, K: int, W: int, topk: int) -> torch.Tensor:
+    """The zoom for a KV cache's refresh (megacontext/kv_cache.py): q [1, H, R, D] the recomputed rows (the raw
+    ones first, at raw positions `rows`), k, v [1, H_kv, C, D] the key columns the pyramid `mask` [R, C] is over;
+    node_k the wLOD1 node keys and raw_k, raw_v the raw keys/values [1, H_kv, *, D] of this layer, as cached."""
+    H, D = q.size(1), q.size(-1)
+    s = q @ _repeat_kv(k, H).transpose(-1, -2) / math.sqrt(D)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = s.logsumexp(-1)
+    y = (s - lse[..., None]).exp() @ _repeat_kv(v, H)
+    R0 = rows.numel()
+    if R0 == 0 or node_k.size(2) == 0:
+        return y
+    q_raw = q[:, :, :R0]
+    logits, index = select_chunks(q_raw, rows, node_k, K, W, topk)
+    y_raw = merge(y[:, :, :R0], lse[:, :, :R0], logits, read_chunks(q_raw, raw_k, raw_v, index, K))
+    return torch.cat([y_raw, y[:, :, R0:]], dim=2)

@@ -12,6 +12,7 @@ from megacontext.gistnet import GistNet
 from megacontext.kv_cache import MegaKVCache, SlotKVCache, edit_dirties, key_index, key_level, slot_key
 from megacontext.mega_attention import build_mega_layout, mega_forward, mega_mask, mega_rotary
 from megacontext.positional import gaussian_rotary
+from megacontext.zoom import ZoomAttention
 from nanochat.gpt import GPT, GPTConfig, norm
 
 D = 32
@@ -148,9 +149,10 @@ class Recorder:
 
 
 @torch.no_grad()
-def reference(model, gistnet, ids, overrides, levels=L):
-    """Full recompute: the whole packed sequence in one forward under mega_mask. Nodes are GistNet of their
-    children, bottom-up, except the re-summarised ones in `overrides` {(level, index): embed}.
+def reference(model, gistnet, ids, overrides, levels=L, zoom_k=0):
+    """Full recompute: the whole packed sequence in one forward under mega_mask (with zoom_k: the zoom's dense
+    reference). Nodes are GistNet of their children, bottom-up, except the re-summarised ones in `overrides`
+    {(level, index): embed}.
     Returns (per-layer K/V, logits [T, V] of every packed element)."""
     lay = build_mega_layout(len(ids), K, W, levels)
     per_level = [model.wte(ids)]
@@ -163,8 +165,10 @@ def reference(model, gistnet, ids, overrides, levels=L):
         per_level.append(nodes)
     rec = Recorder()
     rotary = mega_rotary(lay, model.config.head_dim)
+    zoom = ZoomAttention(lay, zoom_k, "cpu", "dense") if zoom_k else None
+    mask = None if zoom else mega_mask(lay)[None, None]
     logits = model(
-        embeds=torch.cat(per_level)[None], rotary=rotary, kv_cache=rec, attn_mask=mega_mask(lay)[None, None]
+        embeds=torch.cat(per_level)[None], rotary=rotary, kv_cache=rec, attn_mask=mask, attn_fn=zoom
     )
     return rec.kv, logits[0]
 
@@ -177,7 +181,7 @@ def drop_ancestor_overrides(overrides, level, index):
 
 
 def assert_matches_reference(cache, model, gistnet, ids, overrides, logits):
-    kv_ref, logits_ref = reference(model, gistnet, ids, overrides)
+    kv_ref, logits_ref = reference(model, gistnet, ids, overrides, zoom_k=cache.zoom_k)
     for layer in range(model.config.n_layer):
         k, v = cache.packed_kv(layer)
         torch.testing.assert_close(k, kv_ref[layer][0], rtol=1e-5, atol=1e-5)
@@ -186,13 +190,16 @@ def assert_matches_reference(cache, model, gistnet, ids, overrides, logits):
     assert not any(bool(d.any()) for d in cache.dirty())
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_incremental_refocus_equals_full_recompute_over_random_edits(model, gistnet, seed):
+@pytest.mark.parametrize("seed,zoom_k", [(0, 0), (1, 0), (2, 0), (3, 2), (4, 3)])
+def test_incremental_refocus_equals_full_recompute_over_random_edits(model, gistnet, seed, zoom_k):
+    """With the zoom too: its raw rows read any complete chunk, yet the dirty sets stay those of the pyramid (a
+    chunk's tokens are seen from the same anchor on as its node, and each such anchor is dirtied by a raw edit
+    anyway), and every read comes from the cache's K/V of that layer."""
     g = torch.Generator().manual_seed(seed)
     rint = lambda hi: int(torch.randint(hi, (1,), generator=g))
     ids = torch.randint(0, 50, (70,), generator=g)
     overrides = {}
-    cache = MegaKVCache(model, gistnet, K, W, L, capacity=16)  # small: growth runs too
+    cache = MegaKVCache(model, gistnet, K, W, L, capacity=16, zoom_k=zoom_k)  # small: growth runs too
     cache.append(ids)
     assert_matches_reference(cache, model, gistnet, ids, overrides, cache.refresh())
     kinds = ["token", "token", "node", "append", "early"] * 3
@@ -301,6 +308,19 @@ def test_marking_too_little_is_caught(model, gistnet, monkeypatch):
         float((cache.packed_kv(i)[0] - kv_ref[i][0]).abs().max()) for i in range(model.config.n_layer)
     )
     assert stale > 1e-3 and float((logits - logits_ref[-1]).abs().max()) > 1e-4
+
+
+def test_zoomed_decoding_token_by_token_matches_the_full_forward(model, gistnet):
+    ids = torch.randint(0, 50, (90,), generator=torch.Generator().manual_seed(9))
+    cache = MegaKVCache(model, gistnet, K, W, L, capacity=8, zoom_k=2)
+    cache.append(ids[:70])
+    cache.refresh()
+    for t in range(70, 90):
+        cache.append(ids[t : t + 1])
+        logits = cache.refresh()
+        torch.testing.assert_close(logits, reference(model, gistnet, ids[: t + 1], {}, zoom_k=2)[1][t])
+    plain = reference(model, gistnet, ids, {})[1][89]
+    assert not torch.allclose(logits, plain, atol=1e-4)  # the zoom changed what the newest token predicts
 
 
 def test_decoding_token_by_token_matches_mega_forward_and_sees_few_columns(model, gistnet):

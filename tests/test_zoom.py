@@ -112,13 +112,24 @@ def test_top_k_zero_is_the_pyramid_and_the_zoom_adds_its_chunks_to_the_softmax()
     torch.testing.assert_close(out[:, :, 64:], pyramid[:, :, 64:])  # node rows: the pyramid alone
 
 
-def test_read_chunks_in_slices_without_grad_equals_one_piece(monkeypatch):
-    q, k, v = qkv(40, requires_grad=False)
-    index = torch.randint(0, 10, (2, 2, 40, 3), generator=torch.Generator().manual_seed(1))
-    whole = read_chunks(q, k, v, index, 4)
+def test_read_chunks_in_slices_equals_plain_autograd_with_gradients(monkeypatch):
+    """read_chunks regathers in its backward instead of saving the copies, in slices of READ_ROWS queries: its
+    output and gradients equal plain autograd over one gather (grouped-query heads too)."""
+    q, _, _ = qkv(40, H=4)
+    _, k, v = qkv(42, H_kv=2, seed=1)  # 42 raw positions: 10 complete chunks of 4, two left over
+    index = torch.randint(0, 10, (2, 4, 40, 3), generator=torch.Generator().manual_seed(1))
+    kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    pos = index[..., None] * 4 + torch.arange(4)  # [B, H, R, k, K] raw positions read
+    take = lambda x: torch.stack([x[b, h][pos[b, h]] for b in range(2) for h in range(4)]).view(*pos.shape, 8)
+    p = (torch.einsum("bhrd,bhrcjd->bhrcj", q, take(kr)) / 8**0.5).softmax(-1)
+    ref = torch.einsum("bhrcj,bhrcjd->bhrcd", p, take(vr))
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    g_ref = torch.autograd.grad(ref, (q, k, v), grad)
     monkeypatch.setattr(zoom, "READ_ROWS", 7)
-    with torch.no_grad():
-        torch.testing.assert_close(read_chunks(q, k, v, index, 4), whole)
+    out = read_chunks(q, k, v, index, 4)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), g_ref):
+        torch.testing.assert_close(a, b)
 
 
 # ----------------------------------------------------------------------------- in the model
