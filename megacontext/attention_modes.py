@@ -1,11 +1,13 @@
-"""Attention modes of base training (issue 8): `--attention dense | window | mega`.
+"""Attention modes of base training: `--attention dense | window | mega`.
 
 dense  - the vanilla GPT. base_train calls the model exactly as before; nothing here runs.
 window - sliding-window causal attention: each token sees the W tokens before it and itself
          (mega_attention.sliding_window_layout). The same cost as mega at equal W, but no view of the past
          beyond W: the baseline MegaAttention has to beat on long-context tasks.
-mega   - MegaAttention (DESIGN §6): GistNet summary nodes packed after the raw positions, Gaussian RoPE at
-         their spans, the pyramidal mask; plus MegaPrediction (megacontext/prediction.py) on the nodes.
+mega   - MegaAttention (docs/design.md §6): GistNet summary nodes packed after the raw positions, Gaussian RoPE at
+         their spans, the pyramidal mask, and the zoom (megacontext/zoom.py): each raw query also reads the raw
+         tokens of its top-k chunks beyond the window, weighted by its scores of their nodes (`--mega-zoom-k`,
+         0 = the pyramid alone); optionally MegaPrediction (megacontext/prediction.py) on the nodes.
 
 `AttentionModel` wraps the GPT from outside (STYLE: the GPT stays a GPT). Its forward has the GPT's
 signature for token ids, so evaluate_bpb, base_loss and the `full` view of mc_eval score a checkpoint
@@ -13,19 +15,16 @@ under its own attention mode unchanged. A call with embeddings, rotary phases, a
 MegaContext views, Engine sampling) goes to the plain GPT: for a short prompt (at most W + K tokens) that
 is the mode's own attention, since no node is complete yet and the window still reaches back to 0.
 
-window and mega keep raw position 0 visible to every query by default (`sink`, issue 8): the first token of
-the row (BOS at the start of a document or prompt), which dense attention always has as a place to park
-attention. The hypothesis it tests: without it the always-visible nodes get recruited as sinks, and a sink
-wants a constant key, i.e. the collapse of the gists.
+The defaults are the measured recipe (docs/mega_attention.md): W and K from the training length
+(megacontext.config.scale: W 32, K 16 at T 256), MegaPrediction off (it held the node-reading circuit back).
 
-Both paths build the dense boolean [T, T] mask (mega_attention's SDPA reference, cached per length): fine at
-training lengths of a few thousand tokens on CPU; longer ones need the GPT to take a flex BlockMask or the
-block-sparse path (docs/mega_attention.md, "Limits").
+window and the pyramid alone pass the dense boolean [T, T] mask (mega_attention's SDPA reference, cached per
+length); the zoom passes the GPT an attention function (zoom.ZoomAttention: the dense reference on CPU up to
+2k packed positions, block-sparse beyond, flex_attention on CUDA).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megacontext.config import REFERENCE, scale
 from megacontext.gistnet import GistNet
 from megacontext.mega_attention import (
     _cached_mask,
@@ -43,40 +43,63 @@ from megacontext.mega_attention import (
     sliding_window_layout,
 )
 from megacontext.prediction import MegaPrediction, ramp
+from megacontext.zoom import ZoomAttention
 from nanochat.common import UserError, print0
 
 MODES = ("dense", "window", "mega")
+ZOOM_K = 4  # chunks each raw query reads raw beyond its window (docs/mega_attention.md, "The zoom")
+# Settings that measurements removed (docs/log.md), with the one value the code now implements: a checkpoint's
+# meta may still name them; it loads when it used that value and is refused with a clear line otherwise.
+REMOVED = {"sink": False}  # raw position 0 visible to every query: a null result (docs/mega_attention.md)
 
 
 @dataclass
 class AttentionConfig:
-    """The one place the attention-mode defaults live; `to_dict` goes into checkpoint meta["attention"]."""
+    """The one place the attention-mode defaults live; `to_dict` goes into checkpoint meta["attention"].
+    W and K follow the training length (`for_seq_len`); the dataclass defaults are those of base_train's
+    default length."""
 
     mode: str = "dense"
-    window: int = 256  # W: raw tokens each query sees back from itself (window and mega)
-    block_size: int = 32  # K: raw positions per wLOD1 node, children per higher node (DESIGN §2)
+    window: int = REFERENCE.window  # W: raw tokens each query sees back from itself (window and mega)
+    block_size: int = (
+        REFERENCE.block_size
+    )  # K: raw positions per wLOD1 node = per zoom chunk (docs/design.md §2)
     # Node levels, derived from the training length (auto_levels). Evaluation on longer sequences never
     # builds more: GistNet's level embedding for a higher level was never trained.
     levels: int = 0
     gistnet_layers: int = 2  # the MegaContext GistNet defaults (megacontext/config.py)
     gistnet_heads: int = 4
-    mp_alpha1: tuple[float, float] = (0.02, 0.05)  # MegaPrediction LOD1 weight, first -> last step; 0 = off
-    mp_alpha2: tuple[float, float] = (0.01, 0.03)  # LOD2
-    # window and mega: raw position 0 visible to every query, an attention sink (mega_attention).
-    # New runs have it; meta written before it existed has no key and loads as False (from_dict).
-    sink: bool = True
+    # MegaPrediction weights, first -> last step; (0, 0) = off, the default: with it on the node-reading circuit
+    # formed later or not at all (docs/mega_attention.md)
+    mp_alpha1: tuple[float, float] = (0.0, 0.0)  # LOD1
+    mp_alpha2: tuple[float, float] = (0.0, 0.0)  # LOD2
+    # mega: top-k chunks each raw query zooms into (megacontext/zoom.py); 0 = the pyramid alone. Meta written
+    # before the zoom existed has no key and loads as 0, as it was trained (from_dict).
+    zoom_k: int = ZOOM_K
+
+    @classmethod
+    def for_seq_len(cls, seq_len: int, **fields_) -> AttentionConfig:
+        """The recipe at a training length: W and K from megacontext.config.scale, the rest the defaults."""
+        s = scale(seq_len)
+        return cls(**{"window": s.window, "block_size": s.block_size, **fields_})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AttentionConfig:
-        """None (a checkpoint from before attention modes) is dense. A checkpoint from before the sink was
-        trained without one: a missing `sink` is False, not the dataclass default."""
+        """None (a checkpoint from before attention modes) is dense. A removed setting loads only at the value
+        the code still implements (REMOVED); a missing `zoom_k` (meta from before the zoom) is 0."""
         d = dict(d or {})
+        for key, kept in REMOVED.items():
+            if key in d and (value := d.pop(key)) != kept:
+                raise UserError(
+                    f"this checkpoint was trained with attention {key}={value!r}, a setting this version removed "
+                    f"(only {kept!r} remains, docs/log.md); retrain it or use an older version"
+                )
         if unknown := sorted(set(d) - {f.name for f in fields(cls)}):
             raise UserError(f"unknown attention config keys {unknown} (written by another version?)")
-        d.setdefault("sink", False)
+        d.setdefault("zoom_k", 0)
         for key in ("mp_alpha1", "mp_alpha2"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -92,19 +115,23 @@ class AttentionConfig:
 
 def add_attention_args(parser) -> None:
     d = AttentionConfig()
-    g = parser.add_argument_group("attention (DESIGN §6, docs/mega_attention.md)")
+    g = parser.add_argument_group("attention (docs/design.md §6, docs/mega_attention.md)")
     g.add_argument("--attention", choices=MODES, default=d.mode, help="dense | window | mega (default dense)")
-    g.add_argument("--mega-window", type=int, default=None, help=f"W of window and mega (default {d.window})")
     g.add_argument(
-        "--mega-block-size", type=int, default=None, help=f"K of --attention mega (default {d.block_size})"
+        "--mega-window", type=int, default=None, help="W of window and mega (default max-seq-len / 8, >= K)"
     )
     g.add_argument(
-        "--mega-sink",
-        action=argparse.BooleanOptionalAction,
+        "--mega-block-size",
+        type=int,
         default=None,
-        help="window and mega: keep raw position 0 (the row's first token, BOS) visible to every query, an "
-        "attention sink "
-        f"(default {'on' if d.sink else 'off'}; --no-mega-sink is the mask without it)",
+        help="K of --attention mega: tokens per node and per zoom chunk (default max-seq-len / 32 in [16, 32])",
+    )
+    g.add_argument(
+        "--mega-zoom-k",
+        type=int,
+        default=None,
+        help=f"--attention mega: chunks each query reads raw beyond its window, chosen by its node scores "
+        f"(default {d.zoom_k}; 0 = the pyramid alone)",
     )
     for lv, alpha in ((1, d.mp_alpha1), (2, d.mp_alpha2)):
         g.add_argument(
@@ -112,7 +139,7 @@ def add_attention_args(parser) -> None:
             type=str,
             default=None,
             help=f"MegaPrediction LOD{lv} loss weight START[,END], linear over training "
-            f"(default {alpha[0]},{alpha[1]} with --attention mega; 0 = off)",
+            f"(default {alpha[0]:g}: off; e.g. 0.02,0.05)",
         )
 
 
@@ -127,16 +154,17 @@ def parse_alpha(flag: str, text: str) -> tuple[float, float]:
 
 
 def attention_config_from_args(args, seq_len: int) -> AttentionConfig:
-    """Validated AttentionConfig from base_train's flags; a bad combination is a UserError."""
+    """Validated AttentionConfig from base_train's flags at the training length; a bad combination is a
+    UserError."""
     mode = args.attention
     given = {
         "--mega-window": args.mega_window is not None,
         "--mega-block-size": args.mega_block_size is not None,
-        "--[no-]mega-sink": getattr(args, "mega_sink", None) is not None,
+        "--mega-zoom-k": args.mega_zoom_k is not None,
         "--mp-alpha1": args.mp_alpha1 is not None,
         "--mp-alpha2": args.mp_alpha2 is not None,
     }
-    allowed = {"dense": (), "window": ("--mega-window", "--[no-]mega-sink"), "mega": tuple(given)}[mode]
+    allowed = {"dense": (), "window": ("--mega-window",), "mega": tuple(given)}[mode]
     if bad := [flag for flag, on in given.items() if on and flag not in allowed]:
         raise UserError(f"{bad[0]} does not apply to --attention {mode}")
     if mode != "dense" and getattr(args, "mc", False):
@@ -144,11 +172,10 @@ def attention_config_from_args(args, seq_len: int) -> AttentionConfig:
             f"--attention {mode} cannot be combined with --mc: MegaContext training runs the GPT on its own "
             "working contexts; train one or the other"
         )
-    d = AttentionConfig()
-    cfg = AttentionConfig(mode=mode, mp_alpha1=(0.0, 0.0), mp_alpha2=(0.0, 0.0), sink=False)
-    if mode == "dense":  # sees every past position, BOS included: no sink to add
+    d = AttentionConfig.for_seq_len(seq_len)
+    cfg = AttentionConfig(mode=mode, zoom_k=0)
+    if mode == "dense":
         return cfg
-    cfg.sink = d.sink if getattr(args, "mega_sink", None) is None else args.mega_sink
     cfg.window = d.window if args.mega_window is None else args.mega_window
     if cfg.window < 1:
         raise UserError(f"--mega-window must be >= 1, got {cfg.window}")
@@ -156,6 +183,9 @@ def attention_config_from_args(args, seq_len: int) -> AttentionConfig:
         cfg.block_size = d.block_size if args.mega_block_size is None else args.mega_block_size
         if cfg.block_size < 2:
             raise UserError(f"--mega-block-size must be >= 2, got {cfg.block_size}")
+        cfg.zoom_k = d.zoom_k if args.mega_zoom_k is None else args.mega_zoom_k
+        if cfg.zoom_k < 0:
+            raise UserError(f"--mega-zoom-k must be >= 0, got {cfg.zoom_k}")
         cfg.mp_alpha1 = d.mp_alpha1 if args.mp_alpha1 is None else parse_alpha("--mp-alpha1", args.mp_alpha1)
         cfg.mp_alpha2 = d.mp_alpha2 if args.mp_alpha2 is None else parse_alpha("--mp-alpha2", args.mp_alpha2)
         cfg.levels = auto_levels(seq_len, cfg.block_size, cfg.window)
@@ -222,9 +252,9 @@ class AttentionModel(nn.Module):
         """Layout for N raw positions, or None when the mode's mask is plain causal (then the GPT runs as is)."""
         cfg = self.cfg
         if cfg.mode == "window":
-            return sliding_window_layout(N, cfg.window, cfg.sink) if N - 1 > cfg.window else None
+            return sliding_window_layout(N, cfg.window) if N - 1 > cfg.window else None
         levels = min(auto_levels(N, cfg.block_size, cfg.window), cfg.levels)
-        return build_mega_layout(N, cfg.block_size, cfg.window, levels, cfg.sink) if levels else None
+        return build_mega_layout(N, cfg.block_size, cfg.window, levels) if levels else None
 
     def run(self, idx, targets=None, loss_reduction="mean", nodes=None, capture=False):
         """(loss or raw logits, layout, node embeddings, final hidden states) for token ids [B, N].
@@ -245,15 +275,18 @@ class AttentionModel(nn.Module):
         packed = torch.cat([embeds, nodes.to(embeds.dtype)], dim=1)
         full = None if targets is None else torch.cat([targets, targets.new_full((B, lay.T - N), -1)], dim=1)
         captured = {}
+        # the zoom is an attention function (megacontext/zoom.py); the pyramid alone a mask for SDPA
+        zoom = ZoomAttention(lay, self.cfg.zoom_k, idx.device) if self.cfg.zoom_k else None
         hook = self.gpt.lm_head.register_forward_hook(lambda m, inp, out: captured.update(h=inp[0]))
         try:
             out = self.gpt(
                 embeds=packed,
                 targets=full,
                 rotary=mega_rotary(lay, self.gpt.config.head_dim, idx.device),
-                attn_mask=mask,
+                attn_mask=None if zoom else mask,
                 loss_reduction=loss_reduction,
                 shift_len=N,  # GPTConfig.smear shifts the raw tokens only, never into a node
+                attn_fn=zoom,
             )
         finally:
             hook.remove()
@@ -331,12 +364,16 @@ class AttentionModel(nn.Module):
     def flops_per_token(self, N: int) -> float:
         """Training FLOPs per raw token of a length-N sequence, counting what runs: the GPT's matmuls over
         every packed position (raw + nodes) and attention as the dense masked kernel computes it (all T keys
-        per query, nanochat's 12·layers·heads·head_dim·T), GistNet over every node input, the MP heads."""
+        per query, nanochat's 12·layers·heads·head_dim·T), GistNet over every node input, the MP heads, and the
+        zoom's scores as its dense reference computes them (each raw query against every wLOD1 node key and the
+        keys of every complete chunk: two score matmuls, 6·layers·heads·head_dim per pair)."""
         lay = self.layout(N)
         T = N if lay is None else lay.T
         c = self.gpt.config
         n_matmul = sum(p.numel() for p in self.gpt.parameters()) - self.gpt.wte.weight.numel()
         flops = (6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * T) * T
+        if self.cfg.zoom_k and lay is not None:
+            flops += 6 * c.n_layer * c.n_head * c.head_dim * N * lay.counts[1] * (1 + lay.K)
         if self.gistnet is not None and lay is not None:
             node_inputs = sum(lay.counts[lv] * lay.K for lv in range(1, lay.levels + 1))
             flops += 6 * sum(p.numel() for p in self.gistnet.parameters()) * node_inputs
@@ -349,7 +386,7 @@ class AttentionModel(nn.Module):
 def node_cos(nodes: torch.Tensor, max_nodes: int = 256) -> float:
     """Mean cosine between two distinct wLOD1 nodes of the same row, over all pairs (the expectation over
     random pairs, without drawing random numbers in training), nodes [B, n, d] with n >= 2. Near 1: the gists
-    collapsed to one direction (issue 8 measured 0.92-0.99); a long row uses max_nodes evenly spaced nodes."""
+    collapsed to one direction (measured 0.92-0.99 with plain-text training); a long row uses max_nodes evenly spaced nodes."""
     n = nodes.size(1)
     if n > max_nodes:
         nodes = nodes[:, torch.linspace(0, n - 1, max_nodes, device=nodes.device).long()]
@@ -377,10 +414,10 @@ def attention_model(gpt, ckpt_dir, step: int, meta: dict, device):
 
 def describe(cfg: AttentionConfig) -> str:
     """One line for logs: the mode and its geometry."""
-    sink = "sink" if cfg.sink else "no sink"
     if cfg.mode == "window":
-        return f"window W={cfg.window} {sink}"
+        return f"window W={cfg.window}"
     if cfg.mode == "mega":
         mp = f"mp α1 {cfg.mp_alpha1} α2 {cfg.mp_alpha2}" if cfg.prediction else "mp off"
-        return f"mega W={cfg.window} K={cfg.block_size} levels={cfg.levels} {sink} {mp}"
+        zoom = f"zoom top-{cfg.zoom_k}" if cfg.zoom_k else "pyramid only"
+        return f"mega W={cfg.window} K={cfg.block_size} levels={cfg.levels} {zoom} {mp}"
     return "dense"

@@ -1,4 +1,4 @@
-"""A micro-batch of MC training rows planned ahead of the step, as padded index tensors (DESIGN §4).
+"""A micro-batch of MC training rows planned ahead of the step, as padded index tensors (docs/design.md §4).
 
 What a row's working contexts are (which bank row fills each GPT slot, for the baseline, the base and every
 one-edit variant the row could run) and what LensNet sees of its base (which bank row, LOD and span per

@@ -1,4 +1,4 @@
-"""KV caches kept between refocuses (DESIGN §3 "Inference session", §6 "Hierarchical KV cache").
+"""KV caches kept between refocuses (docs/design.md §3 "Inference session", §6 "Hierarchical KV cache").
 
 Two caches, one rule: a cached K/V stays valid exactly as long as nothing it was computed from changed, and
 an edit recomputes only what it dirtied. Both name content by (level, index) and speak the GPT's KV-cache
@@ -31,6 +31,7 @@ import torch
 
 from megacontext.mega_attention import _visible, build_mega_layout, mega_mask
 from megacontext.positional import gaussian_rotary, span_mu_sigma
+from megacontext.zoom import cached_zoom
 from nanochat.gpt import InputHistory
 
 LEVEL_SHIFT = 48  # key = level << 48 | index: 2^48 tokens of history before two keys could collide
@@ -244,9 +245,8 @@ class MegaKVCache:
     under `mega_mask` (tests/test_kv_cache.py). `levels` is fixed for the cache's life: the mask of an old
     query depends on the top level, so it must be the level count the model was trained with (base_train
     derives it from --max-seq-len: `auto_levels(max_seq_len, K, W)`), not the one the current length needs.
-    `sink` is the mask's attention sink (raw position 0 visible to every query), as the model was trained;
-    it changes no dirty set: raw 0 sees only itself, so it changes only when edited, and an edit of raw 0
-    dirties everything anyway.
+    `zoom_k`: the model's zoom (megacontext/zoom.py); raw rows read their chunks from the cached raw K/V, and
+    the dirty sets are unchanged (a chunk is read from the anchor on that first sees its node).
     Masks are dense: a full recompute holds a [T, T] bool mask (T² bytes: 18 MB at T = 4k, 270 MB at 16k),
     so this is for working-context-scale sequences; long training sequences use plan_blocksparse.
     """
@@ -260,14 +260,15 @@ class MegaKVCache:
         levels: int,
         capacity: int = 1024,
         full_fraction: float = FULL_RECOMPUTE_FRACTION,
-        sink: bool = False,
+        zoom_k: int = 0,
     ):
         if K < 2 or W < 0 or levels < 0:
             raise ValueError(f"need K >= 2, W >= 0, levels >= 0; got K={K}, W={W}, levels={levels}")
         if levels and gistnet is None:
             raise ValueError(f"levels={levels} needs a GistNet to make the nodes")
         self.model, self.gistnet, self.K, self.W, self.levels = model, gistnet, K, W, levels
-        self.full_fraction, self.sink = full_fraction, sink
+        self.full_fraction, self.zoom_k = full_fraction, zoom_k if levels else 0
+        self._layer = 0  # the layer whose K/V insert_kv stored last (the zoom reads its cache)
         c, weight = model.config, model.wte.weight
         self.head_dim = c.head_dim
         self.by_level = []
@@ -286,7 +287,7 @@ class MegaKVCache:
         self.last_logits: torch.Tensor | None = None  # after the newest raw position, as of the last refresh
         self.recomputes = {"incremental": 0, "full": 0}
         self.last_shape = (0, 0)  # (dirty rows, key columns) of the last refresh
-        self._plan: tuple[list[torch.Tensor], list[int], bool, bool] | None = None  # during refresh's forward
+        self._plan: tuple[list[torch.Tensor], list[int], bool] | None = None  # during refresh's forward
         self._full_mask: tuple[int, torch.Tensor] | None = None  # (N, [T, T] bool) of the last full recompute
 
     # ------------------------------------------------------------ content and edits
@@ -388,7 +389,7 @@ class MegaKVCache:
         if full:
             for lv in self.by_level:
                 lv.dirty[: lv.n] = True
-        lay = build_mega_layout(self.N, self.K, self.W, self.levels, self.sink)
+        lay = build_mega_layout(self.N, self.K, self.W, self.levels)
         rows = [lv.dirty[: lv.n].nonzero()[:, 0] for lv in self.by_level]
         # Key columns: per level everything from the lowest bound any dirty query can see (bounds rise with
         # the anchor, so the earliest dirty anchor sets them) to the level's end. A superset of what the rows
@@ -399,12 +400,8 @@ class MegaKVCache:
             0 if lv == self.levels else a // self.K ** (lv + 1) * self.K ** (lv + 1) // self.K**lv
             for lv in range(self.levels + 1)
         ]
-        sink_col = self.sink and lo[0] > 0  # raw 0, when the raw range does not hold it already
         q_packed = torch.cat([lay.offsets[lv] + q for lv, q in enumerate(rows)])
-        cols = torch.cat(
-            [torch.zeros(int(sink_col), dtype=torch.long)]
-            + [lay.offsets[lv] + torch.arange(lo[lv], n) for lv, n in enumerate(self.counts)]
-        )
+        cols = torch.cat([lay.offsets[lv] + torch.arange(lo[lv], n) for lv, n in enumerate(self.counts)])
         device = self.model.wte.weight.device
         if full:  # the whole-sequence mask is a function of N alone: refocuses between appends reuse it
             if self._full_mask is None or self._full_mask[0] != self.N:
@@ -427,9 +424,14 @@ class MegaKVCache:
         row = rows[0].numel() - 1 if newest else 0
         # Only one row's logits are wanted; the LM head would otherwise run on every dirty row.
         hook = self.model.lm_head.register_forward_pre_hook(lambda m, args: (args[0][:, row : row + 1],))
-        self._plan = (dev_rows, lo, full, sink_col)
+        self._plan = (dev_rows, lo, full)
         try:
-            out = self.model(embeds=embeds[None], rotary=rotary, kv_cache=self, attn_mask=mask[None, None])
+            zoom = None
+            if self.zoom_k:  # raw rows also read their top-k chunks from this layer's cached raw K/V
+                zoom = lambda q, k, v: self._zoom(q, k, v, mask, rows[0])  # noqa: E731
+            out = self.model(
+                embeds=embeds[None], rotary=rotary, kv_cache=self, attn_mask=mask[None, None], attn_fn=zoom
+            )
         finally:
             hook.remove()
             self._plan = None
@@ -456,7 +458,8 @@ class MegaKVCache:
         """Store the dirty rows' k, v [1, H_kv, rows, D]; return this layer's keys/values at refresh's columns."""
         if self._plan is None:
             raise ValueError("MegaKVCache is driven by refresh(), not by a plain forward")
-        rows, lo, full, sink_col = self._plan
+        rows, lo, full = self._plan
+        self._layer = layer_idx
         at = 0
         for lv, q in zip(self.by_level, rows):
             n = q.numel()
@@ -466,8 +469,7 @@ class MegaKVCache:
             at += n
         if full:  # the rows are every element in packed order: they are the keys
             return k, v
-        first = [self.by_level[0].kv[layer_idx, :, :, :1]] if sink_col else []  # [2, H_kv, 1, D]
-        kv = torch.cat(first + [lv.kv[layer_idx, :, :, a : lv.n] for lv, a in zip(self.by_level, lo)], dim=2)
+        kv = torch.cat([lv.kv[layer_idx, :, :, a : lv.n] for lv, a in zip(self.by_level, lo)], dim=2)
         k_all, v_all = kv[0], kv[1]
         return k_all[None], v_all[None]
 
@@ -478,6 +480,14 @@ class MegaKVCache:
             raise ValueError(f"advance({T_new}) but refresh ran {sum(q.numel() for q in rows)} rows")
         for lv, q in zip(self.by_level, rows):
             lv.dirty[q.cpu()] = False
+
+    def _zoom(self, q, k, v, mask, raw_rows):
+        """The zoom over this layer's cache (zoom.cached_zoom): every raw row may read any complete chunk."""
+        raw, nodes = self.by_level[0], self.by_level[1]
+        kv = lambda level, i: level.kv[self._layer, i, :, : level.n][None]
+        return cached_zoom(
+            q, k, v, mask, raw_rows, kv(nodes, 0), kv(raw, 0), kv(raw, 1), self.K, self.W, self.zoom_k
+        )
 
     # ------------------------------------------------------------ inspection
 

@@ -1,4 +1,4 @@
-"""MegaAttention: attention over a long sequence plus summary nodes, with a pyramidal mask (DESIGN §6).
+"""MegaAttention: attention over a long sequence plus summary nodes, with a pyramidal mask (docs/design.md §6).
 
 Every complete aligned K-block of raw positions gets a wLOD1 node (GistNet of its K input embeddings),
 every complete run of K wLOD1 nodes a wLOD2 node, and so on. A raw query i sees:
@@ -9,12 +9,7 @@ every complete run of K wLOD1 nodes a wLOD2 node, and so on. A raw query i sees:
     wLODL nodes tiling [0, bL)    (at most N / K**L of them; L = top level)
 
 so the past [0, i] is tiled exactly once, finer near i, and every visible node ends at or before
-b1 <= i (strictly causal, no overshoot). With `sink` (window and mega layouts) raw position 0 (the row's
-first token, BOS at the start of a document) is visible to every query as well: an attention sink, as in
-StreamingLLM. Without it no query more than W past position 0 has a fixed key to park attention on, and the
-always-visible nodes may get recruited as sinks, which wants them constant (issue 8: the gists collapsed).
-Position 0 is then the one exception to "seen once": it may be seen raw and inside the first node.
-The raw window reaches back from i - W to the K-aligned boundary
+b1 <= i (strictly causal, no overshoot). The raw window reaches back from i - W to the K-aligned boundary
 b1 (at most K - 1 extra positions): the wLOD1 node holding i - W also holds positions inside the window,
 so it cannot stand in for the older part of its span without covering some positions twice.
 A node sees exactly what its last raw child sees, plus itself (every query sees its own key, as a raw
@@ -64,7 +59,6 @@ class MegaLayout:
     counts: tuple[int, ...]  # counts[l] nodes of level l; counts[0] = N
     offsets: tuple[int, ...]  # packed index of the first node of level l; offsets[0] = 0
     window_only: bool = False  # the baseline: sliding window [i - W, i] and nothing older (no nodes)
-    sink: bool = False  # raw position 0 (BOS) visible to every query: the attention sink
 
     @property
     def T(self) -> int:
@@ -89,7 +83,7 @@ class MegaLayout:
         return 0, p, p + 1
 
     def mu_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per packed position: the span centre μ = start + L/2 and width σ = L/√12 (DESIGN §2); raw: (i, 0)."""
+        """Per packed position: the span centre μ = start + L/2 and width σ = L/√12 (docs/design.md §2); raw: (i, 0)."""
         mu = torch.arange(self.N, dtype=torch.float32)
         sigma = torch.zeros(self.N)
         mus, sigmas = [mu], [sigma]
@@ -109,9 +103,8 @@ def auto_levels(N: int, K: int, W: int) -> int:
     return levels
 
 
-def build_mega_layout(N: int, K: int, W: int, levels: int | None = None, sink: bool = False) -> MegaLayout:
-    """Layout of the packed sequence for N raw positions, block size K, raw window W (levels None = auto);
-    `sink` keeps raw position 0 visible to every query."""
+def build_mega_layout(N: int, K: int, W: int, levels: int | None = None) -> MegaLayout:
+    """Layout of the packed sequence for N raw positions, block size K, raw window W (levels None = auto)."""
     if N < 1 or K < 2 or W < 0:
         raise ValueError(f"need N >= 1, K >= 2, W >= 0; got N={N}, K={K}, W={W}")
     if levels is None:
@@ -120,15 +113,14 @@ def build_mega_layout(N: int, K: int, W: int, levels: int | None = None, sink: b
         raise ValueError(f"levels must be >= 0, got {levels}")
     counts = (N, *[N // K**lv for lv in range(1, levels + 1)])
     offsets = tuple(int(x) for x in np.cumsum((0, *counts[:-1])))
-    return MegaLayout(N, K, W, levels, counts, offsets, sink=sink)
+    return MegaLayout(N, K, W, levels, counts, offsets)
 
 
-def sliding_window_layout(N: int, W: int, sink: bool = False) -> MegaLayout:
-    """The comparison baseline through the same machinery: raw [i - W, i] only (K is unused), plus raw
-    position 0 with `sink`."""
+def sliding_window_layout(N: int, W: int) -> MegaLayout:
+    """The comparison baseline through the same machinery: raw [i - W, i] only (K is unused)."""
     if N < 1 or W < 0:
         raise ValueError(f"need N >= 1, W >= 0; got N={N}, W={W}")
-    return MegaLayout(N, 1, W, 0, (N,), (0,), window_only=True, sink=sink)
+    return MegaLayout(N, 1, W, 0, (N,), (0,), window_only=True)
 
 
 # -----------------------------------------------------------------------------
@@ -150,12 +142,6 @@ def _spans(p: torch.Tensor, lay: MegaLayout):
 
 def _visible(q: torch.Tensor, k: torch.Tensor, lay: MegaLayout) -> torch.Tensor:
     """May packed query q attend to packed key k? (broadcasts)"""
-    seen = _visible_no_sink(q, k, lay)
-    return seen | (k == 0) if lay.sink else seen  # packed index 0 is raw position 0 (BOS)
-
-
-def _visible_no_sink(q: torch.Tensor, k: torch.Tensor, lay: MegaLayout) -> torch.Tensor:
-    """The window and the pyramid alone."""
     _, _, q_end = _spans(q, lay)
     r = q_end - 1  # the anchor: a raw query itself, a node's last raw child
     k_level, k_start, k_end = _spans(k, lay)
@@ -202,12 +188,11 @@ def coverage(lay: MegaLayout, i: int) -> list[list[int]]:
 
 
 def cost_bound(lay: MegaLayout) -> int:
-    """Most keys any raw query sees: (W + 1) + levels·(K - 1) + N // K**levels (raw window: W + 1), plus
-    the sink."""
+    """Most keys any raw query sees: (W + 1) + levels·(K - 1) + N // K**levels (raw window: W + 1)."""
     if lay.levels == 0 and not lay.window_only:
         return lay.N
     nodes = 0 if lay.window_only else lay.levels * (lay.K - 1) + lay.N // lay.K**lay.levels
-    return lay.W + 1 + nodes + int(lay.sink)
+    return lay.W + 1 + nodes
 
 
 # -----------------------------------------------------------------------------
@@ -243,16 +228,14 @@ def mega_forward(
     K: int = 32,
     levels: int | None = None,
     loss_reduction: str = "mean",
-    sink: bool = False,
 ):
     """Run the GPT with MegaAttention over idx [B, N]: the loss on raw positions, or raw logits [B, N, V].
 
     With no levels (auto when N - 1 - W < K, i.e. no node could ever be visible) the mask is plain causal,
-    so none is passed and the GPT takes its is_causal path: bit for bit the vanilla forward (with or without
-    the sink, which causal attention already has).
+    so none is passed and the GPT takes its is_causal path: bit for bit the vanilla forward.
     """
     B, N = idx.shape
-    lay = build_mega_layout(N, K, W, levels, sink)
+    lay = build_mega_layout(N, K, W, levels)
     embeds = model.wte(idx)
     packed = torch.cat([embeds, build_nodes(embeds, lay, gistnet)], dim=1)
     rotary = mega_rotary(lay, model.config.head_dim, idx.device)
@@ -277,8 +260,8 @@ _compiled_flex = None
 
 def key_ranges(lay: MegaLayout, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every packed query's visible keys as a few packed-index ranges: (lo, hi) [T, R], keys lo <= k < hi
-    (empty when lo >= hi; ranges may overlap). R = levels + 2 (+ 1 with the sink): the raw window, one
-    contiguous run of nodes per level, itself, [0, 1). Derived from the same spans as _visible; O(T·levels),
+    (empty when lo >= hi; ranges may overlap). R = levels + 2: the raw window, one contiguous run of nodes
+    per level, itself. Derived from the same spans as _visible; O(T·levels),
     where evaluating the rule per pair is O(T²)."""
     q = torch.arange(lay.T, device=device)
     _, _, q_end = _spans(q, lay)
@@ -295,9 +278,6 @@ def key_ranges(lay: MegaLayout, device=None) -> tuple[torch.Tensor, torch.Tensor
         for lv in range(1, lay.levels + 1):
             lo.append(lay.offsets[lv] + b[lv + 1] // lay.K**lv)
             hi.append(lay.offsets[lv] + b[lv] // lay.K**lv)
-    if lay.sink:
-        lo.append(torch.zeros_like(r))
-        hi.append(torch.ones_like(r))
     return torch.stack(lo, 1), torch.stack(hi, 1)
 
 
@@ -331,20 +311,27 @@ def mega_block_mask(lay: MegaLayout, device="cpu", block_size: int = 128):
     )
 
 
-def flex_mega_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    """q, k, v [B, H, T, D] -> [B, H, T, D]. Compiled on CUDA. On CPU torch runs flex_attention eagerly
+def flex_mega_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, return_lse: bool = False
+):
+    """q, k, v [B, H, T, D] -> [B, H, T, D], or (out, log-sum-exp [B, H, T]) with return_lse (the zoom merges
+    on it; gradients flow through both). Compiled on CUDA. On CPU torch runs flex_attention eagerly
     (materialising the scores) and raises NotImplementedError for inputs that require grad."""
     global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-    gqa = q.size(1) != k.size(1)
+    kwargs = {"block_mask": block_mask, "enable_gqa": q.size(1) != k.size(1)}
+    if return_lse:
+        kwargs["return_aux"] = AuxRequest(lse=True)
     if q.device.type == "cuda":
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    with warnings.catch_warnings():  # the "called without torch.compile" notice: eager is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        out = _compiled_flex(q, k, v, **kwargs)
+    else:
+        with warnings.catch_warnings():  # the "called without torch.compile" notice: eager is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            out = flex_attention(q, k, v, **kwargs)
+    return (out[0], out[1].lse) if return_lse else out
 
 
 # -----------------------------------------------------------------------------
@@ -370,7 +357,7 @@ def plan_blocksparse(lay: MegaLayout, block: int = 128, device=None) -> BlockPla
         t1 = min(t0 + block, lay.N) - 1
         a0, a1 = max(t0 - W, 0), max(t1 - W, 0)
         first = a0 if lay.window_only else (0 if L == 0 else floor_to(a0, 1))
-        keys = [np.arange(first, t1 + 1), np.zeros(int(lay.sink), dtype=np.int64)]
+        keys = [np.arange(first, t1 + 1)]
         selves = []
         for lv in range(1, L + 1):
             lo = floor_to(a0, lv + 1) // K**lv if lv < L else 0
@@ -400,9 +387,10 @@ def plan_blocksparse(lay: MegaLayout, block: int = 128, device=None) -> BlockPla
 
 
 def blocksparse_mega_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan
-) -> torch.Tensor:
-    """q, k, v [B, H, T, D] -> [B, H, T, D], equal to SDPA with `mega_mask` (up to fp summation order)."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, return_lse: bool = False
+):
+    """q, k, v [B, H, T, D] -> [B, H, T, D], equal to SDPA with `mega_mask` (up to fp summation order); with
+    return_lse also the log-sum-exp of each query's scores [B, H, T] (then the softmax runs unfused)."""
     B, H, T, D = q.shape
     if k.size(1) != H:  # grouped-query attention: share each key/value head across its query heads
         k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // k.size(1), dim=1)
@@ -417,6 +405,14 @@ def blocksparse_mega_attention(
 
     qg, kg, vg = gather(q, plan.q_idx, Qm), gather(k, plan.kv_idx, Km), gather(v, plan.kv_idx, Km)
     mask = plan.mask.expand(B, nb, 1, Qm, Km).reshape(B * nb, 1, Qm, Km)
-    y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)
-    y = y.transpose(1, 2).reshape(B, nb * Qm, H, D).index_select(1, plan.inv)
-    return y.transpose(1, 2)
+    if not return_lse:
+        y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)
+    else:
+        s = (qg @ kg.transpose(-1, -2) / D**0.5).masked_fill(~mask, float("-inf"))
+        lse = s.logsumexp(-1)  # [B * nb, H, Qm]
+        y = (s - lse[..., None]).exp() @ vg
+    y = y.transpose(1, 2).reshape(B, nb * Qm, H, D).index_select(1, plan.inv).transpose(1, 2)
+    if not return_lse:
+        return y
+    lse = lse.view(B, nb, H, Qm).transpose(1, 2).reshape(B, H, nb * Qm).index_select(2, plan.inv)
+    return y, lse

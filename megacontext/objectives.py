@@ -1,4 +1,4 @@
-"""The MC step's losses, over all rows at once (DESIGN §4): masked reductions over padded [rows, variants]
+"""The MC step's losses, over all rows at once (docs/design.md §4): masked reductions over padded [rows, variants]
 tensors, no loop over rows and no read back to the host, so one micro-batch is a fixed number of kernels
 whatever its rows.
 

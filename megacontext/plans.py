@@ -1,4 +1,4 @@
-"""Which experiments a training row runs (DESIGN §4): its tree's shape, and the baseline, base and one-edit
+"""Which experiments a training row runs (docs/design.md §4): its tree's shape, and the baseline, base and one-edit
 variants whose measured losses give LensNet its per-entry utilities (megacontext.training runs them).
 
 The candidates are random by default; hints steer some of them to the blocks most likely to matter (the

@@ -1,4 +1,4 @@
-"""The MegaContext training step (DESIGN §4): the GPT, GistNet and LensNet trained end to end.
+"""The MegaContext training step (docs/design.md §4): the GPT, GistNet and LensNet trained end to end.
 
 Per training row x[0..T] (inputs x[:T], labels x[1:T+1]):
 

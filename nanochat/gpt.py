@@ -122,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None, attn_fn=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -137,7 +137,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if attn_mask is not None:
+        if attn_fn is not None:  # an attention function from outside replaces SDPA (MegaAttention's zoom)
+            y = attn_fn(q, k, v)
+        elif attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         elif Tq == Tk:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -167,8 +169,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask)
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None, attn_fn=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask, attn_fn)
         return x + self.mlp(norm(x))
 
 
@@ -257,11 +259,14 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         shift_len: int | None = None,
+        attn_fn=None,
     ):
         """Token ids `idx` [B, T] or input embeddings `embeds` [B, T, d] (exactly one).
 
         rotary: (cos, sin) [B or 1, T, 1, head_dim/2]; default positions 0..T-1 (continuing from the
         KV cache position when one is given). attn_mask: boolean [B or 1, 1, T, T_keys], True = attend.
+        attn_fn: an attention function (q, k, v [B, H, T, D], rotated; k, v from the cache when one is
+        given) -> [B, H, T, D] that replaces SDPA in every layer (MegaAttention's zoom drives it).
         With targets (ignore index -1) returns the loss, else the soft-capped logits [B, T, V].
         """
         if (idx is None) == (embeds is None):
@@ -276,7 +281,7 @@ class GPT(nn.Module):
         if self.config.smear:
             x = self.smear_in(x, kv_cache, shift_len)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, attn_mask)
+            x = block(x, cos, sin, kv_cache, attn_mask, attn_fn)
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)

@@ -1,6 +1,7 @@
 """Benchmark one attention layer, forward + backward, against sequence length: dense causal attention vs a
-sliding window vs MegaAttention (the pyramid of docs/design.md §6, block-sparse execution); and MegaAttention's
-hierarchical KV cache: an incremental refocus against a full recompute.
+sliding window vs MegaAttention (the pyramid of docs/design.md §6, block-sparse execution) vs MegaAttention with the
+zoom (megacontext/zoom.py: the pyramid plus each raw query's top --zoom-k chunks read raw, block-sparse on CPU);
+and MegaAttention's hierarchical KV cache: an incremental refocus against a full recompute.
 
     python -m scripts.bench_attention                      # 1k, 4k, 16k, 64k on CPU + the KV cache, ~3 minutes
     python -m scripts.bench_attention --lengths 1024,4096 --dense-max-len 4096 --kv-len 0
@@ -54,11 +55,12 @@ from megacontext.mega_attention import (
     plan_blocksparse,
     sliding_window_layout,
 )
+from megacontext.zoom import ZoomAttention, _cached_block_mask, _cached_plan, candidates
 from nanochat.common import UserError, run_main
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.progress import add_quiet_flag, progress, say, set_quiet
 
-METHODS = ("dense", "window", "mega")
+METHODS = ("dense", "window", "mega", "zoom")
 KV_DEPTHS = (0.01, 0.10, 0.50)  # edit depth as a share of the WC, from the newest end
 
 
@@ -109,6 +111,7 @@ def measure(
     repeats: int,
     budget_s: float = 5.0,
     device: str = "cpu",
+    zoom_k: int = 4,
 ) -> dict:
     """Time fwd+bwd of one attention layer over N raw positions with `method`; returns the figures."""
     out: dict = {}
@@ -120,7 +123,13 @@ def measure(
     else:
         t0 = time.perf_counter()
         lay = sliding_window_layout(N, W) if method == "window" else build_mega_layout(N, K, W)
-        if cuda:  # flex_attention: block sparsity from a BlockMask built on the GPU
+        if (
+            method == "zoom"
+        ):  # the pyramid's plan (or BlockMask, blocks of 128) is cached inside: build it here
+            T, attn = lay.T, ZoomAttention(lay, zoom_k, device, "flex" if cuda else "blocksparse")
+            (_cached_block_mask if cuda else _cached_plan)(lay, device)
+            sync()
+        elif cuda:  # flex_attention: block sparsity from a BlockMask built on the GPU
             bm = mega_block_mask(lay, device, block)
             sync()
             T, attn = lay.T, lambda q, k, v: flex_mega_attention(q, k, v, bm)
@@ -134,6 +143,15 @@ def measure(
             out["keys_per_query"] = int(plan.mask[:, 0][plan.q_valid].sum()) / lay.T
         out["plan_ms"] = (time.perf_counter() - t0) * 1e3
         out["levels"], out["packed_len"] = lay.levels, lay.T
+        if (
+            method == "zoom"
+        ):  # keys per packed query: the pyramid's, plus each raw query's scores and chunk reads
+            pyramid = plan_blocksparse(lay, block)
+            n_cand = candidates(torch.arange(N), K, W)
+            keys = int(pyramid.mask[:, 0][pyramid.q_valid].sum()) + int(
+                (n_cand + n_cand.clamp(max=zoom_k) * K).sum()
+            )
+            out["keys_per_query"] = keys / lay.T
     g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if cuda else torch.float32
     x = torch.randn(1, T, d_model, generator=g).to(device, dtype).requires_grad_()
@@ -236,6 +254,7 @@ def run_worker(method: str, N: int, args) -> dict | None:
         "kv_depth",
         "kv_vocab",
         "device",
+        "zoom_k",
     ):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     try:
@@ -259,6 +278,7 @@ def main():
     parser.add_argument("--block-size", type=int, default=32, help="K: raw positions per wLOD1 node")
     parser.add_argument("--window", type=int, default=256, help="W: raw window of window and mega attention")
     parser.add_argument("--query-block", type=int, default=128, help="raw queries per block-sparse block")
+    parser.add_argument("--zoom-k", type=int, default=4, help="chunks each raw query reads raw (zoom)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument(
         "--dense-max-len", type=int, default=16384, help="longer dense runs are reported null"
@@ -295,6 +315,8 @@ def main():
     shape = dict(
         d_model=args.d_model, n_head=args.n_head, K=args.block_size, W=args.window, block=args.query_block
     )
+    if args.zoom_k < 1:
+        raise UserError(f"--zoom-k must be >= 1, got {args.zoom_k}")
     if args.kv_len < 0 or args.kv_depth < 1 or args.kv_vocab < 2:
         raise UserError("need --kv-len >= 0 (0 = skip), --kv-depth >= 1, --kv-vocab >= 2")
     if args.worker == "kv":
@@ -302,7 +324,10 @@ def main():
         print(json.dumps(kv))
         return
     if args.worker:
-        print(json.dumps(measure(args.worker, lengths[0], **shape, repeats=args.repeats, device=args.device)))
+        figures = measure(
+            args.worker, lengths[0], **shape, repeats=args.repeats, device=args.device, zoom_k=args.zoom_k
+        )
+        print(json.dumps(figures))
         return
     rows = []
     for N in progress(lengths, desc="lengths", unit="length"):
@@ -316,8 +341,8 @@ def main():
             row[f"{method}_keys_per_query"] = None if r is None else round(r["keys_per_query"], 1)
             if method != "dense" and r is not None:
                 row[f"{method}_plan_ms"] = round(r["plan_ms"], 1)
-            if method == "mega" and r is not None:
-                row["mega_levels"], row["mega_packed_len"] = r["levels"], r["packed_len"]
+            if method in ("mega", "zoom") and r is not None:
+                row[f"{method}_levels"], row[f"{method}_packed_len"] = r["levels"], r["packed_len"]
         say(json.dumps(row))  # keeps the bar intact on a terminal
         rows.append(row)
     if args.kv_len:

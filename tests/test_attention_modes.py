@@ -29,7 +29,9 @@ from nanochat.common import run_main
 from nanochat.gpt import GPT, GPTConfig
 
 SHORT = [*COMMON, "--save-every", "-1", "--sample-every", "-1"]
-MEGA = ["--attention", "mega", "--mega-window", "8", "--mega-block-size", "4"]
+# MegaPrediction is off by default; the shared run switches it on to check what it logs
+MEGA = ["--attention", "mega", "--mega-window", "8", "--mega-block-size", "4", "--mp-alpha1", "0.02,0.05",
+        "--mp-alpha2", "0.01,0.03"]  # fmt: skip
 WINDOW = ["--attention", "window", "--mega-window", "8"]
 
 
@@ -62,7 +64,7 @@ def mega_run(base):
 def test_default_is_the_vanilla_gpt(base, monkeypatch):
     """No flag and --attention dense give the same losses and weights bit for bit, and so do window and mega
     when their window covers the whole sequence (no mask, no node: the GPT runs as is). The checkpoint of a
-    dense run holds the GPT alone."""
+    dense run holds the GPT alone. Each objective brings its own data schedule, so the runs name one."""
     runs = {
         "none": (),
         "dense": ("--attention", "dense"),
@@ -96,7 +98,7 @@ def test_window_and_mega_learn_and_log(base, mega_run, monkeypatch, capsys):
     meta = json.loads((base / "base_checkpoints/mega/meta_000006.json").read_text())
     assert meta["attention"] | {"mp_alpha1": None, "mp_alpha2": None} == {
         "mode": "mega", "window": 8, "block_size": 4, "levels": 2, "gistnet_layers": 2, "gistnet_heads": 4,
-        "mp_alpha1": None, "mp_alpha2": None, "sink": True,
+        "mp_alpha1": None, "mp_alpha2": None, "zoom_k": 4,
     }  # fmt: skip
     assert set(load_mc_state(base / "base_checkpoints/mega", 6, "cpu")) == {"mega_gistnet", "mega_prediction"}
 
@@ -165,52 +167,38 @@ def test_resume_refuses_another_mode(base, mega_run, monkeypatch, capsys):
     )
 
 
-def test_sink_config_defaults_flag_and_old_meta():
-    """New runs get the sink; meta written before the sink existed (no key) loads as trained, without it."""
-    assert AttentionConfig().sink and AttentionConfig.from_dict(AttentionConfig().to_dict()).sink
-    old = {"mode": "mega", "window": 8, "block_size": 4, "levels": 2}
-    assert AttentionConfig.from_dict(old).sink is False
-    assert AttentionConfig.from_dict(old | {"sink": True}).sink is True
+def test_defaults_are_the_recipe_and_old_meta_loads_as_trained():
+    """W and K follow the training length (scale: W 32, K 16 at T 256), MegaPrediction is off, the zoom on. Meta
+    from before the zoom (no key) loads with top-k 0, as trained; meta from before the sink was removed loads when
+    it had none and is refused with one line when it had one."""
     import argparse
 
-    from megacontext.attention_modes import add_attention_args
+    from megacontext.attention_modes import ZOOM_K, add_attention_args
+    from nanochat.common import UserError
 
     parser = argparse.ArgumentParser()
     add_attention_args(parser)
-    parse = lambda *argv: attention_config_from_args(parser.parse_args(argv), 64)
-    assert parse("--attention", "mega").sink and parse("--attention", "window").sink
-    assert not parse("--attention", "mega", "--no-mega-sink").sink
-    assert not parse("--attention", "window", "--no-mega-sink").sink
-    assert parse("--attention", "window", "--mega-sink").sink
-    assert not parse().sink  # dense sees position 0 anyway: nothing to add
-
-
-@pytest.mark.parametrize("mode", ["window", "mega"])
-def test_sink_lets_every_position_read_token_zero(mode):
-    """Window W = 8 over two layers reaches 16 positions back: without the sink token 0 cannot move the
-    logits at position 40 and later (mega: only through its nodes, held fixed here by a zero GistNet); with
-    it, it does. With W covering the sequence the sink changes nothing: bit for bit the plain GPT."""
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
-    gpt.init_weights()
-    with torch.no_grad():
-        for p in gpt.parameters():  # the init zeroes output projections: make every layer matter
-            if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.3)
-    x = torch.randint(0, 97, (1, 64))
-    y = x.clone()
-    y[0, 0] = (y[0, 0] + 1) % 97
-    moved = {}
-    for sink in (False, True):
-        model = AttentionModel(gpt, AttentionConfig(mode=mode, window=8, block_size=4, levels=2, sink=sink))
-        if model.gistnet is not None:
-            model.gistnet.forward = lambda blocks, level: torch.zeros_like(blocks[:, 0])
-        with torch.no_grad():
-            moved[sink] = float((model(y)[0, 40:] - model(x)[0, 40:]).abs().amax())
-        wide = AttentionModel(gpt, AttentionConfig(mode=mode, window=63, block_size=4, levels=2, sink=sink))
-        with torch.no_grad():
-            assert torch.equal(wide(x), gpt(x))
-    assert moved[False] == 0 and moved[True] > 1e-3, moved
+    parse = lambda T, *argv: attention_config_from_args(parser.parse_args(argv), T)
+    cfg = parse(256, "--attention", "mega")
+    assert (cfg.window, cfg.block_size, cfg.levels, cfg.zoom_k) == (32, 16, 1, ZOOM_K) and not cfg.prediction
+    assert (
+        parse(256, "--attention", "window").window == 32 and parse(256, "--attention", "window").zoom_k == 0
+    )
+    assert (parse(2048, "--attention", "mega").window, parse(2048, "--attention", "mega").block_size) == (
+        256,
+        32,
+    )
+    assert parse(256, "--attention", "mega", "--mega-zoom-k", "0").zoom_k == 0
+    assert parse(256, "--attention", "mega", "--mp-alpha1", "0.02,0.05").prediction
+    assert AttentionConfig.from_dict(cfg.to_dict()) == cfg
+    old = {"mode": "mega", "window": 8, "block_size": 4, "levels": 2, "mp_alpha1": [0.02, 0.05]}
+    assert AttentionConfig.from_dict(old).zoom_k == 0
+    assert AttentionConfig.from_dict(old | {"sink": False}) == AttentionConfig.from_dict(old)
+    with pytest.raises(UserError, match=r"sink=True, a setting this version removed .*retrain") as e:
+        AttentionConfig.from_dict(old | {"sink": True})
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="unknown attention config keys"):
+        AttentionConfig.from_dict(old | {"gist_sink": 1})
 
 
 def test_node_cos_measures_collapse():
@@ -229,7 +217,9 @@ def tiny_mega(N: int = 64):
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(sequence_len=N, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     gpt.init_weights()
-    cfg = AttentionConfig(mode="mega", window=8, block_size=4, levels=2)
+    cfg = AttentionConfig(
+        mode="mega", window=8, block_size=4, levels=2, mp_alpha1=(0.02, 0.05), mp_alpha2=(0.01, 0.03)
+    )
     return gpt, AttentionModel(gpt, cfg), torch.randint(0, 97, (2, N + 1))
 
 
@@ -298,7 +288,7 @@ def test_mega_loss_covers_raw_positions_only():
     """Per-position losses are the raw positions' (flat [B * N] as the vanilla forward), logits too."""
     _, model, row = tiny_mega()
     x, y = row[:, :-1], row[:, 1:]
-    assert model.layout(64) == build_mega_layout(64, 4, 8, 2, sink=True)  # the default: with the sink
+    assert model.layout(64) == build_mega_layout(64, 4, 8, 2)
     with torch.no_grad():
         per_pos, mean = model(x, y, loss_reduction="none"), model(x, y)
     assert per_pos.shape == (2 * 64,)
@@ -321,8 +311,11 @@ def test_mega_loss_covers_raw_positions_only():
         (["--attention", "mega", "--mp-alpha1", "0.1,-1"], "error: --mp-alpha1 takes START[,END]"),
         (["--attention", "mega", "--mega-window", "0"], "error: --mega-window must be >= 1"),
         (["--attention", "mega", "--mega-block-size", "1"], "error: --mega-block-size must be >= 2"),
-        (["--no-mega-sink"], "error: --[no-]mega-sink does not apply to --attention dense"),
-        (["--attention", "dense", "--mega-sink"], "error: --[no-]mega-sink does not apply"),
+        (
+            ["--attention", "window", "--mega-zoom-k", "2"],
+            "error: --mega-zoom-k does not apply to --attention window",
+        ),
+        (["--attention", "mega", "--mega-zoom-k", "-1"], "error: --mega-zoom-k must be >= 0"),
     ],
 )
 def test_bad_flag_combinations_are_one_line_errors(base, monkeypatch, capsys, args, message):

@@ -12,6 +12,7 @@ from megacontext.gistnet import GistNet
 from megacontext.kv_cache import MegaKVCache, SlotKVCache, edit_dirties, key_index, key_level, slot_key
 from megacontext.mega_attention import build_mega_layout, mega_forward, mega_mask, mega_rotary
 from megacontext.positional import gaussian_rotary
+from megacontext.zoom import ZoomAttention
 from nanochat.gpt import GPT, GPTConfig, norm
 
 D = 32
@@ -148,11 +149,12 @@ class Recorder:
 
 
 @torch.no_grad()
-def reference(model, gistnet, ids, overrides, levels=L, sink=False):
-    """Full recompute: the whole packed sequence in one forward under mega_mask. Nodes are GistNet of their
-    children, bottom-up, except the re-summarised ones in `overrides` {(level, index): embed}.
+def reference(model, gistnet, ids, overrides, levels=L, zoom_k=0):
+    """Full recompute: the whole packed sequence in one forward under mega_mask (with zoom_k: the zoom's dense
+    reference). Nodes are GistNet of their children, bottom-up, except the re-summarised ones in `overrides`
+    {(level, index): embed}.
     Returns (per-layer K/V, logits [T, V] of every packed element)."""
-    lay = build_mega_layout(len(ids), K, W, levels, sink)
+    lay = build_mega_layout(len(ids), K, W, levels)
     per_level = [model.wte(ids)]
     for lv in range(1, levels + 1):
         n = lay.counts[lv]
@@ -163,8 +165,10 @@ def reference(model, gistnet, ids, overrides, levels=L, sink=False):
         per_level.append(nodes)
     rec = Recorder()
     rotary = mega_rotary(lay, model.config.head_dim)
+    zoom = ZoomAttention(lay, zoom_k, "cpu", "dense") if zoom_k else None
+    mask = None if zoom else mega_mask(lay)[None, None]
     logits = model(
-        embeds=torch.cat(per_level)[None], rotary=rotary, kv_cache=rec, attn_mask=mega_mask(lay)[None, None]
+        embeds=torch.cat(per_level)[None], rotary=rotary, kv_cache=rec, attn_mask=mask, attn_fn=zoom
     )
     return rec.kv, logits[0]
 
@@ -177,7 +181,7 @@ def drop_ancestor_overrides(overrides, level, index):
 
 
 def assert_matches_reference(cache, model, gistnet, ids, overrides, logits):
-    kv_ref, logits_ref = reference(model, gistnet, ids, overrides, sink=cache.sink)
+    kv_ref, logits_ref = reference(model, gistnet, ids, overrides, zoom_k=cache.zoom_k)
     for layer in range(model.config.n_layer):
         k, v = cache.packed_kv(layer)
         torch.testing.assert_close(k, kv_ref[layer][0], rtol=1e-5, atol=1e-5)
@@ -186,13 +190,16 @@ def assert_matches_reference(cache, model, gistnet, ids, overrides, logits):
     assert not any(bool(d.any()) for d in cache.dirty())
 
 
-@pytest.mark.parametrize("seed,sink", [(0, False), (1, False), (2, False), (3, True), (4, True)])
-def test_incremental_refocus_equals_full_recompute_over_random_edits(model, gistnet, seed, sink):
+@pytest.mark.parametrize("seed,zoom_k", [(0, 0), (1, 0), (2, 0), (3, 2), (4, 3)])
+def test_incremental_refocus_equals_full_recompute_over_random_edits(model, gistnet, seed, zoom_k):
+    """With the zoom too: its raw rows read any complete chunk, yet the dirty sets stay those of the pyramid (a
+    chunk's tokens are seen from the same anchor on as its node, and each such anchor is dirtied by a raw edit
+    anyway), and every read comes from the cache's K/V of that layer."""
     g = torch.Generator().manual_seed(seed)
     rint = lambda hi: int(torch.randint(hi, (1,), generator=g))
     ids = torch.randint(0, 50, (70,), generator=g)
     overrides = {}
-    cache = MegaKVCache(model, gistnet, K, W, L, capacity=16, sink=sink)  # small: growth runs too
+    cache = MegaKVCache(model, gistnet, K, W, L, capacity=16, zoom_k=zoom_k)  # small: growth runs too
     cache.append(ids)
     assert_matches_reference(cache, model, gistnet, ids, overrides, cache.refresh())
     kinds = ["token", "token", "node", "append", "early"] * 3
@@ -240,13 +247,12 @@ def closure(lay, edited):
         changed = grown
 
 
-@pytest.mark.parametrize("sink", [False, True])  # the sink changes no dirty set (MegaKVCache)
 @pytest.mark.parametrize(
     "N,k,w,levels",
     [(40, 3, 2, 2), (37, 2, 0, 3), (50, 4, 9, 2), (30, 3, 5, 0), (64, 4, 4, 1), (29, 3, 40, 2)],
 )
-def test_edit_dirties_is_exactly_edited_ancestors_and_later_viewers(N, k, w, levels, sink):
-    lay = build_mega_layout(N, k, w, levels, sink)
+def test_edit_dirties_is_exactly_edited_ancestors_and_later_viewers(N, k, w, levels):
+    lay = build_mega_layout(N, k, w, levels)
     for p in range(lay.T):
         level, start, _ = lay.span(p)
         got = torch.cat(edit_dirties(level, p - lay.offsets[level], lay.counts, k, w))
@@ -304,17 +310,29 @@ def test_marking_too_little_is_caught(model, gistnet, monkeypatch):
     assert stale > 1e-3 and float((logits - logits_ref[-1]).abs().max()) > 1e-4
 
 
-@pytest.mark.parametrize("sink", [False, True])
-def test_decoding_token_by_token_matches_mega_forward_and_sees_few_columns(model, gistnet, sink):
+def test_zoomed_decoding_token_by_token_matches_the_full_forward(model, gistnet):
+    ids = torch.randint(0, 50, (90,), generator=torch.Generator().manual_seed(9))
+    cache = MegaKVCache(model, gistnet, K, W, L, capacity=8, zoom_k=2)
+    cache.append(ids[:70])
+    cache.refresh()
+    for t in range(70, 90):
+        cache.append(ids[t : t + 1])
+        logits = cache.refresh()
+        torch.testing.assert_close(logits, reference(model, gistnet, ids[: t + 1], {}, zoom_k=2)[1][t])
+    plain = reference(model, gistnet, ids, {})[1][89]
+    assert not torch.allclose(logits, plain, atol=1e-4)  # the zoom changed what the newest token predicts
+
+
+def test_decoding_token_by_token_matches_mega_forward_and_sees_few_columns(model, gistnet):
     ids = torch.randint(0, 50, (100,), generator=torch.Generator().manual_seed(7))
-    cache = MegaKVCache(model, gistnet, K, W, L, capacity=8, sink=sink)
+    cache = MegaKVCache(model, gistnet, K, W, L, capacity=8)
     cache.append(ids[:80])
     cache.refresh()
     for t in range(80, 100):
         cache.append(ids[t : t + 1])
         logits = cache.refresh()
         with torch.no_grad():
-            ref = mega_forward(model, ids[None, : t + 1], gistnet, W=W, K=K, levels=L, sink=sink)[0, -1]
+            ref = mega_forward(model, ids[None, : t + 1], gistnet, W=W, K=K, levels=L)[0, -1]
         torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     assert cache.recomputes == {"incremental": 20, "full": 1}
     # a decode step runs its new row(s) against the keys the mask can show it, not against all T elements
@@ -322,7 +340,7 @@ def test_decoding_token_by_token_matches_mega_forward_and_sees_few_columns(model
     T = sum(cache.counts)
     assert (
         rows == 1 + (100 % K == 0) + (100 % K**2 == 0)
-        and cols <= W + K + (W + 1) // K + K + 100 // K**L + sink < T / 2
+        and cols <= W + K + (W + 1) // K + K + 100 // K**L < T / 2
     )
 
 

@@ -47,7 +47,7 @@ def test_variants_satisfy_invariants(budget, seed, hints):
     variants = [plan.variant(i, shape) for i in plan.order]  # every variant the row could run
     assert 0 < len(candidates) == min(cfg.variants, len(plan.order))
     for wc in [plan.baseline, base, *variants]:
-        wc.check(shape)  # every DESIGN §2 invariant, against the row's tree structure
+        wc.check(shape)  # every docs/design.md §2 invariant, against the row's tree structure
         assert wc.cost <= budget
         assert [e for e in wc.entries if e.end > T - 24] == [Entry(0, s, s + K) for s in range(T - 24, T, K)]
     assert len({v.entries for v in variants}) == len(variants)  # deduplicated

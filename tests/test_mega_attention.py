@@ -1,5 +1,4 @@
-"""MegaAttention: exact pyramidal coverage, strict causality, node rows, the attention sink, the three
-executions agree, and the model path (nodes from GistNet through an unmodified GPT)."""
+"""MegaAttention: exact pyramidal coverage, strict causality, node rows, the three executions agree, and the model path (nodes from GistNet through an unmodified GPT)."""
 
 import json
 import random
@@ -60,18 +59,13 @@ def reference_tiling(N, K, W, L, i) -> set[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("sink", [False, True])
 @pytest.mark.parametrize("N,K,W,levels", random_cases(40))
-def test_pyramid_covers_every_past_position_exactly_once(N, K, W, levels, sink):
-    """Exactly once, except that with the sink position 0 is also seen raw where a node already covers it."""
-    lay = build_mega_layout(N, K, W, levels, sink)
+def test_pyramid_covers_every_past_position_exactly_once(N, K, W, levels):
+    lay = build_mega_layout(N, K, W, levels)
     mask = mega_mask(lay)
     counts = mask[: lay.N].long() @ span_matrix(lay)  # [N queries, N raw]: how often i sees t
     expected = torch.ones(N, N, dtype=torch.int64).tril()
     tilings = [reference_tiling(N, K, W, lay.levels, i) for i in range(N)]
-    if sink:
-        expected[:, 0] += torch.tensor([(0, 0) not in tiling for tiling in tilings])
-        tilings = [tiling | {(0, 0)} for tiling in tilings]
     torch.testing.assert_close(counts, expected, rtol=0, atol=0)
     assert int(mask[: lay.N].sum(1).max()) <= cost_bound(lay)
     for i in range(N):
@@ -82,17 +76,15 @@ def test_pyramid_covers_every_past_position_exactly_once(N, K, W, levels, sink):
         assert seen == tilings[i], (N, K, W, levels, i)
     for i in random.Random(N).sample(range(N), min(N, 5)):  # the helper reads the same row
         cover = coverage(lay, i)
-        assert len(cover[0]) == 1 + int(expected[i, 0] == 2)
-        assert all(len(c) == 1 for c in cover[1 : i + 1]) and not any(cover[i + 1 :])
-        lods = [lay.span(c[-1])[0] for c in cover[: i + 1]]  # c[-1]: the node, where 0 is seen twice
+        assert all(len(c) == 1 for c in cover[: i + 1]) and not any(cover[i + 1 :])
+        lods = [lay.span(c[0])[0] for c in cover[: i + 1]]
         assert lods == sorted(lods, reverse=True)  # finer towards i
         assert all(lod == 0 for lod in lods[max(0, i - W) :])  # the raw window [i - W, i]
 
 
-@pytest.mark.parametrize("sink", [False, True])
 @pytest.mark.parametrize("N,K,W,levels", random_cases(40, seed=1))
-def test_strictly_causal_and_nodes_attend_like_their_last_child(N, K, W, levels, sink):
-    lay = build_mega_layout(N, K, W, levels, sink)
+def test_strictly_causal_and_nodes_attend_like_their_last_child(N, K, W, levels):
+    lay = build_mega_layout(N, K, W, levels)
     mask = mega_mask(lay)
     spans = torch.tensor([lay.span(p) for p in range(lay.T)])
     level, end = spans[:, 0], spans[:, 2]
@@ -106,26 +98,6 @@ def test_strictly_causal_and_nodes_attend_like_their_last_child(N, K, W, levels,
         expected = mask[int(anchor[p])].clone()
         expected[p] = True
         assert torch.equal(mask[p], expected), p
-
-
-@pytest.mark.parametrize("N,K,W,levels", random_cases(30, seed=2))
-def test_sink_shows_raw_position_zero_to_every_query(N, K, W, levels):
-    """With the sink every packed query (raw or node) sees raw key 0, and the sink adds that key and nothing
-    else. Without it, a raw query whose window has left position 0 (mega: i - W >= K, so b1 > 0; window:
-    i > W) does not see raw key 0."""
-    for plain, sunk in (
-        (build_mega_layout(N, K, W, levels), build_mega_layout(N, K, W, levels, sink=True)),
-        (sliding_window_layout(N, W), sliding_window_layout(N, W, sink=True)),
-    ):
-        with_sink, without = mega_mask(sunk), mega_mask(plain)
-        assert bool(with_sink[:, 0].all())
-        expected = without.clone()
-        expected[:, 0] = True
-        assert torch.equal(with_sink, expected)
-        i = torch.arange(N)
-        left = i > W if plain.window_only else (i - W >= K) & (plain.levels > 0)
-        assert not bool(without[:N, 0][left].any())
-        assert cost_bound(sunk) == cost_bound(plain) + int(plain.levels > 0 or plain.window_only)
 
 
 def test_layout_positions_and_levels():
@@ -150,21 +122,18 @@ def qkv(T, B=2, H=2, D=8, seed=0, requires_grad=True):
 
 
 @pytest.mark.parametrize(
-    "N,K,W,levels,block,sink",
+    "N,K,W,levels,block",
     [
-        (64, 4, 8, None, 16, False),
-        (150, 3, 10, None, 32, False),
-        (97, 2, 5, 4, 20, False),
-        (200, 5, 0, 1, 64, False),
-        (90, 4, 30, 0, 16, False),
-        (130, 4, 12, None, 128, False),
-        (64, 4, 8, None, 16, True),
-        (150, 3, 10, None, 32, True),
-        (200, 5, 0, 1, 64, True),
+        (64, 4, 8, None, 16),
+        (150, 3, 10, None, 32),
+        (97, 2, 5, 4, 20),
+        (200, 5, 0, 1, 64),
+        (90, 4, 30, 0, 16),
+        (130, 4, 12, None, 128),
     ],
 )
-def test_blocksparse_equals_dense_reference_with_gradients(N, K, W, levels, block, sink):
-    lay = build_mega_layout(N, K, W, levels, sink)
+def test_blocksparse_equals_dense_reference_with_gradients(N, K, W, levels, block):
+    lay = build_mega_layout(N, K, W, levels)
     q, k, v = qkv(lay.T)
     grad = torch.randn(2, 2, lay.T, 8, generator=torch.Generator().manual_seed(9))
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mega_mask(lay))
@@ -176,11 +145,10 @@ def test_blocksparse_equals_dense_reference_with_gradients(N, K, W, levels, bloc
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sink", [False, True])
-def test_sliding_window_layout_is_the_plain_band(sink):
-    lay = sliding_window_layout(50, 7, sink)
+def test_sliding_window_layout_is_the_plain_band():
+    lay = sliding_window_layout(50, 7)
     i = torch.arange(50)
-    band = (i[None, :] <= i[:, None]) & ((i[None, :] >= i[:, None] - 7) | (sink & (i[None, :] == 0)))
+    band = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - 7)
     assert torch.equal(mega_mask(lay), band)
     q, k, v = qkv(50)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
@@ -189,20 +157,18 @@ def test_sliding_window_layout_is_the_plain_band(sink):
     )
 
 
-@pytest.mark.parametrize("sink", [False, True])
 @pytest.mark.parametrize("N,K,W,block", [(300, 4, 16, 128), (130, 3, 5, 32)])
-def test_flex_attention_agrees_with_dense_reference(N, K, W, block, sink):
-    for lay in (build_mega_layout(N, K, W, sink=sink), sliding_window_layout(N, W, sink)):
+def test_flex_attention_agrees_with_dense_reference(N, K, W, block):
+    for lay in (build_mega_layout(N, K, W), sliding_window_layout(N, W)):
         q, k, v = qkv(lay.T, requires_grad=False)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mega_mask(lay))
         out = flex_mega_attention(q, k, v, mega_block_mask(lay, "cpu", block))
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sink", [False, True])
-def test_flex_attention_gradients_agree_where_supported(sink):
+def test_flex_attention_gradients_agree_where_supported():
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lay = build_mega_layout(300, 4, 16, sink=sink)
+    lay = build_mega_layout(300, 4, 16)
     # flex_attention's CUDA kernel needs a head dim of at least 16
     q, k, v = [x.to(device).requires_grad_() for x in qkv(lay.T, D=16, requires_grad=False)]
     try:
@@ -261,14 +227,13 @@ def test_nodes_are_built_level_by_level_from_their_children():
     torch.testing.assert_close(nodes, torch.cat([lod1, lod2, lod3], dim=1))
 
 
-@pytest.mark.parametrize("sink", [False, True])
-def test_window_covering_everything_is_the_vanilla_forward_bit_for_bit(sink):
+def test_window_covering_everything_is_the_vanilla_forward_bit_for_bit():
     model, idx = make_model(), tokens()
     gistnet = make_gistnet(4)
     for W in (63, 64, 1000, 60):  # 60: reach 3 < K = 4, no node could ever be visible
-        assert torch.equal(mega_forward(model, idx, gistnet, W=W, K=4, sink=sink), model(idx))
+        assert torch.equal(mega_forward(model, idx, gistnet, W=W, K=4), model(idx))
     targets = tokens(seed=2)
-    got = mega_forward(model, idx, gistnet, targets, W=64, K=4, sink=sink)
+    got = mega_forward(model, idx, gistnet, targets, W=64, K=4)
     assert torch.equal(got, model(idx, targets))
 
 
@@ -286,18 +251,6 @@ def test_model_path_is_causal_and_uses_the_nodes():
     far = idx.clone()
     far[:, 5] = (far[:, 5] + 1) % 50
     assert (mega_forward(model, far, gistnet, W=8, K=4)[:, 63] - logits[:, 63]).abs().amax() > 1e-4
-
-
-def test_model_path_with_sink_is_causal():
-    """The model path takes the sink (its output moves: the raw key 0 is new to most rows) and stays causal."""
-    model, gistnet, idx = make_model(), make_gistnet(4), tokens()
-    logits = mega_forward(model, idx, gistnet, W=8, K=4, sink=True)
-    assert not torch.allclose(logits, mega_forward(model, idx, gistnet, W=8, K=4))
-    p = 40
-    changed = idx.clone()
-    changed[:, p] = (changed[:, p] + 1) % 50
-    after = mega_forward(model, changed, gistnet, W=8, K=4, sink=True)
-    torch.testing.assert_close(after[:, :p], logits[:, :p], rtol=0, atol=1e-6)
 
 
 def test_loss_is_on_raw_positions_and_gradients_reach_gistnet():
@@ -356,22 +309,20 @@ def test_render_writes_a_valid_png(tmp_path):
     assert len(raw) == height * (1 + 3 * width) and width > height > 0
 
 
-@pytest.mark.parametrize("sink", [False, True])
 @pytest.mark.parametrize("N,K,W,levels", [case for case in random_cases(25, seed=5)])
-def test_key_ranges_are_exactly_the_visible_keys(N, K, W, levels, sink):
+def test_key_ranges_are_exactly_the_visible_keys(N, K, W, levels):
     from megacontext.mega_attention import key_ranges
 
-    for lay in (build_mega_layout(N, K, W, levels, sink), sliding_window_layout(N, W, sink)):
+    for lay in (build_mega_layout(N, K, W, levels), sliding_window_layout(N, W)):
         lo, hi = key_ranges(lay)
         k = torch.arange(lay.T)
         in_ranges = ((k[None, :, None] >= lo[:, None]) & (k[None, :, None] < hi[:, None])).any(-1)
         assert torch.equal(in_ranges, mega_mask(lay))
 
 
-@pytest.mark.parametrize("sink", [False, True])
 @pytest.mark.parametrize("N,K,W,block", [(300, 4, 16, 128), (130, 3, 5, 32), (700, 2, 40, 16)])
-def test_block_mask_holds_every_visible_pair(N, K, W, block, sink):
-    lay = build_mega_layout(N, K, W, sink=sink)
+def test_block_mask_holds_every_visible_pair(N, K, W, block):
+    lay = build_mega_layout(N, K, W)
     bm = mega_block_mask(lay, "cpu", block)
     blocks = bm.to_dense()[0, 0].bool()  # [q blocks, kv blocks]
     mask = mega_mask(lay)

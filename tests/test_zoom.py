@@ -1,0 +1,218 @@
+"""The zoom (megacontext/zoom.py): a raw query selects only chunks wholly before its window, the chunk scores
+and the scorer's parameters get gradient from the loss, the three executions (dense float-mask SDPA, block-sparse,
+flex_attention) agree with gradients, top-k 0 is the pyramid, and in the model the zoom is causal and reads raw
+tokens beyond the window that the pyramid alone cannot see."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import megacontext.zoom as zoom
+from megacontext.attention_modes import AttentionConfig, AttentionModel
+from megacontext.mega_attention import build_mega_layout, mega_mask
+from megacontext.zoom import ZoomAttention, candidates, read_chunks, select_chunks, zoom_dense
+from nanochat.gpt import GPT, GPTConfig
+
+CASES = [  # N, K, W, levels, top-k
+    (64, 4, 8, None, 2),
+    (150, 3, 10, None, 3),
+    (97, 2, 5, 4, 1),
+    (200, 5, 0, 1, 8),
+    (130, 4, 12, None, 100),  # more than any query's candidates: every chunk before the window
+    (40, 4, 30, None, 2),  # few candidates: most queries select nothing
+]
+
+
+def qkv(T, B=2, H=2, H_kv=2, D=8, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = (torch.randn(B, H_kv, T, D, generator=g) for _ in range(2))
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+@pytest.mark.parametrize("N,K,W,levels,topk", CASES)
+def test_a_query_selects_only_chunks_wholly_before_its_window(N, K, W, levels, topk):
+    lay = build_mega_layout(N, K, W, levels)
+    q, k, _ = qkv(lay.T, requires_grad=False)
+    off, n1 = lay.offsets[1], lay.counts[1]
+    anchors = torch.arange(N)
+    logits, index = select_chunks(q[:, :, :N], anchors, k[:, :, off : off + n1], K, W, topk)
+    valid = torch.isfinite(logits)
+    b1 = (anchors - W).clamp(min=0) // K * K  # the raw window's first position
+    assert bool(((index + 1) * K <= b1[:, None])[valid].all())  # ends at or before b1 <= i - W
+    n_cand = candidates(anchors, K, W)
+    assert torch.equal(valid.sum(-1), n_cand.clamp(max=min(topk, n1)).expand_as(valid[..., 0]))
+    # the selected are the best-scoring candidates, per query and head
+    scores = q[:, :, :N] @ k[:, :, off : off + n1].transpose(-1, -2) / 8**0.5
+    for i in random.Random(N).sample(range(N), min(N, 10)):
+        c = int(n_cand[i])
+        best = scores[:, :, i, :c].topk(min(topk, c), dim=-1).values if c else scores[:, :, i, :0]
+        torch.testing.assert_close(logits[:, :, i][valid[:, :, i]].view_as(best), best)
+
+
+@pytest.mark.parametrize("N,K,W,levels,topk", CASES)
+def test_block_sparse_path_equals_dense_reference_with_gradients(N, K, W, levels, topk):
+    lay = build_mega_layout(N, K, W, levels)
+    q, k, v = qkv(lay.T, H=4, H_kv=2)  # grouped-query attention too
+    ref = zoom_dense(q, k, v, lay, topk)
+    out = ZoomAttention(lay, topk, "cpu", "blocksparse")(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(9))
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("N,K,W,levels,topk", CASES[:3])
+def test_flex_path_equals_dense_reference(N, K, W, levels, topk):
+    """On CPU torch runs flex_attention eagerly and forward only; the gradients are checked where CUDA exists."""
+    lay = build_mega_layout(N, K, W, levels)
+    q, k, v = qkv(lay.T, requires_grad=False)
+    out = ZoomAttention(lay, topk, "cpu", "flex")(q, k, v)
+    torch.testing.assert_close(out, zoom_dense(q, k, v, lay, topk), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward runs on CUDA only")
+def test_flex_path_gradients_equal_dense_reference_on_cuda():
+    lay = build_mega_layout(300, 4, 16)
+    q, k, v = [x.cuda().detach().requires_grad_() for x in qkv(lay.T, D=16)]  # flex needs head dim >= 16
+    out = ZoomAttention(lay, 3, "cuda")(q, k, v)
+    ref = zoom_dense(q, k, v, lay, 3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_top_k_zero_is_the_pyramid_and_the_zoom_adds_its_chunks_to_the_softmax():
+    lay = build_mega_layout(64, 4, 8)
+    q, k, v = qkv(lay.T, requires_grad=False)
+    pyramid = F.scaled_dot_product_attention(q, k, v, attn_mask=mega_mask(lay))
+    torch.testing.assert_close(zoom_dense(q, k, v, lay, 0), pyramid, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ZoomAttention(lay, 0, "cpu", "blocksparse")(q, k, v), pyramid)
+    # the formula by hand for one query: the pyramid's keys plus one entry per selected chunk, whose logit is
+    # the chunk's node score and whose value is the chunk's own attention read
+    out = zoom_dense(q, k, v, lay, 2)
+    i, b, h = 50, 1, 0
+    scale = 8**-0.5
+    s = q[b, h, i] @ k[b, h].T * scale
+    logits, index = select_chunks(q[:, :, :64], torch.arange(64), k[:, :, 64:80], 4, 8, 2)
+    entries = [s[mega_mask(lay)[i]]]
+    values = [v[b, h][mega_mask(lay)[i]]]
+    for c, logit in zip(index[b, h, i].tolist(), logits[b, h, i]):
+        chunk = slice(4 * c, 4 * c + 4)
+        read = torch.softmax(s[chunk], 0) @ v[b, h, chunk]
+        entries.append(logit[None])
+        values.append(read[None])
+    w = torch.softmax(torch.cat(entries), 0)
+    torch.testing.assert_close(out[b, h, i], w @ torch.cat(values), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[:, :, :64], pyramid[:, :, :64])
+    torch.testing.assert_close(out[:, :, 64:], pyramid[:, :, 64:])  # node rows: the pyramid alone
+
+
+def test_read_chunks_in_slices_equals_plain_autograd_with_gradients(monkeypatch):
+    """read_chunks regathers in its backward instead of saving the copies, in slices of READ_ROWS queries: its
+    output and gradients equal plain autograd over one gather (grouped-query heads too)."""
+    q, _, _ = qkv(40, H=4)
+    _, k, v = qkv(42, H_kv=2, seed=1)  # 42 raw positions: 10 complete chunks of 4, two left over
+    index = torch.randint(0, 10, (2, 4, 40, 3), generator=torch.Generator().manual_seed(1))
+    kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    pos = index[..., None] * 4 + torch.arange(4)  # [B, H, R, k, K] raw positions read
+    take = lambda x: torch.stack([x[b, h][pos[b, h]] for b in range(2) for h in range(4)]).view(*pos.shape, 8)
+    p = (torch.einsum("bhrd,bhrcjd->bhrcj", q, take(kr)) / 8**0.5).softmax(-1)
+    ref = torch.einsum("bhrcj,bhrcjd->bhrcd", p, take(vr))
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    g_ref = torch.autograd.grad(ref, (q, k, v), grad)
+    monkeypatch.setattr(zoom, "READ_ROWS", 7)
+    out = read_chunks(q, k, v, index, 4)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), g_ref):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- in the model
+
+
+def tiny(zoom_k: int, N: int = 64, seed: int = 0):
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(sequence_len=N, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    gpt.init_weights()
+    with torch.no_grad():
+        for p in gpt.parameters():  # the init zeroes output projections: make every layer matter
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.3)
+    cfg = AttentionConfig(mode="mega", window=8, block_size=4, levels=2, zoom_k=zoom_k)
+    return gpt, AttentionModel(gpt, cfg)
+
+
+def test_chunk_scores_and_the_scorer_get_gradient_from_the_loss(monkeypatch):
+    """The zoom's chunk logits receive gradient from the LM loss (the softmax mixes the chunk reads by them), and
+    the scorer's parameters (the GPT's query/key projections, GistNet that makes the node) learn through them:
+    their gradients change when the chunk logits are detached."""
+    gpt, model = tiny(zoom_k=2)
+    x = torch.randint(0, 97, (2, 65), generator=torch.Generator().manual_seed(3))
+    seen = []
+    real = zoom.select_chunks
+
+    def recording(*args, **kwargs):
+        logits, index = real(*args, **kwargs)
+        logits.retain_grad()
+        seen.append(logits)
+        return logits, index
+
+    monkeypatch.setattr(zoom, "select_chunks", recording)
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert len(seen) == gpt.config.n_layer  # every layer zooms
+    for logits in seen:
+        valid = torch.isfinite(logits)
+        assert bool(valid.any()) and float(logits.grad[valid].abs().sum()) > 0
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "c_k" in n or "gistnet" in n}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(zoom, "select_chunks", lambda *a, **k: tuple(t.detach() for t in real(*a, **k)))
+    model(x[:, :-1], x[:, 1:]).backward()
+    changed = {n for n, g in grads.items() if not torch.allclose(model.get_parameter(n).grad, g)}
+    assert {n for n in grads if n.startswith("gpt.") and "c_k" in n} <= changed  # every GPT layer
+    assert any("gistnet" in n for n in changed)
+
+
+def test_zoom_in_the_model_is_causal():
+    _, model = tiny(zoom_k=3)
+    x = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(x)
+        for j in (3, 20, 41, 63):
+            y = x.clone()
+            y[0, j] = (y[0, j] + 1) % 97
+            out = model(y)
+            torch.testing.assert_close(out[:, :j], ref[:, :j], rtol=0, atol=1e-5)
+            assert not torch.allclose(out[:, j:], ref[:, j:])
+
+
+def test_the_zoom_reads_raw_tokens_the_pyramid_cannot_see():
+    """With GistNet's nodes held constant, token 1 reaches positions >= 40 only when a query zooms into its chunk:
+    W = 8 over two layers reaches 16 back, and through the nodes the token reaches only the rows of the nodes that
+    see it raw (wLOD1 node 0, whose output no query >= 40 reads: it sees wLOD2 node 0 made from constant inputs).
+    With top-k 0 it moves nothing there, with the zoom it does."""
+    moved = {}
+    for k in (0, 3):
+        _, model = tiny(zoom_k=k)
+        model.gistnet.forward = lambda blocks, level: torch.zeros_like(blocks[:, 0])
+        x = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(5))
+        y = x.clone()
+        y[0, 1] = (y[0, 1] + 1) % 97
+        with torch.no_grad():
+            moved[k] = float((model(y)[0, 40:] - model(x)[0, 40:]).abs().amax())
+    assert moved[0] == 0 and moved[3] > 1e-3, moved
+
+
+def test_long_sequences_take_the_block_sparse_path_and_agree(monkeypatch):
+    _, model = tiny(zoom_k=2, N=160)
+    x = torch.randint(0, 97, (2, 160), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        dense = model(x)
+        monkeypatch.setattr(zoom, "DENSE_MAX_LEN", 100)
+        assert ZoomAttention(build_mega_layout(160, 4, 8, 2), 2, "cpu").path == "blocksparse"
+        torch.testing.assert_close(model(x), dense, rtol=1e-4, atol=1e-4)
