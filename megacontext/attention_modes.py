@@ -202,6 +202,8 @@ def attention_config_from_args(args, seq_len: int) -> AttentionConfig:
 class AttentionModel(nn.Module):
     """The GPT under a window or mega attention mode, plus the mode's own nets (GistNet, MegaPrediction)."""
 
+    full_context = True  # a chat recomputes the whole sequence per token (nanochat.engine.chat_engine)
+
     def __init__(self, gpt: nn.Module, cfg: AttentionConfig):
         super().__init__()
         if cfg.mode not in ("window", "mega"):

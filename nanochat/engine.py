@@ -338,6 +338,43 @@ class ToolEngine(Engine):
             row.forced_tokens.extend(self.tools.output_after(row.tokens) or [])
 
 
+class FullContext:
+    """What a RecomputeEngine keeps between steps instead of K/V: the ids so far, [rows, T]."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def repeat_interleave(self, n: int) -> FullContext:
+        return FullContext(self.ids.repeat_interleave(n, dim=0))
+
+
+class RecomputeEngine(ToolEngine):
+    """A ToolEngine for a model whose attention a KV cache cannot follow (the window and MegaAttention modes:
+    a new token changes which nodes and chunks later queries see): every step runs the model's own forward over
+    the whole sequence, so a chat answers exactly as `mc_eval`'s full view scores the checkpoint. A step costs a
+    forward over the sequence, so the context is bounded by the rotary table (`model.rotary_len`)."""
+
+    def prefill(self, prompts: list[list[int]], seq_len: int) -> tuple[FullContext, torch.Tensor]:
+        if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
+            raise ValueError("a recompute engine takes non-empty prompts of one length")
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        return FullContext(ids), self.model(ids)[:, -1]
+
+    def decode_step(self, cache: FullContext, tokens: torch.Tensor) -> torch.Tensor:
+        cache.ids = torch.cat([cache.ids, tokens.view(-1, 1).to(self.device)], dim=1)
+        return self.model(cache.ids)[:, -1]
+
+
+def chat_engine(model, tokenizer) -> ToolEngine:
+    """The engine a chat runs for this model: the KV-cached one for the plain GPT, recompute for an attention
+    mode (`megacontext.attention_modes.AttentionModel`, which marks itself with `full_context`)."""
+    return (
+        RecomputeEngine(model, tokenizer)
+        if getattr(model, "full_context", False)
+        else ToolEngine(model, tokenizer)
+    )
+
+
 def session_turn(
     session,
     tools: ToolUse | None,

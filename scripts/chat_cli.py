@@ -22,10 +22,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from megacontext.attention_modes import attention_model
 from megacontext.session import INGEST_CHUNK, STATE_FILE, MCSession, load_mc_nets
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_init, run_main
-from nanochat.engine import ReplyText, ToolEngine, ToolUse, session_turn
+from nanochat.engine import RecomputeEngine, ReplyText, ToolUse, chat_engine, session_turn
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,12 +56,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class PlainChat:
-    """MC off: the whole conversation is the GPT's context (nanochat's Engine, python tool live), bounded by
-    sequence_len."""
+    """MC off: the whole conversation is the model's context (python tool live): the GPT with its KV cache,
+    bounded by sequence_len, or an attention-mode model (window, MegaAttention) run over the whole sequence per
+    token, bounded by its rotary table."""
 
     def __init__(self, model, tokenizer):
-        self.engine, self.tokenizer = ToolEngine(model, tokenizer), tokenizer
-        self.limit = model.config.sequence_len
+        self.engine, self.tokenizer = chat_engine(model, tokenizer), tokenizer
+        self.limit = (
+            model.rotary_len if isinstance(self.engine, RecomputeEngine) else model.config.sequence_len
+        )
         self.tokens = [tokenizer.get_bos_token_id()]
 
     def add_user_message(self, text: str) -> None:
@@ -129,6 +133,8 @@ def main(argv=None) -> None:
     _, _, _, _, device = compute_init(args.device_type, args.seed)
     ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     model, tokenizer, meta = build_model(ckpt_dir, step, device, "eval")
+    # a window / mega checkpoint chats under its own attention
+    model = attention_model(model, ckpt_dir, step, meta, device)
     mc = load_mc_nets(ckpt_dir, step, meta, model.config.n_embd, device) if args.mc is not False else None
     if args.mc and mc is None:
         raise UserError(

@@ -39,10 +39,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 import nanochat
+from megacontext.attention_modes import attention_model
 from megacontext.session import MCSession, load_mc_nets, model_fingerprint
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, resolve_device_type, run_main
-from nanochat.engine import ReplyText, ToolEngine, ToolUse, reply_parts, session_turn
+from nanochat.engine import RecomputeEngine, ReplyText, ToolUse, chat_engine, reply_parts, session_turn
 
 UI_PATH = Path(nanochat.__file__).parent / "ui.html"
 
@@ -71,7 +72,7 @@ class Worker:
     model_id: str | None = field(default=None, init=False)
 
     def __post_init__(self):
-        self.engine = ToolEngine(self.model, self.tokenizer)
+        self.engine = chat_engine(self.model, self.tokenizer)
         if self.mc is not None:  # hashing the weights once, not per request
             self.model_id = model_fingerprint(self.model, self.mc[1])
 
@@ -323,7 +324,8 @@ def create_app(
         pool.put_nowait(w)
     tokenizer = workers[0].tokenizer
     mc_on = workers[0].mc is not None
-    seq_len = workers[0].model.config.sequence_len
+    w0 = workers[0]  # an attention-mode model runs past sequence_len, to its rotary table (RecomputeEngine)
+    seq_len = w0.model.rotary_len if isinstance(w0.engine, RecomputeEngine) else w0.model.config.sequence_len
     defaults = {"max_tokens": default_max_tokens, "temperature": temperature, "top_k": top_k}
     state = {"memory": None}
 
@@ -492,6 +494,7 @@ def main(argv=None) -> None:
     workers = []
     for device in devices:
         model, tokenizer, meta = build_model(ckpt_dir, step, device, "eval")
+        model = attention_model(model, ckpt_dir, step, meta, device)  # window / mega: its own attention
         mc = load_mc_nets(ckpt_dir, step, meta, model.config.n_embd, device) if args.mc is not False else None
         if args.mc and mc is None:
             raise UserError(f"--mc: checkpoint {ckpt_dir} step {step} was trained without MegaContext")

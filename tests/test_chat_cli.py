@@ -224,3 +224,46 @@ def test_a_long_paste_reports_its_reading_progress(base_dir, parts, capsys):
     chat_cli.main(["-p", paste, *GREEDY])
     err = capsys.readouterr().err
     assert "(read 8,192 of " in err and f"(read {n:,} of {n:,} tokens into memory)\n" in err
+
+
+def test_a_mega_zoom_checkpoint_chats_under_its_own_attention(base_dir, parts, capsys):
+    """chat_cli runs a MegaAttention checkpoint through the mode's forward over the whole conversation (what
+    mc_eval's full view scores), not through the plain GPT's KV cache, which would see every token raw."""
+    from megacontext.attention_modes import AttentionConfig, AttentionModel
+    from nanochat.engine import RecomputeEngine, chat_engine
+
+    tok, model, *_ = parts
+    cfg = AttentionConfig(mode="mega", window=8, block_size=4, levels=2, zoom_k=2)
+    torch.manual_seed(3)
+    attn = AttentionModel(model, cfg).eval()
+    save_checkpoint(
+        base_dir / "base_checkpoints" / "mega",
+        5,
+        model.state_dict(),
+        None,
+        {"model_config": model.config.to_dict(), "attention": cfg.to_dict()},
+        mc_state=attn.aux_state(),
+    )
+    text = "the code is 4711, remember it while we talk about other things for a while"
+    chat_cli.main(["--source", "base", "--model-tag", "mega", "-p", text, *GREEDY])
+    ids = [
+        tok.get_bos_token_id(),
+        tok.encode_special("<|user_start|>"),
+        *tok.encode(text),
+        tok.encode_special("<|user_end|>"),
+        tok.encode_special("<|assistant_start|>"),
+    ]
+    assert len(ids) > cfg.window + 2 * cfg.block_size  # nodes and zoom chunks exist beyond the window
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        assert not torch.allclose(attn(x)[0, -1], model(x)[0, -1], atol=1e-3)  # the KV-cached GPT differs
+        reply, stops = [], Engine(model, tok).stop_tokens
+        for _ in range(16):
+            token = int(attn(torch.tensor([ids + reply]))[0, -1].argmax())
+            if token in stops:
+                break
+            reply.append(token)
+    assert capsys.readouterr().out.split("\n")[-2] == tok.decode(reply)
+    assert isinstance(chat_engine(attn, tok), RecomputeEngine) and not isinstance(
+        chat_engine(model, tok), RecomputeEngine
+    )
