@@ -224,6 +224,12 @@ class AttentionModel(nn.Module):
                 self.predictor = MegaPrediction(d)
             self.to(gpt.wte.weight.device)
 
+    @property
+    def rotary_len(self) -> int:
+        """The longest sequence the mode runs: mega computes each position's (Gaussian) RoPE from its span, so
+        any length; window reads the GPT's rotary table."""
+        return 1 << 62 if self.cfg.mode == "mega" else self.gpt.rotary_len
+
     def __getattr__(self, name):
         """Everything else (config, wte, lm_head, rotary_len, ...) is the GPT's, so callers that read the
         GPT's attributes (views, Engine, evaluate_bpb) take this model as they take the GPT."""

@@ -352,7 +352,7 @@ class RecomputeEngine(ToolEngine):
     """A ToolEngine for a model whose attention a KV cache cannot follow (the window and MegaAttention modes:
     a new token changes which nodes and chunks later queries see): every step runs the model's own forward over
     the whole sequence, so a chat answers exactly as `mc_eval`'s full view scores the checkpoint. A step costs a
-    forward over the sequence, so the context is bounded by the rotary table (`model.rotary_len`)."""
+    forward over the sequence; the context is bounded by `model.rotary_len` (unbounded under mega)."""
 
     def prefill(self, prompts: list[list[int]], seq_len: int) -> tuple[FullContext, torch.Tensor]:
         if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:

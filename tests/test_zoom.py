@@ -216,3 +216,17 @@ def test_long_sequences_take_the_block_sparse_path_and_agree(monkeypatch):
         monkeypatch.setattr(zoom, "DENSE_MAX_LEN", 100)
         assert ZoomAttention(build_mega_layout(160, 4, 8, 2), 2, "cpu").path == "blocksparse"
         torch.testing.assert_close(model(x), dense, rtol=1e-4, atol=1e-4)
+
+
+def test_mega_runs_past_the_rotary_table():
+    """Gaussian RoPE is computed per position, so a mega model (and chat or mc_eval's full view through it) runs
+    beyond the GPT's rotary table, where the plain GPT refuses."""
+    gpt, attn = tiny(zoom_k=2, N=16)
+    N = gpt.rotary_len + 40
+    assert attn.rotary_len > N
+    x = torch.randint(0, 97, (1, N))
+    with torch.no_grad():
+        logits = attn(x)
+        assert logits.shape == (1, N, 97) and torch.isfinite(logits).all()
+        with pytest.raises(ValueError, match="rotary table"):
+            gpt(x)
