@@ -43,6 +43,7 @@ STAGE_OF = [
     ("Chat evaluation rl", "RL"),
 ]
 SESSION = " MC session"  # chat_eval through the memory: "Chat evaluation sft MC session (d20-mc)"
+SESSION_ROW = " (MC session)"  # its row in the stage table
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -103,7 +104,7 @@ def collect(sections: list[tuple[str, str]]) -> tuple[dict[tuple[str, str], dict
             continue
         values = {c: v for c in COLUMNS if c in fields and (v := _number(fields[c])) is not None}
         if values:
-            table.setdefault((tag, row + (" (MC session)" if session else "")), {}).update(values)
+            table.setdefault((tag, row + (SESSION_ROW if session else "")), {}).update(values)
     return table, mc_tags
 
 
@@ -144,12 +145,14 @@ def mc_vs_vanilla(sections: list[tuple[str, str]]) -> str:
         other = partner(mc_tag, vanilla)
         if other is None:
             continue
-        rows = sorted(
-            {r for t, r in table if t == mc_tag} & {r for t, r in table if t == other},
-            key=lambda r: _row_key(("", r)),
-        )
+        # the MC model per stage: its plain results, overridden by those through its memory (the chat path)
+        mine: dict[str, dict[str, float]] = {}
+        for (t, r), values in sorted(table.items(), key=lambda kv: kv[0][1].endswith(SESSION_ROW)):
+            if t == mc_tag:
+                mine.setdefault(r.removesuffix(SESSION_ROW), {}).update(values)
+        rows = sorted(mine.keys() & {r for t, r in table if t == other}, key=lambda r: _row_key(("", r)))
         for row in rows:
-            a, b = table[(mc_tag, row)], table[(other, row)]
+            a, b = mine[row], table[(other, row)]
             for c in [c for c in COLUMNS if c in a and c in b]:
                 lines.append(
                     [f"{mc_tag} vs {other}", row, c, f"{a[c]:.4f}", f"{b[c]:.4f}", f"{a[c] - b[c]:+.4f}"]

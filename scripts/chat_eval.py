@@ -354,6 +354,8 @@ def main(argv=None) -> None:
         print0(f"{name}: {correct}/{total} = {accuracies[name]:.4f} ({time.time() - t0:.1f}s)")
 
     score = chatcore(accuracies)
+    # ChatCORE is defined over the dataset's whole task list: a run of a subset (-a) reports its tasks only
+    complete = set(accuracies) == set(REAL_TASKS if dataset == "real" else OFFLINE_TASKS)
     print0(f"\n{'task':<16} {'type':<12} {'correct':>8} {'total':>6} {'accuracy':>9} {'centered':>9}")
     for name, kind, correct, total, _ in rows:
         base = RANDOM_BASELINE.get(name, 0.0)
@@ -361,7 +363,7 @@ def main(argv=None) -> None:
             f"{name:<16} {kind:<12} {correct:>8} {total:>6} {accuracies[name]:>9.4f} "
             f"{(accuracies[name] - base) / (1 - base):>9.4f}"
         )
-    print0(f"ChatCORE ({len(accuracies)} tasks): {score:.4f}")
+    print0(f"ChatCORE{'' if complete else ' over these tasks only'} ({len(accuracies)} tasks): {score:.4f}")
 
     extra = []
     if rank == 0 and focus_log:
@@ -386,7 +388,10 @@ def main(argv=None) -> None:
                 "megacontext": "session" if nets is not None else ("on" if meta.get("mc") else "off"),
             },
             accuracies,
-            {"ChatCORE": score, "ChatCORE tasks": ", ".join(accuracies)},
+            {
+                "ChatCORE" if complete else "ChatCORE (these tasks only)": score,
+                "ChatCORE tasks": ", ".join(accuracies),
+            },
             *extra,
         ],
     )

@@ -242,3 +242,14 @@ def test_passkey_plot_draws_each_view_where_its_accuracy_lies():
     assert rows[cols == cols.min()].mean() < rows[cols == cols.max()].mean() - 200  # 100 % at 1x, 0 % at 16x
     assert np.nonzero(blue)[0].max() < rows.max() - 200  # mc-lens stays at the top
     assert not np.all(image == CURVE_VIEWS["full"], axis=-1)[20:250, 60:460].any()  # no full-attention run
+
+
+def test_mc_vs_vanilla_compares_the_mc_model_through_its_memory(base):
+    """An MC chat model is used through its memory: where chat_eval ran it both ways, the comparison with the
+    vanilla model takes the MC session's figure (LongDoc 0.6 here, not the plain run's 0.1)."""
+    report = get_report()
+    log_runcpu_like_report(report)
+    versus = gfm_tables(report.generate().read_text())["MegaContext vs vanilla"][0]
+    longdoc = [r for r in versus if r[1] == "SFT" and r[2] == "LongDoc"]
+    assert longdoc == [["d4-mc vs d4", "SFT", "LongDoc", "0.6000", "0.1000", "+0.5000"]]
+    assert ["d4-mc vs d4", "SFT", "SpellingBee", "0.2000", "0.2000", "+0.0000"] in versus  # plain run only
