@@ -262,6 +262,10 @@ def main() -> None:
         print0(
             f"resumed from {ckpt_dir} step {step} (written by {meta.get('ranks', '?')} ranks, now {world_size})"
         )
+        trained_in = meta.get("dtype")
+        if args.dtype == "auto" and trained_in and trained_in != str(dtype).removeprefix("torch."):
+            dtype = getattr(torch, trained_in)  # the CPU probe may pick otherwise today: keep the run exact
+            print0(f"resuming in {trained_in}, the dtype the checkpoint was trained in (--dtype changes it)")
     # row j of every step comes from lane j, whatever the number of ranks; host batches: the prefetch thread
     # below makes each micro-step's rows (and MC plan) one batch ahead
     train_loader = pretraining_loader(
@@ -305,6 +309,7 @@ def main() -> None:
             "ranks": world_size,
             "loader_state": gather_lanes(loader_state),  # every lane's position after the last step taken
             "loop_state": loop,
+            "dtype": str(dtype).removeprefix("torch."),  # a resume with --dtype auto continues in it
             "mc": mc_cfg.to_dict() if mc_cfg is not None else None,
             "attention": attn_cfg.to_dict(),  # loaders rebuild the mode without flags
         }

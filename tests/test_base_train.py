@@ -165,6 +165,25 @@ def test_resume_continues_exactly(trained):
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6)
 
 
+def test_resume_with_dtype_auto_continues_in_the_checkpoints_dtype(trained):
+    """--dtype auto on resume keeps the dtype the checkpoint was trained in (float32 here), whatever the CPU
+    probe would pick today (bf16 on a machine with fast bf16 matmuls): the run stays exact."""
+    base, _ = trained
+    src, dst = base / "base_checkpoints" / "a", base / "base_checkpoints" / "c"
+    dst.mkdir()
+    for path in src.glob("*_000003*"):
+        shutil.copy(path, dst / path.name)
+    auto = ["auto" if a == "float32" else a for a in COMMON]
+    out = run(
+        base, [*auto, "--model-tag", "c", "--resume-from-step", "3", "--log-json", str(base / "c.jsonl")]
+    )
+    assert "-> bfloat16" not in out.stdout or "resuming in float32" in out.stdout
+    full_loss, _ = read_log(base / "a.jsonl")
+    resumed_loss, _ = read_log(base / "c.jsonl")
+    for step in (3, 4, 5):
+        assert resumed_loss[step] == pytest.approx(full_loss[step], abs=1e-6)
+
+
 def test_base_loss_reproduces_final_val_bpb(trained):
     base, _ = trained
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"}
