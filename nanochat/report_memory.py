@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from nanochat.common import atomic_write_bytes
-from nanochat.report_tables import _fields, _number, _tag, markdown_table, split_title
+from nanochat.report_tables import SESSION, _fields, _number, _tag, markdown_table, split_title
 
-SESSION = " MC session"
 CURVE_VIEWS = {"mc-lens": (0, 114, 178), "window": (230, 159, 0), "full": (0, 0, 0)}  # Okabe-Ito colours
 GLYPHS = {  # 3x5 pixel digits, "x" and "%" for the tick labels
     "0": ["111", "101", "101", "101", "111"],
