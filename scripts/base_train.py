@@ -29,13 +29,8 @@ from megacontext.attention_modes import (
     describe,
 )
 from megacontext.config import MCConfig, add_mc_args, build_nets, mc_config_from_args
-from megacontext.training import (
-    accumulate_metrics,
-    auto_device_batch,
-    mc_train_step,
-    mean_metrics,
-    plan_batch,
-)
+from megacontext.train_step import host_batches, make_objective, mc_step_flops, metrics_line
+from megacontext.training import accumulate_metrics, auto_device_batch, mean_metrics
 from megacontext.views import val_rows, view_bpb
 from nanochat.checkpoint_manager import load_checkpoint, load_mc_state, resume_step, save_checkpoint
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, print0, run_main
@@ -51,8 +46,6 @@ from nanochat.tasks.schedule import default_schedule
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_flags import add_optim_flags, add_run_flags
 
-MC_LOG_KEYS = ("mc/token_loss", "mc/baseline_loss", "mc/adv_delta_mean", "mc/lens_loss", "mc/lens_rank_agreement",
-               "mc/lens_top1", "mc/residency", "mc/time_controller_ms")  # fmt: skip
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -333,16 +326,6 @@ def main() -> None:
     mc_sums: dict = {}  # per-metric sums over the step's micro-batches (0-dim tensors: no sync until the log)
     mc_counts: dict = {}  # micro-batches that measured each metric
 
-    def mc_step_flops(gpt_positions: float) -> float:
-        """Training FLOPs of an MC step: the GPT over every working-context slot that ran (attention at the
-        budget's length), plus GistNet over every training token. LensNet is small and left out."""
-        c = config
-        per_pos = (
-            6 * (num_params - orig_model.wte.weight.numel()) + 12 * c.n_layer * c.n_embd * mc_cfg.wc_budget
-        )
-        gist_params = sum(p.numel() for p in gistnet.parameters())
-        return gpt_positions * per_pos + 6 * gist_params * args.total_batch_size
-
     def mc_views_eval(gpt, gist, lens, cfg) -> dict:
         """bpb / ΔNLL@H of the last H tokens of val rows (the training length) under the five views."""
         for m in (gist, lens):
@@ -354,45 +337,12 @@ def main() -> None:
             m.train()
         return out
 
-    # ---- the objective, chosen once: (loss, auxiliary loss or None, metrics) of one micro-batch
-    if mc_cfg is not None:
-        # compiled where the vanilla step is: the MC step's shapes are static (megacontext/batch_plan.py)
-        mc_gist, mc_lens = (torch.compile(n, dynamic=False) if device.type == "cuda" else n for n in mc_nets)
-
-        def objective(x, y, step: int, plan):
-            """MegaContext: one bounded call (docs/design.md §4) on rows planned ahead (host_batches)."""
-            row = torch.cat([x, y[:, -1:]], dim=1)
-            loss, m = mc_train_step(
-                model, mc_gist, mc_lens, row, mc_cfg, step / num_iterations, step, plan=plan
-            )
-            return loss, None, m
-
-    elif attn is not None:  # window / mega: MegaPrediction's loss trains, unlogged as loss
-        objective = lambda x, y, step, plan: attn.train_loss(x, y, step / num_iterations)  # noqa: E731
-    else:
-        objective = lambda x, y, step, plan: (model(x, y), None, {})  # noqa: E731
-
-    def host_batches(step: int):
-        """Each micro-step's inputs, made on the host in a prefetch thread while the device runs the step before:
-        the loader's rows, the schedule's replacements (copy, task, long-context rows), the MC step's plan, and
-        the loader's resume point after them."""
-        pin = device.type == "cuda"  # pinned: the copy to the device overlaps compute
-        while step < num_iterations:  # nothing past the last step: no rows read or made for nothing
-            kind = schedule.kind(step)
-            for micro in range(grad_accum_steps):
-                x, y = next(train_loader)
-                x, y = schedule.batch(kind, x, y, args.seed, config.vocab_size, tokenizer)
-                plan = None
-                if mc_cfg is not None and kind != "copy":
-                    row = torch.cat([x, y[:, -1:]], dim=1)
-                    plan = plan_batch(row, mc_cfg, step / num_iterations, step, pin=pin)
-                if pin:
-                    x, y = x.pin_memory(), y.pin_memory()
-                last = micro == grad_accum_steps - 1  # lane states exist between steps only
-                yield kind, x, y, plan, train_loader.state_dict() if last else None
-            step += 1
-
-    batches = Prefetch(host_batches(step), depth=2)
+    # ---- the objective, chosen once (megacontext/train_step.py): (loss, auxiliary loss or None, metrics) of one
+    # micro-batch; its rows (and MC plan) are made one micro-step ahead in a prefetch thread
+    objective = make_objective(model, attn, mc_nets, mc_cfg, device, num_iterations)
+    micro_inputs = host_batches(step, num_iterations, grad_accum_steps, schedule, train_loader, mc_cfg, args.seed,
+                                config.vocab_size, tokenizer, pin=device.type == "cuda")  # fmt: skip
+    batches = Prefetch(micro_inputs, depth=2)
 
     ema_beta = 0.9
     while True:
@@ -440,10 +390,7 @@ def main() -> None:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             plan = None if plan is None else plan.to(device, non_blocking=True)
             with autocast():
-                if kind == "copy":  # short copy rows teach the GPT itself to copy: the plain loss
-                    loss, aux, m = model(x, y), None, {}
-                else:
-                    loss, aux, m = objective(x, y, step, plan)
+                loss, aux, m = objective(kind, x, y, step, plan)
             accumulate_metrics(mc_sums, mc_counts, m)  # mean over the micro-batches that measured it
             loss_sum += loss.detach()
             if aux is not None:
@@ -480,13 +427,12 @@ def main() -> None:
         step_flops = flops_per_token * args.total_batch_size
         mc_step = mc_cfg is not None and kind != "copy"
         if mc_step:  # MFU counts the forwards that ran: every working context + GistNet
-            step_flops = mc_step_flops(mc_metrics["mc/gpt_positions"] * grad_accum_steps * world_size)
+            gpt_positions = mc_metrics["mc/gpt_positions"] * grad_accum_steps * world_size
+            step_flops = mc_step_flops(
+                orig_model, gistnet, mc_cfg, num_params, gpt_positions, args.total_batch_size
+            )
         mfu = step_flops / dt / (peak * world_size)
-        mc_line = ""
-        if mc_step:
-            mc_line = " | " + " ".join(f"{k[3:]} {mc_metrics.get(k, math.nan):.4g}" for k in MC_LOG_KEYS)
-        if attn is not None and mc_metrics:  # MegaPrediction: mp/lod1_cos, mp/lod2_cos, mp/loss
-            mc_line = " | " + " ".join(f"{k} {v:.4g}" for k, v in sorted(mc_metrics.items()))
+        mc_line = metrics_line(mc_metrics, mc_step, attention_mode=attn is not None)
         print0(
             f"step {step:05d}/{num_iterations:05d} | loss {debiased:.6f} (raw {raw_loss:.6f}) | lrm {lrm:.3f} "
             f"| dt {dt * 1000:.1f}ms | tok/s {tok_per_s:,.0f} | mfu {100 * mfu:.2f}%{mc_line}"
