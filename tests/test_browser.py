@@ -16,8 +16,9 @@ from test_chat_cli import tool_model
 from test_chat_web import MODEL, LiveServer, expected_reply, mc_worker
 from test_session import WORDS
 
+from nanochat.chat_worker import Worker
 from nanochat.tokenizer import MIN_VOCAB_SIZE, Tokenizer
-from scripts.chat_web import Worker, create_app
+from scripts.chat_web import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

@@ -19,9 +19,10 @@ from test_session import WORDS, tiny_cfg, tiny_model, tiny_nets, tiny_tokenizer
 
 from megacontext.config import MCConfig
 from megacontext.session import build_mc_nets
+from nanochat.chat_worker import Worker
 from nanochat.engine import ReplyText
 from nanochat.tokenizer import MIN_VOCAB_SIZE, Tokenizer
-from scripts.chat_web import Worker, create_app, parse_chat_request
+from scripts.chat_web import create_app, parse_chat_request
 
 MODEL = "tiny-test"
 
