@@ -19,8 +19,8 @@ metadata (what RoPE the slot was given).
 MegaKVCache — MegaAttention decoding (megacontext/mega_attention.py): per level (0 = raw positions, l = the
 wLOD-l nodes) the input embedding, (mu, sigma), a dirty flag and every layer's K/V of each element. Here the
 sequence is not a flat prefix order: nodes sit beside the raw positions they summarise, so what an edit
-dirties is given by the mask rule (`edit_dirties`), and `refresh()` runs the GPT on the dirty elements only,
-with the mega mask restricted to their rows and to the key columns they can see.
+dirties is given by the mask rule (`mega_attention.edit_dirties`), and `refresh()` runs the GPT on the dirty
+elements only, with the mega mask restricted to their rows and to the key columns they can see (`key_bounds`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megacontext.mega_attention import _visible, build_mega_layout, mega_mask
+from megacontext.mega_attention import build_mega_layout, edit_dirties, key_bounds, mega_mask, mega_mask_at
 from megacontext.positional import gaussian_rotary, span_mu_sigma
 from megacontext.zoom import cached_zoom
 from nanochat.gpt import InputHistory
@@ -179,33 +179,6 @@ class SlotKVCache:
 # Measured (process CPU ms, N = 4096 raw tokens, depth-4 GPT, K = 32, W = 256, one thread): f = 0.70:
 # incremental 701 vs full 996; 0.80: 951 vs 1020; 0.85: 988 vs 1005; 0.90: 1188 vs 980. Crossover ~0.85.
 FULL_RECOMPUTE_FRACTION = 0.85
-
-
-def edit_dirties(level: int, index, counts, K: int, W: int) -> list[torch.Tensor]:
-    """Per level l, a bool mask [counts[l]] of the elements whose K/V change when node(s) (level, index) change.
-
-    index: an int or a 1-D tensor of indices at that level (the union is returned). The dirty set is exactly:
-    the edited elements; their ancestors (GistNet made them from the edited content); and every element late
-    enough to see an edited element or an ancestor. An element's time is its *anchor*, the last raw position it
-    covers (a node attends with the mask of its last child). A raw position p is seen from anchor p + 1 on (the
-    raw window); a node ending at e only once its whole span has left the window, from anchor e + W on; and
-    from there every query sees the edited node or an ancestor of it, because its visible elements tile the
-    whole past. Per level the later-in-time part is a suffix. Not dirtied: the raw window right after an edited
-    node (it sees raw tokens there, not the node) and the node's own descendants.
-    """
-    idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-    span = lambda lv: K**lv
-    first_end = (int(idx.min()) + 1) * span(level)  # the earliest edited element ends here
-    first_viewer = first_end if level == 0 else first_end + W  # smallest anchor that sees it
-    out = []
-    for lv, n in enumerate(counts):
-        dirty = torch.zeros(n, dtype=torch.bool)
-        dirty[min(first_viewer // span(lv), n) :] = True  # anchor (j + 1)·K^lv - 1 >= first_viewer
-        if lv >= level:  # the edited elements themselves (lv == level) and their ancestors
-            j = idx * span(level) // span(lv)
-            dirty[j[j < n]] = True
-        out.append(dirty)
-    return out
 
 
 @dataclass
@@ -391,15 +364,9 @@ class MegaKVCache:
                 lv.dirty[: lv.n] = True
         lay = build_mega_layout(self.N, self.K, self.W, self.levels)
         rows = [lv.dirty[: lv.n].nonzero()[:, 0] for lv in self.by_level]
-        # Key columns: per level everything from the lowest bound any dirty query can see (bounds rise with
-        # the anchor, so the earliest dirty anchor sets them) to the level's end. A superset of what the rows
-        # see (the mask sorts it out), and for a decode step O(W + K·levels + N/K**levels) columns, not N.
-        r = min(int(q[0] + 1) * self.K**lv - 1 for lv, q in enumerate(rows) if q.numel())
-        a = max(r - self.W, 0)
-        lo = [
-            0 if lv == self.levels else a // self.K ** (lv + 1) * self.K ** (lv + 1) // self.K**lv
-            for lv in range(self.levels + 1)
-        ]
+        # key columns: per level from the lowest element any dirty row sees to the level's end (the mask sorts
+        # out the rest): for a decode step O(W + K·levels + N/K**levels) columns, not N
+        lo = key_bounds(rows, self.K, self.W, self.levels)
         q_packed = torch.cat([lay.offsets[lv] + q for lv, q in enumerate(rows)])
         cols = torch.cat([lay.offsets[lv] + torch.arange(lo[lv], n) for lv, n in enumerate(self.counts)])
         device = self.model.wte.weight.device
@@ -408,12 +375,7 @@ class MegaKVCache:
                 self._full_mask = (self.N, mega_mask(lay, device))
             mask = self._full_mask[1]
         else:
-            mask = torch.cat(  # chunks of rows bound _visible's int64 temporaries
-                [
-                    _visible(q_packed[s : s + 1024, None], cols[None, :], lay)
-                    for s in range(0, len(q_packed), 1024)
-                ]
-            ).to(device)
+            mask = mega_mask_at(lay, q_packed, cols).to(device)
         device = self.model.wte.weight.device
         dev_rows = [q.to(device) for q in rows]
         embeds = torch.cat([lv.emb[q] for lv, q in zip(self.by_level, dev_rows)])

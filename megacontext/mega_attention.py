@@ -25,6 +25,8 @@ Three executions with one meaning, all driven by `_visible` (index arithmetic):
   flex_attention BlockMask (`mega_block_mask` + `flex_mega_attention`; compiled on CUDA; on CPU torch
   runs it eagerly and refuses backward), and a block-sparse gather + SDPA for long sequences on CPU
   (`plan_blocksparse` + `blocksparse_mega_attention`), O(N·(W + K·L + N/K**L)) time and memory.
+What an edit dirties (`edit_dirties`) and the rows x columns of the mask a KV cache's refresh needs
+(`key_bounds`, `mega_mask_at`) follow from the same rule (megacontext/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -174,6 +176,48 @@ def _cached_mask(lay: MegaLayout, device: str) -> torch.Tensor:
     """mega_forward's mask: every training step has the same shape, and building [T, T] costs ~0.3 s at
     T = 2k on CPU. Shared between calls: never modify it in place."""
     return mega_mask(lay, device)
+
+
+def mega_mask_at(lay: MegaLayout, q: torch.Tensor, cols: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The mask [len(q), len(cols)] restricted to packed query rows q and key columns cols (MegaKVCache's
+    incremental refresh); chunks of rows bound the int64 temporaries."""
+    return torch.cat([_visible(q[s : s + chunk, None], cols[None, :], lay) for s in range(0, len(q), chunk)])
+
+
+def key_bounds(rows: list[torch.Tensor], K: int, W: int, levels: int) -> list[int]:
+    """Per level, the lowest element index any of the query elements `rows` (per level, ascending element
+    indices) can see. Bounds rise with the anchor, so the earliest dirty anchor sets them; the columns from
+    there to each level's end are a superset of what the rows see."""
+    r = min(int(q[0] + 1) * K**lv - 1 for lv, q in enumerate(rows) if q.numel())
+    a = max(r - W, 0)
+    return [0 if lv == levels else a // K ** (lv + 1) * K ** (lv + 1) // K**lv for lv in range(levels + 1)]
+
+
+def edit_dirties(level: int, index, counts, K: int, W: int) -> list[torch.Tensor]:
+    """Per level l, a bool mask [counts[l]] of the elements whose K/V change when node(s) (level, index) change.
+
+    index: an int or a 1-D tensor of indices at that level (the union is returned). The dirty set is exactly:
+    the edited elements; their ancestors (GistNet made them from the edited content); and every element late
+    enough to see an edited element or an ancestor. An element's time is its *anchor*, the last raw position it
+    covers (a node attends with the mask of its last child). A raw position p is seen from anchor p + 1 on (the
+    raw window); a node ending at e only once its whole span has left the window, from anchor e + W on; and
+    from there every query sees the edited node or an ancestor of it, because its visible elements tile the
+    whole past. Per level the later-in-time part is a suffix. Not dirtied: the raw window right after an edited
+    node (it sees raw tokens there, not the node) and the node's own descendants.
+    """
+    idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    span = lambda lv: K**lv
+    first_end = (int(idx.min()) + 1) * span(level)  # the earliest edited element ends here
+    first_viewer = first_end if level == 0 else first_end + W  # smallest anchor that sees it
+    out = []
+    for lv, n in enumerate(counts):
+        dirty = torch.zeros(n, dtype=torch.bool)
+        dirty[min(first_viewer // span(lv), n) :] = True  # anchor (j + 1)·K^lv - 1 >= first_viewer
+        if lv >= level:  # the edited elements themselves (lv == level) and their ancestors
+            j = idx * span(level) // span(lv)
+            dirty[j[j < n]] = True
+        out.append(dirty)
+    return out
 
 
 def coverage(lay: MegaLayout, i: int) -> list[list[int]]:

@@ -9,8 +9,8 @@ import torch
 
 import megacontext.kv_cache as kv_cache
 from megacontext.gistnet import GistNet
-from megacontext.kv_cache import MegaKVCache, SlotKVCache, edit_dirties, key_index, key_level, slot_key
-from megacontext.mega_attention import build_mega_layout, mega_forward, mega_mask, mega_rotary
+from megacontext.kv_cache import MegaKVCache, SlotKVCache, key_index, key_level, slot_key
+from megacontext.mega_attention import build_mega_layout, edit_dirties, mega_forward, mega_mask, mega_rotary
 from megacontext.positional import gaussian_rotary
 from megacontext.zoom import ZoomAttention
 from nanochat.gpt import GPT, GPTConfig, norm
@@ -283,7 +283,7 @@ def test_an_edit_changes_exactly_the_elements_it_dirties(model, gistnet):
 def test_marking_too_little_is_caught(model, gistnet, monkeypatch):
     """The equality check has teeth: a cache that dirties only the edited node and its ancestors (no
     later-in-time suffix) keeps stale K/V, and the comparison with the full recompute sees it."""
-    real = kv_cache.edit_dirties
+    real = edit_dirties
 
     def edited_and_ancestors_only(level, index, counts, k, w):
         idx = torch.as_tensor(index).reshape(-1)
@@ -298,7 +298,7 @@ def test_marking_too_little_is_caught(model, gistnet, monkeypatch):
     cache = MegaKVCache(model, gistnet, K, W, L)
     cache.append(ids)
     cache.refresh()
-    monkeypatch.setattr(kv_cache, "edit_dirties", edited_and_ancestors_only)
+    monkeypatch.setattr(kv_cache, "edit_dirties", edited_and_ancestors_only)  # where MegaKVCache looks it up
     ids = ids.clone()
     ids[40] = (ids[40] + 1) % 50
     cache.replace_tokens(40, ids[40:41])
