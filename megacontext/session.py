@@ -13,42 +13,36 @@ After an ingest (a user turn, a pasted document) the focus settles (megacontext/
 evaluation runs, so what mc_eval measures is what a chat user gets. Gist levels GistNet was not trained on are
 used only when the history does not fit the budget otherwise (focus.LevelCap).
 
-Persistence: save(dir) writes the tree (disk backend) and session.json (WC entries, allocator, conversation,
-RNG) atomically, session.json last: it is the commit point. MCSession.open(dir, ...) continues exactly where
-the saved session stood, so the next greedy reply is identical.
+Persistence (megacontext/session_store.py): save(dir) writes the tree (disk backend) and session.json (WC
+entries, allocator, conversation, RNG) atomically, session.json last: it is the commit point.
+MCSession.open(dir, ...) continues exactly where the saved session stood, so the next greedy reply is identical.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from megacontext.allocator import FocusAllocator, lookahead_scores, normalize_scores
 from megacontext.config import MCConfig, build_nets
-from megacontext.entries import BudgetError, Edit, Entry, gist_entry
+from megacontext.entries import BudgetError, Edit, gist_entry
 from megacontext.focus import LevelCap, settle
 from megacontext.gistnet import GistNet
 from megacontext.kv_cache import SlotKVCache, key_index, key_level, slot_key
 from megacontext.lens_inputs import tree_lens_scores
 from megacontext.lensnet import LensNet
 from megacontext.positional import gaussian_rotary
+from megacontext.session_store import new_disk_tree, open_session, save_session
 from megacontext.telemetry import Telemetry
-from megacontext.tree import MegaContextTree, copy_tree
+from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
-from nanochat.common import UserError, atomic_write_json
+from nanochat.common import UserError
 from nanochat.engine import sample_next_token
 
-STATE_FILE = "session.json"
-STATE_FORMAT, STATE_VERSION = "megacontext-session", 1
 INGEST_CHUNK = 8192  # tokens appended per step of a long ingest: bounds the GistNet batch and the WC growth
 GIST_BATCH = 256  # blocks per GistNet call while gisting (one batched call per 256 blocks)
 # Look-ahead (MCConfig.lookahead) for gists up to this level: a LOD2 gist costs one extra LensNet call per
@@ -402,89 +396,23 @@ class MCSession:
     @classmethod
     def create(
         cls, directory, model, tokenizer, gistnet, lensnet, cfg: MCConfig, device="cpu", seed: int = 0
-    ):
+    ) -> MCSession:
         """A new, empty session whose tree lives on disk in `directory` (save() then only commits)."""
         model_id = model_fingerprint(model, gistnet)
-        path = Path(directory) / f"tree-{uuid.uuid4().hex[:8]}"
-        tree = MegaContextTree.open(path, K=cfg.block_size, d=model.config.n_embd, model_id=model_id)
+        tree = new_disk_tree(directory, cfg.block_size, model.config.n_embd, model_id)
         return cls(model, tokenizer, gistnet, lensnet, cfg, tree, device, seed, model_id)
 
     def save(self, directory) -> None:
-        """Persist the session in `directory`: the tree (committed in place when it already lives there, else
-        copied), then session.json atomically. Older tree copies in the directory are removed afterwards."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = getattr(self.tree.storage, "path", None)
-        if path is not None and path.resolve().parent == directory.resolve():
-            self.tree.flush()
-            tree_name = path.name
-        else:
-            tree_name = f"tree-{uuid.uuid4().hex[:8]}"
-            copy_tree(self.tree, directory / tree_name).close()
-        wc = self.wc
-        state = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "tree": tree_name,
-            "model_id": self.model_id,
-            "config": self.cfg.to_dict(),
-            "num_tokens": self.tree.num_tokens,
-            "entries": [[e.level, e.start, e.end] for e in wc.entries] if wc else None,
-            "wc_version": wc.version if wc else 0,
-            "refocus_at": self.refocus_at,
-            "level_cap": self.view.cap,
-            "allocator": self.allocator.state_dict(),
-            "rng": base64.b64encode(self.rng.get_state().numpy().tobytes()).decode("ascii"),
-            "messages": self.messages,
-            "last_edits": [[e.kind, e.level, e.index] for e in self.last_edits],
-            "last_edits_refocus": self.last_edits_refocus,
-            "refocuses": self.telemetry.total_refocuses,
-        }
-        atomic_write_json(directory / STATE_FILE, state)  # the commit point
-        for old in directory.glob("tree-*"):
-            if old.is_dir() and old.name != tree_name:
-                shutil.rmtree(old)
+        """Persist the session in `directory` (megacontext/session_store.py: the tree, then session.json)."""
+        save_session(self, directory)
 
     @classmethod
-    def open(cls, directory, model, tokenizer, gistnet, lensnet, device="cpu", model_id: str | None = None):
-        """Continue a saved session. Tokens the tree committed after the last save (e.g. a reply interrupted
-        before it was saved) are kept: the WC is extended over them."""
-        directory = Path(directory)
-        try:
-            state = json.loads((directory / STATE_FILE).read_text())
-            if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-                raise ValueError(f"format {state.get('format')!r} v{state.get('version')}")
-            cfg = MCConfig.from_dict(state["config"])
-        except FileNotFoundError:
-            raise UserError(f"no saved session in {directory} (missing {STATE_FILE})") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{directory / STATE_FILE} is not a valid saved session ({e})") from None
+    def open(
+        cls, directory, model, tokenizer, gistnet, lensnet, device="cpu", model_id: str | None = None
+    ) -> MCSession:
+        """Continue a saved session (megacontext/session_store.py), tokens committed after the save included."""
         model_id = model_id or model_fingerprint(model, gistnet)
-        tree = MegaContextTree.open(directory / state["tree"], model_id=model_id)
-        if tree.num_tokens < state["num_tokens"]:
-            tree.close()
-            raise UserError(
-                f"{directory}: the tree holds {tree.num_tokens} tokens, the session saved "
-                f"{state['num_tokens']}; the tree was damaged"
-            )
-        session = cls(model, tokenizer, gistnet, lensnet, cfg, tree, device, 0, model_id)
-        if state["entries"] is not None:
-            entries = [Entry(*e) for e in state["entries"]]
-            session.wc = WorkingContext(
-                entries, cfg.block_size, cfg.wc_budget, cfg.recent, state["wc_version"]
-            )
-            session.view.cap = state.get("level_cap", max(cfg.wc_levels, *(e.level for e in entries)))
-            session.wc.check(_Prefix(session.view, state["num_tokens"]))
-            session._absorb()  # tokens committed after the save
-        session.refocus_at = state["refocus_at"]
-        session.allocator.load_state_dict(state["allocator"])
-        rng = np.frombuffer(base64.b64decode(state["rng"]), dtype=np.uint8).copy()
-        session.rng.set_state(torch.from_numpy(rng))
-        session.messages = list(state["messages"])
-        session.last_edits = [Edit(k, lv, i) for k, lv, i in state["last_edits"]]
-        session.last_edits_refocus = state["last_edits_refocus"]
-        session.telemetry.total_refocuses = state["refocuses"]
-        return session
+        return open_session(cls, directory, model, tokenizer, gistnet, lensnet, device, model_id)
 
     def close(self) -> None:
         self.tree.close()
@@ -492,13 +420,3 @@ class MCSession:
 
 def _last_row(module, args):
     return (args[0][:, -1:],)
-
-
-class _Prefix:
-    """A tree seen at an earlier length (what the saved WC covered), for checking the saved WC against it."""
-
-    def __init__(self, tree, num_tokens: int):
-        self.tree, self.K, self.num_tokens, self.max_level = tree, tree.K, num_tokens, tree.max_level
-
-    def num_nodes(self, level: int) -> int:
-        return min(self.tree.num_nodes(level), self.num_tokens // self.K**level)

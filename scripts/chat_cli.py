@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from megacontext.attention_modes import attention_model
-from megacontext.session import INGEST_CHUNK, STATE_FILE, MCSession, load_mc_nets
+from megacontext.session import INGEST_CHUNK, MCSession, load_mc_nets
+from megacontext.session_store import STATE_FILE
 from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.common import UserError, compute_init, run_main
 from nanochat.engine import RecomputeEngine, ReplyText, ToolUse, chat_engine, session_turn
