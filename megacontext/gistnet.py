@@ -33,9 +33,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import apply_rotary_emb, norm, rotary_cos_sin
+from nanochat.gpt import norm, rotary_cos_sin
 
 KINDS, POOLINGS, HEADS = ("transformer", "mean"), ("mean", "query", "cls"), ("linear", "mlp")
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-width (cos, sin) [..., D/2] from rotary_cos_sin -> the full-width tables `rotate` takes:
+    ([cos, cos], [sin, -sin]) [..., D]. Built once per network call, shared by its blocks."""
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """nanochat.gpt.apply_rotary_emb with rope_tables: x·cos + roll(x)·sin, where roll swaps the halves, is
+    (x1 cos + x2 sin, x2 cos - x1 sin) bit for bit in 4 ops instead of 9 (and 13 backward instead of 22)."""
+    return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, dims=-1) * sin.to(x.dtype)
 
 
 class Block(nn.Module):
@@ -67,15 +79,18 @@ class Block(nn.Module):
         nn.init.zeros_(self.mlp_proj.weight)
 
     def forward(self, x, cos, sin, attn_mask: torch.Tensor | None = None):
-        """x [B, T, d]; cos/sin [B or 1, T, 1, head_dim/2]; attn_mask bool [B, 1, 1 or T, T], True = attend."""
+        """x [B, T, d]; cos/sin [B or 1, T, 1, head_dim] (rope_tables); attn_mask bool [B, 1, 1 or T, T],
+        True = attend.
+
+        q, k and v come from one matmul over the three weights stacked, and q and k are normed and rotated
+        together: the same numbers as three projections and two rotations, in about two thirds of the ops."""
         B, T, _ = x.shape
+        H, hd = self.n_head, self.head_dim
         h = norm(x)
-        q = norm(self.c_q(h).view(B, T, self.n_head, self.head_dim))
-        k = norm(self.c_k(h).view(B, T, self.n_head, self.head_dim))
-        v = self.c_v(h).view(B, T, self.n_head, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+        qk, v = F.linear(h, w).view(B, T, 3 * H, hd).split([2 * H, H], dim=2)
+        q, k = rotate(norm(qk), cos, sin).transpose(1, 2).split(H, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_mask, is_causal=False)
         x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, -1))
         return x + self.mlp_proj(F.relu(self.c_fc(norm(x))).square())
 
@@ -146,7 +161,7 @@ class GistNet(nn.Module):
             centre = torch.full((1,), (self.block_size - 1) / 2, device=device)
             positions = torch.cat([centre, positions])
         cos, sin = rotary_cos_sin(positions, self.d_model // self.n_head)
-        return cos[None], sin[None]  # [1, T, 1, head_dim/2]
+        return rope_tables(cos[None], sin[None])  # [1, T, 1, head_dim]
 
     @torch.no_grad()
     def init_weights(self) -> None:

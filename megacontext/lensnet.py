@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megacontext.gistnet import HEADS, Block
+from megacontext.gistnet import HEADS, Block, rope_tables
 from megacontext.positional import gaussian_rotary
 from nanochat.gpt import norm
 
@@ -145,7 +145,7 @@ class LensNet(nn.Module):
         origin = query_pos[:, -1:].double()
         mu = torch.cat([entry_mu.double() - origin, query_pos.double() - origin], dim=1).float()
         sigma = torch.cat([entry_sigma.float(), torch.zeros(B, Q, device=x.device)], dim=1)
-        cos, sin = gaussian_rotary(mu, sigma, d // self.n_head)
+        cos, sin = rope_tables(*gaussian_rotary(mu, sigma, d // self.n_head))
         attn_mask = None
         if entry_mask is not None:
             real = torch.cat([keep, torch.ones(B, Q, dtype=torch.bool, device=x.device)], dim=1)
