@@ -16,10 +16,12 @@ from nanochat.op_count import HostSyncError, OpCount
 V, D = 97, 64
 
 
-def nets(T: int, seed: int = 0, perturb: bool = True, **kw):
+def nets(T: int, seed: int = 0, perturb: bool = True, dtype: torch.dtype = torch.float32, **kw):
     """A tiny GPT and MC nets with the recipe at length T. perturb: every weight moved off its init, so the
     zero-initialised projections (LensNet's output, the blocks' c_proj) pass gradients and LensNet's scores
-    are not all tied (its lens hints then depend on them)."""
+    are not all tied (its lens hints then depend on them). dtype float64 for comparisons with the reference:
+    a utility is a difference of two near-equal losses, scaled 20-fold by the lens target, so in float32 the
+    two steps' different batch shapes (different matmul rounding) alone move a lens gradient by ~1e-5."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(T, V, 2, 2, 2, D, smear=True))
     model.init_weights()
@@ -30,7 +32,7 @@ def nets(T: int, seed: int = 0, perturb: bool = True, **kw):
             for m in (model, gistnet, lensnet):
                 for p in m.parameters():
                     p.add_(0.05 * torch.randn_like(p))
-    return model, gistnet, lensnet, cfg
+    return model.to(dtype), gistnet.to(dtype), lensnet.to(dtype), cfg
 
 
 def rows(B: int, T: int, seed: int = 0, repeat: bool = True) -> torch.Tensor:
@@ -83,7 +85,7 @@ SKIP = {"mc/time_controller_ms", "mc/gpt_positions"}  # host timing; positions i
     ],
 )
 def test_step_equals_the_per_row_reference(T, B, perturb, progress, kw, chat):
-    model, gistnet, lensnet, cfg = nets(T, perturb=perturb, **kw)
+    model, gistnet, lensnet, cfg = nets(T, perturb=perturb, dtype=torch.float64, **kw)
     x = rows(B, T, seed=T + B)
     targets = chat_targets(x, 1) if chat else None
     (ref_loss, ref_m, ref_g), (loss, m, g) = run_both(model, gistnet, lensnet, x, cfg, progress, 5, targets)
@@ -99,7 +101,7 @@ def test_step_equals_the_per_row_reference(T, B, perturb, progress, kw, chat):
 
 def test_step_equals_the_reference_with_a_random_generator_seed():
     """mid_train passes a random.Random as the seed: the same object plans the same rows in both."""
-    model, gistnet, lensnet, cfg = nets(256)
+    model, gistnet, lensnet, cfg = nets(256, dtype=torch.float64)
     x = rows(2, 256)
     seed = random.Random(3)
     (ref_loss, _, ref_g), (loss, _, g) = run_both(
