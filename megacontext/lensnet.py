@@ -38,9 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megacontext.gistnet import HEADS, Block, rope_tables
-from megacontext.positional import gaussian_rotary
-from nanochat.gpt import norm
+from megacontext.gistnet import HEADS, Block
+from nanochat.gpt import norm, rotary_inv_freq
 
 
 class LensNet(nn.Module):
@@ -71,7 +70,26 @@ class LensNet(nn.Module):
         self.blocks = nn.ModuleList([Block(d_model, n_head) for _ in range(n_layer)])
         self.fc = nn.Linear(d_model, 4 * d_model, bias=False) if head == "mlp" else None
         self.out = nn.Linear(4 * d_model if head == "mlp" else d_model, 1, bias=False)
+        freq, sign = self._rope_freq()
+        self.register_buffer("rope_freq", freq, persistent=False)  # a pure function of the config
+        self.register_buffer("rope_sign", sign, persistent=False)
         self.init_weights()
+
+    def _rope_freq(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full-width frequencies [ω, ω] and signs [1, -1] of gistnet.rope_tables, [head_dim] each."""
+        inv = rotary_inv_freq(self.d_model // self.n_head, device=device)
+        return torch.cat([inv, inv]), torch.cat([torch.ones_like(inv), -torch.ones_like(inv)])
+
+    def _rope(self, mu: torch.Tensor, sigma: torch.Tensor | None):
+        """gistnet.rope_tables(*positional.gaussian_rotary(mu, sigma)) [B, T, 1, head_dim] from the cached
+        frequencies, the same values op for op; sigma None: points (sigma 0, ordinary RoPE: the damping
+        would be exactly 1)."""
+        freqs = mu[..., None] * self.rope_freq
+        cos, sin = freqs.cos(), freqs.sin() * self.rope_sign
+        if sigma is not None:
+            damp = torch.exp(-0.5 * (sigma[..., None] * self.rope_freq) ** 2)
+            cos, sin = cos * damp, sin * damp
+        return cos[..., None, :], sin[..., None, :]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -95,13 +113,14 @@ class LensNet(nn.Module):
         if self.match_nb is not None:
             nn.init.zeros_(self.match_nb.weight)
             nn.init.ones_(self.match_nb_scale)
+        self.rope_freq, self.rope_sign = self._rope_freq(self.lod_emb.weight.device)
 
     def forward(
         self,
         entry_embeds: torch.Tensor,
         entry_lod: torch.Tensor,
         entry_mu: torch.Tensor,
-        entry_sigma: torch.Tensor,
+        entry_sigma: torch.Tensor | None,
         query_embeds: torch.Tensor,
         query_pos: torch.Tensor,
         entry_mask: torch.Tensor | None = None,
@@ -109,7 +128,8 @@ class LensNet(nn.Module):
         entry_lex: torch.Tensor | None = None,
         entry_match: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """entries [B, N, d] / [B, N] (lod long, mu and sigma in global token positions), query tokens
+        """entries [B, N, d] / [B, N] (lod long, mu and sigma in global token positions; sigma None: every
+        entry a point, as in training, which skips the damping), query tokens
         [B, Q, d] at positions [B, Q] (Q >= 1), entry_mask bool [B, N] (True = real entry, False = padding;
         padding may hold anything), entry_lex [B, N, d] (mean token embedding of each entry's span; needed
         exactly when the lens is lexical), entry_match [B, N, Q] (0/1: query token q occurs in entry n's
@@ -127,14 +147,15 @@ class LensNet(nn.Module):
         if entry_mask is not None:
             # Sanitise padding so nothing it holds (NaN, out-of-range LOD) can leak through 0 * NaN.
             keep = entry_mask.bool()
-            entry_embeds = entry_embeds.masked_fill(~keep[..., None], 0.0)
-            entry_lod = entry_lod.masked_fill(~keep, 0)
-            entry_mu = entry_mu.masked_fill(~keep, 0.0)
-            entry_sigma = entry_sigma.masked_fill(~keep, 0.0)
+            pad, pad3 = ~keep, ~keep[..., None]
+            entry_embeds = entry_embeds.masked_fill(pad3, 0.0)
+            entry_lod = entry_lod.masked_fill(pad, 0)
+            entry_mu = entry_mu.masked_fill(pad, 0.0)
+            entry_sigma = None if entry_sigma is None else entry_sigma.masked_fill(pad, 0.0)
             if entry_lex is not None:
-                entry_lex = entry_lex.masked_fill(~keep[..., None], 0.0)
+                entry_lex = entry_lex.masked_fill(pad3, 0.0)
             if entry_match is not None:
-                entry_match = entry_match.masked_fill(~keep[..., None], 0.0)
+                entry_match = entry_match.masked_fill(pad3, 0.0)
         entries = norm(entry_embeds) + self.lod_emb(entry_lod)
         if entry_lex is not None:
             entries = entries + self.lex(norm(entry_lex))
@@ -142,10 +163,12 @@ class LensNet(nn.Module):
         x = torch.cat([entries, queries], dim=1)
         # RoPE is relative: measure positions from the newest query token (in float64, then fp32), so the
         # phases near the query stay exact even a million tokens into the history.
-        origin = query_pos[:, -1:].double()
-        mu = torch.cat([entry_mu.double() - origin, query_pos.double() - origin], dim=1).float()
-        sigma = torch.cat([entry_sigma.float(), torch.zeros(B, Q, device=x.device)], dim=1)
-        cos, sin = rope_tables(*gaussian_rotary(mu, sigma, d // self.n_head))
+        pos = torch.cat([entry_mu, query_pos], dim=1).double()
+        mu = (pos - pos[:, -1:]).float()
+        sigma = None
+        if entry_sigma is not None:
+            sigma = torch.cat([entry_sigma.float(), torch.zeros(B, Q, device=x.device)], dim=1)
+        cos, sin = self._rope(mu, sigma)
         attn_mask = None
         if entry_mask is not None:
             real = torch.cat([keep, torch.ones(B, Q, dtype=torch.bool, device=x.device)], dim=1)
@@ -160,15 +183,14 @@ class LensNet(nn.Module):
             q_state = norm(x[:, N:])
             m = entry_match.to(logits.dtype)
             w = self.match(q_state).squeeze(-1)  # [B, Q]: what a hit on each query token is worth
-            logits = logits + self.match_scale[entry_lod] * torch.einsum("bnq,bq->bn", m, w)
+            logits = logits + self.match_scale[entry_lod] * (m * w[:, None]).sum(dim=-1)
             if self.match_nb is not None:  # the hits of entries n-1 and n+1 (the max of the two)
-                zero = m.new_zeros(B, 1, Q)
-                nb = torch.maximum(torch.cat([zero, m[:, :-1]], 1), torch.cat([m[:, 1:], zero], 1))
+                nb = torch.maximum(F.pad(m[:, :-1], (0, 0, 1, 0)), F.pad(m[:, 1:], (0, 0, 0, 1)))
                 w_nb = self.match_nb(q_state).squeeze(-1)
-                logits = logits + self.match_nb_scale[entry_lod] * torch.einsum("bnq,bq->bn", nb, w_nb)
+                logits = logits + self.match_nb_scale[entry_lod] * (nb * w_nb[:, None]).sum(dim=-1)
         # training ranks on the logits (tanh saturates and would stop the ranking gradient)
         scores = logits if return_logits else torch.tanh(logits)
-        return scores if entry_mask is None else scores.masked_fill(~keep, 0.0)
+        return scores if entry_mask is None else scores.masked_fill(pad, 0.0)
 
     def score(self, wc, query_embeds: torch.Tensor, query_pos: torch.Tensor):
         """Convenience for one working context or a list of them.

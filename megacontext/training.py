@@ -136,7 +136,7 @@ def mc_train_step(
     e_mu = torch.arange(N, device=x.device, dtype=torch.float32).expand(B, N)
     q_pos = (plan.n_entries[:, None] + torch.arange(K, device=x.device)).float()
     scores = lensnet(
-        e_emb, plan.entry_lod, e_mu, torch.zeros_like(e_mu), embeds[:, query].detach(), q_pos,
+        e_emb, plan.entry_lod, e_mu, None, embeds[:, query].detach(), q_pos,
         entry_mask=plan.entry_valid, return_logits=True, entry_lex=lex, entry_match=match,
     )  # fmt: skip
     chosen, cand_valid = choose_candidates(scores, plan, cfg)
