@@ -90,8 +90,15 @@ class BatchPlan:
     editable: torch.Tensor  # [B, N] bool: entries a one-edit variant could edit
     order: torch.Tensor  # [B, E] long: editable entries in candidate order (RowPlan.order); padding 0
     order_valid: torch.Tensor  # [B, E] bool
-    order_gist: torch.Tensor  # [B, E] bool: that variant expands a gist (else collapses a raw block)
+    order_sign: torch.Tensor  # [B, E] float: +1 where that variant expands a gist, -1 collapses a raw block
     n_hinted: torch.Tensor  # [B] long: the first n_hinted of `order` are copy hints
+    # what the step would otherwise rebuild from the above every time (choose_candidates, mc_train_step)
+    priority: torch.Tensor  # [B, E] long: candidate priority before LensNet's favourites are known
+    ineligible: torch.Tensor  # [B, E] bool: not a lens hint (padding, a copy hint or a raw block)
+    entry_mu: torch.Tensor  # [B, N] float: LensNet's entry positions (lens_inputs.lens_positions)
+    query_pos: torch.Tensor  # [B, K] float: its query positions, right after the row's last entry
+    bank_base: torch.Tensor  # [B, 1, 1] long: where row b's bank starts in the flattened bank
+    horizon_rows: torch.Tensor  # [R] bool: the bank rows that are horizon tokens
     # host figures for the metrics (they never need the device)
     candidates: int  # variants that run, all rows
     base_entries: int  # entries of the bases, all rows
@@ -168,10 +175,25 @@ def build_plan(x: torch.Tensor, cfg: MCConfig, budget: int, levels: int, seed) -
         candidates += min(cfg.variants, len(row.order))
         base_entries += n
         residency += row.base.residency / B
+    # choose_candidates' priority and lens-hint eligibility: everything but LensNet's ranking
+    pos = np.arange(N)[None, :]
+    hinted = pos < n_hinted[:, None]
+    priority = pos.repeat(B, 0)
+    if cfg.lens_hints:
+        priority = np.where(hinted, pos, n_hinted[:, None] + cfg.lens_hints + pos)
+    priority[~order_valid] = 2 * N + cfg.lens_hints
+    ineligible = ~(order_valid & ~hinted & order_gist)
+    horizon_rows = np.zeros(pad + 1, bool)
+    horizon_rows[T - H : T] = True
+    query_pos = (n_entries[:, None] + np.arange(K)).astype(np.float32)
+    sign = np.where(order_gist, 1.0, -1.0).astype(np.float32)
+    entry_mu = np.broadcast_to(np.arange(N, dtype=np.float32), (B, N)).copy()
+    bank_base = (np.arange(B) * (pad + 1)).reshape(B, 1, 1)
     t = torch.from_numpy
     return BatchPlan(
         budget, levels, L, t(wc_rows), t(ent[0]), t(ent[1]), t(ent[2]), t(ent[3]), t(entry_valid),
-        t(n_entries), t(editable), t(order), t(order_valid), t(order_gist), t(n_hinted),
+        t(n_entries), t(editable), t(order), t(order_valid), t(sign), t(n_hinted), t(priority), t(ineligible),
+        t(entry_mu), t(query_pos), t(bank_base), t(horizon_rows),
         candidates, base_entries, residency, 1000.0 * (time.perf_counter() - t0),
     )  # fmt: skip
 
@@ -187,18 +209,12 @@ def choose_candidates(
     the earlier entry), then the rest in order; a row runs its V best, or all its editable entries if fewer."""
     B, E = plan.order.shape
     V = min(cfg.variants, E)
-    dev = plan.order.device
-    pos = torch.arange(E, device=dev).expand(B, E)
-    hinted = pos < plan.n_hinted[:, None]
-    priority = pos.clone()
+    priority = plan.priority
     if cfg.lens_hints:
-        eligible = plan.order_valid & ~hinted & plan.order_gist
-        key = scores.detach().gather(1, plan.order).float().masked_fill(~eligible, -torch.inf)
+        key = scores.detach().gather(1, plan.order).float().masked_fill(plan.ineligible, -torch.inf)
         ranked = torch.sort(key, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(ranked).scatter_(1, ranked, pos)
-        top = eligible & (rank < cfg.lens_hints)
-        rest = plan.n_hinted[:, None] + cfg.lens_hints + pos
-        priority = torch.where(hinted, pos, torch.where(top, plan.n_hinted[:, None] + rank, rest))
-    priority = priority.masked_fill(~plan.order_valid, 2 * E + cfg.lens_hints)
+        rank = ranked.argsort(dim=1)  # the inverse permutation: each entry's place in the ranking
+        top = ~plan.ineligible & (rank < cfg.lens_hints)
+        priority = torch.where(top, plan.n_hinted[:, None] + rank, priority)
     chosen = torch.sort(priority, dim=1, stable=True).indices[:, :V]
     return chosen, plan.order_valid.gather(1, chosen)

@@ -51,8 +51,11 @@ def trained_levels(cfg: MCConfig, seq_len: int) -> int:
     return lvl
 
 
-def build_bank(embeds: torch.Tensor, gistnet, K: int, levels: int) -> tuple[torch.Tensor, list[int]]:
-    """[B, T, d] token embeddings -> bank [B, T + T/K + T/K² + ..., d] and the offset of each level in it."""
+def build_bank(
+    embeds: torch.Tensor, gistnet, K: int, levels: int, pad_row: bool = False
+) -> tuple[torch.Tensor, list[int]]:
+    """[B, T, d] token embeddings -> bank [B, T + T/K + T/K² + ..., d] and the offset of each level in it;
+    pad_row: one zero row after them (the plan's padding row), in the same concatenation."""
     B, T, d = embeds.shape
     parts, offsets, x, offset = [embeds], [0], embeds, T
     for lvl in range(1, levels + 1):
@@ -62,6 +65,8 @@ def build_bank(embeds: torch.Tensor, gistnet, K: int, levels: int) -> tuple[torc
         offsets.append(offset)
         offset += n
         x = g
+    if pad_row:
+        parts.append(embeds.new_zeros(B, 1, d))
     return torch.cat(parts, dim=1), offsets
 
 
@@ -122,9 +127,8 @@ def mc_train_step(
     targets = x[:, 1:] if targets is None else targets
     horizon_start = T - H
     embeds = model.wte(inputs)
-    bank, _ = build_bank(embeds, gistnet, K, plan.levels)
-    d = bank.shape[-1]
-    bank = torch.cat([bank, bank.new_zeros(B, 1, d)], dim=1)  # last row: padding (plan's pad row)
+    bank, _ = build_bank(embeds, gistnet, K, plan.levels, pad_row=True)  # last row: the plan's pad row
+    R, d = bank.shape[1:]
 
     # LensNet on every row's base in one padded call; its favourites become candidates (lens hints)
     query = slice(horizon_start - K, horizon_start)
@@ -132,47 +136,44 @@ def mc_train_step(
         bank.detach(), inputs, plan.entry_row, plan.entry_start, plan.entry_end, inputs[:, query],
         lensnet.lex is not None, lensnet.match is not None,
     )  # fmt: skip
-    N = e_emb.shape[1]
-    e_mu = torch.arange(N, device=x.device, dtype=torch.float32).expand(B, N)
-    q_pos = (plan.n_entries[:, None] + torch.arange(K, device=x.device)).float()
     scores = lensnet(
-        e_emb, plan.entry_lod, e_mu, None, embeds[:, query].detach(), q_pos,
+        e_emb, plan.entry_lod, plan.entry_mu, None, embeds[:, query].detach(), plan.query_pos,
         entry_mask=plan.entry_valid, return_logits=True, entry_lex=lex, entry_match=match,
     )  # fmt: skip
     chosen, cand_valid = choose_candidates(scores, plan, cfg)
     V = chosen.shape[1]
     cand = plan.order.gather(1, chosen)
-    expands = plan.order_gist.gather(1, chosen)
+    sign = plan.order_sign.gather(1, chosen)  # +1: the variant expands a gist, -1: collapses a raw block
 
-    # the GPT on every working context: [B, 2 + V, L] bank rows (baseline, base, variants), padding masked
+    # the GPT on every working context: [B, 2 + V, L] bank rows (baseline, base, variants). A variant that
+    # does not run (cand_valid False) is one the plan left all padding rows.
     L = plan.slots
     variant_rows = plan.wc_rows[:, 2:].gather(1, chosen[:, :, None].expand(B, V, L))
-    pad_row = bank.shape[1] - 1
-    variant_rows = variant_rows.masked_fill(~cand_valid[:, :, None], pad_row)
     rows = torch.cat([plan.wc_rows[:, :2], variant_rows], dim=1)
     W = rows.shape[1]
-    flat = (rows + torch.arange(B, device=x.device)[:, None, None] * bank.shape[1]).view(B * W, L)
-    packed = bank.reshape(B * bank.shape[1], d)[flat]  # [B·W, L, d]
-    is_raw = rows < T  # bank row p < T is token p: its label is the true next token
-    tgt = targets.gather(1, rows.clamp(max=T - 1).view(B, W * L)).view(B, W, L).masked_fill(~is_raw, -1)
-    in_h = is_raw & (rows >= horizon_start)
+    flat = (rows + plan.bank_base).view(B * W, L)  # rows of the flattened bank
+    packed = bank.view(B * R, d)[flat]  # [B·W, L, d]
+    # the label of bank row p < T (token p) is the true next token; gists and padding have none
+    labels = torch.cat([targets, targets.new_full((B, R - T), -1)], dim=1)
+    tgt = labels.view(-1)[flat]
+    in_h = plan.horizon_rows[rows]
     logits = model(embeds=packed)  # slots 0..L-1: the GPT's own rotary positions
     tok_loss = F.cross_entropy(
         logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction="none"
     )
     tok_loss = tok_loss.view(B, W, L)
-    labelled = tgt >= 0
+    labelled = tgt.view(B, W, L) >= 0
     h_mask = in_h & labelled
     summed = (tok_loss * h_mask).sum(dim=2)  # [B, W] summed horizon NLL of each WC
     per_wc = summed / h_mask.sum(dim=2).clamp(min=1)
-    wc_valid = torch.cat([torch.ones(B, 2, dtype=torch.bool, device=x.device), cand_valid], dim=1)
+    wc_valid = F.pad(cand_valid, (2, 0), value=True)  # baseline and base always run
     train_loss = marginal_horizon_loss(summed, h_mask[:, 0].sum(dim=1), wc_valid)
-    lm_mask = ~in_h & labelled  # next-token loss on the raw positions before the horizon (lm_weight)
+    lm_mask = labelled ^ h_mask  # next-token loss on the raw positions before the horizon (lm_weight)
     lm_loss = (tok_loss * lm_mask).sum() / lm_mask.sum().clamp(min=1)
 
     # LensNet learns the utilities its bases' variants measured
     losses = per_wc.detach()
-    utility = torch.where(expands, 1.0, -1.0) * (losses[:, 1:2] - losses[:, 2:])
+    utility = sign * (losses[:, 1:2] - losses[:, 2:])
     lens, rank_agree, sign_agree, top1 = lens_loss(
         scores, cand, cand_valid, utility, plan.editable, cfg.lens_listwise
     )
@@ -187,6 +188,7 @@ def mc_train_step(
         loss = loss + cfg.full_weight * full_loss
         full_positions = B * T
     measured = cand_valid.sum()
+    agreement = torch.stack([rank_agree, sign_agree, top1]).nanmean(dim=1)  # per-row figures, nan = none
     metrics = {
         "mc/token_loss": (per_wc.detach() * wc_valid).sum() / wc_valid.sum(),
         "mc/lm_loss": lm_loss.detach(),
@@ -194,9 +196,9 @@ def mc_train_step(
         "mc/adv_delta_mean": (utility * cand_valid).sum() / measured.clamp(min=1),
         "mc/lens_loss": lens.detach(),
         "mc/full_loss": full_loss.detach(),
-        "mc/lens_rank_agreement": rank_agree.detach().nanmean(),
-        "mc/preference_agreement": sign_agree.detach().nanmean(),
-        "mc/lens_top1": top1.detach().nanmean(),
+        "mc/lens_rank_agreement": agreement[0],
+        "mc/preference_agreement": agreement[1],
+        "mc/lens_top1": agreement[2],
         "mc/swap_rate": plan.candidates / max(1, plan.base_entries),
         "mc/residency": plan.residency,
         "mc/wc_budget": float(plan.budget),
