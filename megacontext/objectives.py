@@ -63,41 +63,43 @@ def lens_loss(
     nan = torch.full((B,), torch.nan, device=logits.device)
     if V == 0:  # no variants: nothing measured
         return logits.new_zeros(()), nan, nan, nan
-    valid = cand_valid
-    has = valid.any(dim=1)
-    n = valid.sum(dim=1).clamp(min=1).to(logits.dtype)
+    valid, invalid = cand_valid, ~cand_valid
+    count = valid.sum(dim=1)
+    has = count > 0
+    n = count.clamp(min=1).to(logits.dtype)
     lc = logits.gather(1, cand)
-    u = utility.masked_fill(~valid, 0.0)
+    u = utility.masked_fill(invalid, 0.0)
     target = torch.tanh((u - u.sum(dim=1, keepdim=True) / n[:, None]) / UTILITY_SCALE)
-    loss = ((torch.tanh(lc) - target).square() * valid).sum(dim=1) / n
-    loss = loss + LOGIT_L2 * (lc.square() * valid).sum(dim=1) / n
+    loss = (((torch.tanh(lc) - target).square() + LOGIT_L2 * lc.square()) * valid).sum(dim=1) / n
     diff_u = u[:, :, None] - u[:, None, :]
-    pref = (diff_u > 1e-4) & valid[:, :, None] & valid[:, None, :]
+    pref = (diff_u > 1e-4) & (valid[:, :, None] & valid[:, None, :])
     diff_s = lc[:, :, None] - lc[:, None, :]
     weight = diff_u.abs().clamp(max=1.0) * pref
     loss = loss + (weight * F.softplus(-diff_s)).sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp(min=1e-12)
+    # rows without candidates have no preferences and nothing signed: their agreements come out nan
     n_pref = pref.sum(dim=(1, 2))
     right = ((diff_s > 0) & pref).sum(dim=(1, 2))
     rank_agree = torch.where(n_pref > 0, right / n_pref.clamp(min=1), nan)
     signed = valid & (u.abs() > 1e-3)
+    n_signed = signed.sum(dim=1)
     agree = (((lc > 0) == (u > 0)) & signed).sum(dim=1)
-    sign_agree = torch.where(signed.any(dim=1), agree / signed.sum(dim=1).clamp(min=1), nan)
+    sign_agree = torch.where(n_signed > 0, agree / n_signed.clamp(min=1), nan)
 
     # listwise: the lower median, as torch.median takes it
-    best = u.masked_fill(~valid, -torch.inf).max(dim=1).values
-    ordered = u.masked_fill(~valid, torch.inf).sort(dim=1).values
-    median = ordered.gather(1, ((valid.sum(dim=1) - 1).clamp(min=0) // 2)[:, None])[:, 0]
+    best = u.masked_fill(invalid, -torch.inf).max(dim=1).values
+    ordered = u.masked_fill(invalid, torch.inf).sort(dim=1).values
+    median = ordered.gather(1, ((count - 1).clamp(min=0) // 2)[:, None])[:, 0]
     stands = has & (best - median >= TOP_MARGIN)
     good_cand = valid & (u >= best[:, None] - TOP_MARGIN)
     good = torch.zeros_like(editable, dtype=torch.long).scatter_add(1, cand, good_cand.long()) > 0
-    first = torch.arange(editable.shape[1], device=logits.device) == 0
-    editable = editable | (~has[:, None] & first)  # keep every row's softmax finite; rows w/o candidates drop
-    good = good | (~has[:, None] & first)
-    logp = logits.masked_fill(~editable, -torch.inf).log_softmax(dim=1)
-    top_loss = -torch.logsumexp(logp.masked_fill(~good, -torch.inf), dim=1)
-    hit = good.gather(1, logits.masked_fill(~editable, -torch.inf).argmax(dim=1, keepdim=True))[:, 0]
+    # keep every row's softmax finite: a row without candidates gets entry 0 (its loss is dropped below)
+    none = F.pad((~has)[:, None], (0, editable.shape[1] - 1))
+    editable, good = editable | none, good | none
+    masked = logits.masked_fill(~editable, -torch.inf)
+    top_loss = -torch.logsumexp(masked.log_softmax(dim=1).masked_fill(~good, -torch.inf), dim=1)
+    hit = good.gather(1, masked.argmax(dim=1, keepdim=True))[:, 0]
     if listwise > 0:
         loss = loss + listwise * torch.where(stands, top_loss, torch.zeros_like(top_loss))
     top1 = torch.where(stands, hit.to(logits.dtype), nan)
     lens = (loss * has).sum() / has.sum().clamp(min=1)
-    return lens, rank_agree.masked_fill(~has, torch.nan), sign_agree.masked_fill(~has, torch.nan), top1
+    return lens, rank_agree, sign_agree, top1
