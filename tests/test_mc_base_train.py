@@ -82,6 +82,7 @@ def test_mc_checkpoint_round_trips_and_needs_no_flags(tmp_path, monkeypatch):
     assert lines[0]["task"].startswith("passkey") and lines[0]["wc_budget"] == 24
     got = {(r["view"], r["distance_x"]) for r in lines[0]["results"]}
     assert ("mc-lens", 4) in got and ("window", 1) in got
+    assert not any(v == "mc-attn" for v, _ in got)  # the costly diagnostic runs only when named
     # every view that ran reports the answer's absolute NLL next to its ΔNLL vs full
     ran = [r for r in lines[0]["results"] if r["n"]]
     assert all(r["nll"] > 0 for r in ran)
