@@ -109,7 +109,7 @@ def train(args, stage: str) -> None:
     print0(f"source: {src_dir} step {src_step} | model config: {json.dumps(config.to_dict())}")
 
     # ---- MegaContext: the source's nets if it has them, else fresh ones with --mc
-    mc_cfg, nets = None, []
+    mc_cfg, nets, fresh_nets = None, [], False
     if src_meta.get("mc"):
         mc_cfg, gistnet, lensnet = load_mc_nets(src_dir, src_step, src_meta, config.n_embd, device)
         nets = [gistnet.train(), lensnet.train()]
@@ -120,6 +120,7 @@ def train(args, stage: str) -> None:
         mc_cfg = mc_config_from_args(args, T)
         nets = [net.to(device).train() for net in build_nets(mc_cfg, config.n_embd)]
         print0("MegaContext: the source has no MC nets; training fresh ones (the recipe at this length)")
+        fresh_nets = True
     if mc_cfg is not None:
         if T % mc_cfg.block_size:
             raise UserError(f"--max-seq-len {T} must be a multiple of the MC block size {mc_cfg.block_size}")
@@ -268,8 +269,10 @@ def train(args, stage: str) -> None:
                 loss_sum += loss.detach()
                 loss = loss * world_size  # sync_gradients averages over ranks
                 if mc_cfg is not None:
+                    # nets trained in the base stage are past their curriculum: the budget starts at the target
+                    mc_progress = progress if fresh_nets else 1.0
                     mc_loss, mc_metrics = mc_train_step(
-                        orig_model, nets[0], nets[1], x, mc_cfg, progress, mc_rng, targets=targets
+                        orig_model, nets[0], nets[1], x, mc_cfg, mc_progress, mc_rng, targets=targets
                     )
                     mc_sum += mc_loss.detach() / grad_accum_steps
                     loss = loss + mc_loss / grad_accum_steps

@@ -268,17 +268,26 @@ def test_mid_then_sft_resume_matches_uninterrupted(base):
     assert "val_bpb" in (base / "report" / "chat-sft-d2.md").read_text()
 
 
+def budgets(path: Path) -> list[float]:
+    return [r["mc/wc_budget"] for r in map(json.loads, path.read_text().splitlines()) if "mc/wc_budget" in r]
+
+
 def test_mc_nets_trained_saved_and_carried_into_sft(base):
-    run_stage("mid_train", [*TINY, *MC, "--num-iterations", "2", "--eval-every", "-1"])
+    mid_log, sft_log = base / "mid.jsonl", base / "sft.jsonl"
+    run_stage(
+        "mid_train", [*TINY, *MC, "--num-iterations", "2", "--eval-every", "-1", "--log-json", str(mid_log)]
+    )
     ckpt = base / "mid_checkpoints" / "d2"
     _, _, meta = load_checkpoint(ckpt, 2, "cpu")
     assert meta["mc"]["block_size"] == 8 and meta["mc"]["wc_budget"] == 32
+    assert budgets(mid_log)[0] > 32  # fresh nets: the budget curriculum starts wide
     mid_state = load_mc_state(ckpt, 2, "cpu")
     # the lens head starts at exactly 0 (lensnet.init_weights); training must have moved it
     assert mid_state["lensnet"]["out.weight"].abs().sum() > 0
 
     # no --mc: a source with MC nets keeps training them, with its own config (recorded again)
-    run_stage("chat_sft", [*TINY, "--num-iterations", "2", "--eval-every", "-1"])
+    run_stage("chat_sft", [*TINY, "--num-iterations", "2", "--eval-every", "-1", "--log-json", str(sft_log)])
+    assert budgets(sft_log) == [32.0, 32.0]  # nets past their curriculum start at the target budget
     sft = base / "chatsft_checkpoints" / "d2"
     _, _, sft_meta = load_checkpoint(sft, 2, "cpu")
     assert meta["mc"]["recent"] == 8 and sft_meta["mc"] == meta["mc"]
