@@ -110,7 +110,7 @@ for TAG in d4 d4-mc; do
     fi
 done
 
-# ---- the long-context suite: all five views for MC; a vanilla model has only full and window. MC runs last:
+# ---- the long-context suite: the default views for MC; a vanilla model has only full and window. MC runs last:
 # the report keeps one "Long-context eval (base)" section (the latest), and the MC table is the headline.
 stage d4-longctx-eval python -m scripts.mc_eval --task all "${MCEVAL[@]}" --model-tag d4 --views "full,window" \
     --wc-budget "$WC" "${CPU[@]}"

@@ -296,6 +296,16 @@ def test_mc_nets_trained_saved_and_carried_into_sft(base):
     assert "- megacontext: on" in (base / "report" / "chat-sft-d2.md").read_text()
 
 
+def test_chat_stages_weigh_the_mc_loss_below_the_chat_loss():
+    """At full weight the MC loss wore the chat skills away (Identity 2/32); the chat stages weigh it down."""
+    from scripts.mid_train import CHAT_MC_WEIGHT, chat_loss
+
+    assert 0 < CHAT_MC_WEIGHT < 1
+    chat, mc = torch.tensor(1.0, requires_grad=True), torch.tensor(10.0, requires_grad=True)
+    chat_loss(chat, mc).backward()
+    assert chat.grad == 1.0 and mc.grad == CHAT_MC_WEIGHT
+
+
 def test_epoch_mode_and_user_errors(base):
     run_stage("mid_train", [*TINY, "--num-iterations", "-1", "--eval-every", "-1", "--offline-size", "8"])
     ckpt = base / "mid_checkpoints" / "d2"
