@@ -219,3 +219,20 @@ def test_neighbour_channel_lifts_the_entries_next_to_a_query_word():
     assert (delta[:, [1, 3]] > 1e-3).all()  # ...up
     with pytest.raises(ValueError, match="needs match"):
         LensNet(D, H, neighbours=True)
+
+
+def test_cached_rotary_equals_the_gaussian_rotary_reference():
+    """LensNet's cached full-width tables are positional.gaussian_rotary's, widened by gistnet.rope_tables;
+    sigma None (points) is the undamped case."""
+    from megacontext.gistnet import rope_tables
+    from megacontext.positional import gaussian_rotary
+
+    net = LensNet(64, 4)
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(2, 7, generator=g) * 100
+    sigma = torch.rand(2, 7, generator=g) * 5
+    for s in (sigma, None):
+        cos, sin = net._rope(mu, s)
+        ref_cos, ref_sin = rope_tables(*gaussian_rotary(mu, 0.0 if s is None else s, 16))
+        torch.testing.assert_close(cos, ref_cos, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sin, ref_sin, rtol=1e-5, atol=1e-6)
