@@ -97,6 +97,9 @@ def compute_init(device_type: str | None = None, seed: int = 42):
 
 def compute_cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        # every rank reaches teardown before any destroys its group: a rank that tore gloo down while the
+        # other still had it open aborted now and then ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
