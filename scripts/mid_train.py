@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -58,9 +59,13 @@ MC_SHOWN = ("mc/loss", "mc/token_loss", "mc/lens_loss", "mc/lens_rank_agreement"
 CHAT_MC_WEIGHT = 0.3
 
 
-def chat_loss(chat: torch.Tensor, mc: torch.Tensor) -> torch.Tensor:
-    """A chat stage's objective for an MC model: the full-detail chat loss plus the weighted MC loss."""
-    return chat + CHAT_MC_WEIGHT * mc
+def chat_loss(chat: torch.Tensor, mc: torch.Tensor, full_weight: float) -> torch.Tensor:
+    """A chat stage's objective for an MC model: the full-detail chat loss plus the weighted MC loss.
+
+    The MC loss's own full-row term (MCConfig.full_weight) is the chat loss again, the same GPT pass over the
+    same tokens, so the stage runs the MC step without it (`replace(cfg, full_weight=0)`) and the chat loss
+    carries its weight: one GPT forward and backward fewer per row, the same objective."""
+    return (1 + CHAT_MC_WEIGHT * full_weight) * chat + CHAT_MC_WEIGHT * mc
 
 
 def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -138,6 +143,9 @@ def train(args, stage: str) -> None:
         while args.total_batch_size % (B * T * world_size):
             B -= 1
         print0(f"MegaContext: device batch {args.device_batch_size} -> {B} (the same tokens per step)")
+    step_cfg = (
+        None if mc_cfg is None else replace(mc_cfg, full_weight=0.0)
+    )  # chat_loss holds the full-row term
     # MC steps feed embeddings of varying length: only the vanilla path is compiled
     compile_ok = device.type == "cuda" and mc_cfg is None
     model = torch.compile(orig_model, dynamic=False) if compile_ok else orig_model
@@ -282,10 +290,10 @@ def train(args, stage: str) -> None:
                     # nets trained in the base stage are past their curriculum: the budget starts at the target
                     mc_progress = progress if fresh_nets else 1.0
                     mc_loss, mc_metrics = mc_train_step(
-                        orig_model, nets[0], nets[1], x, mc_cfg, mc_progress, mc_rng, targets=targets
+                        orig_model, nets[0], nets[1], x, step_cfg, mc_progress, mc_rng, targets=targets
                     )
                     mc_sum += mc_loss.detach() / grad_accum_steps
-                    loss = chat_loss(loss, mc_loss / grad_accum_steps)
+                    loss = chat_loss(loss, mc_loss / grad_accum_steps, mc_cfg.full_weight)
             loss.backward()
         sync_gradients(sync_params, world_size)
         lrm = lr_multiplier(progress)

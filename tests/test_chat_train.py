@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megacontext import training
 from nanochat.chat_data import ConversationLoader, targets_from_mask
 from nanochat.checkpoint_manager import load_checkpoint, load_mc_state, save_checkpoint, tokenizer_id
 from nanochat.common import UserError
@@ -302,8 +303,43 @@ def test_chat_stages_weigh_the_mc_loss_below_the_chat_loss():
 
     assert 0 < CHAT_MC_WEIGHT < 1
     chat, mc = torch.tensor(1.0, requires_grad=True), torch.tensor(10.0, requires_grad=True)
-    chat_loss(chat, mc).backward()
+    chat_loss(chat, mc, 0.0).backward()
     assert chat.grad == 1.0 and mc.grad == CHAT_MC_WEIGHT
+
+
+def test_chat_stages_run_the_full_row_once_for_the_same_objective():
+    """The MC step's full-row term is the chat loss again: the stage skips it and weighs the chat loss up, so
+    one GPT pass per row fewer gives the same loss and gradients as chat + weight x (the whole MC loss)."""
+    from dataclasses import replace
+
+    from test_mc_step_speed import chat_targets, grads, nets, rows
+
+    from scripts.mid_train import CHAT_MC_WEIGHT, chat_loss
+
+    model, gistnet, lensnet, cfg = nets(256, dtype=torch.float64)
+    x = rows(2, 256, seed=3)
+    targets = chat_targets(x, seed=4)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("embeds") is None), with_kwargs=True)
+    out = []
+    for step_cfg, combine in (
+        (cfg, lambda chat, mc: chat + CHAT_MC_WEIGHT * mc),
+        (replace(cfg, full_weight=0.0), lambda chat, mc: chat_loss(chat, mc, cfg.full_weight)),
+    ):
+        for m in (model, gistnet, lensnet):
+            m.zero_grad(set_to_none=True)
+        calls.clear()
+        chat = model(x[:, :-1], targets, loss_reduction="sum") / (targets >= 0).sum()
+        mc, _ = training.mc_train_step(model, gistnet, lensnet, x, step_cfg, 1.0, 7, targets=targets)
+        loss = combine(chat, mc)
+        loss.backward()
+        out.append((loss.detach(), grads(model, gistnet, lensnet), sum(calls)))
+    (loss_a, grads_a, full_a), (loss_b, grads_b, full_b) = out
+    assert cfg.full_weight > 0 and (full_a, full_b) == (2, 1)  # full-row GPT passes per micro-batch
+    # the GPT's cross-entropy runs in float32: (1 + w) x chat and chat + w x chat round differently there
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-8)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-6, atol=1e-8, msg=name)
 
 
 def test_epoch_mode_and_user_errors(base):
