@@ -49,8 +49,9 @@ STATE_DIR="$NANOCHAT_BASE_DIR/recipe_state"
 CPU=(--device-type cpu)
 PREFIX=cpu  # stage markers: recipe_state/cpu-*.done, or cpu-quick-*.done for --quick
 
-# Scale. Full: ~2.5 min per 250 vanilla steps on 2 idle cores, an MC step ~3-4x that; equal tokens for
-# both models so the report compares like with like.
+# Scale. Full: ~1.4 s per vanilla step on 2 idle cores in fp32, an MC step ~2.4x that; equal tokens for both
+# models so the report compares like with like. No --dtype: every stage takes its default, bf16 autocast on a
+# CPU whose bf16 matmuls measure faster than fp32 (nanochat/device.py, pick_dtype; 1.3-1.5x per step), else fp32.
 if [ "$QUICK" -eq 1 ]; then
     PREFIX=cpu-quick
     TOK_CHARS=5000000
@@ -102,7 +103,7 @@ for TAG in d4 d4-mc; do
     fi
     read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG")"
     stage "$TAG-base-train" python -m scripts.base_train "${BASE[@]}" --model-tag "$TAG" \
-        --dtype float32 "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
+        "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
     stage "$TAG-base-loss" python -m scripts.base_loss --model-tag "$TAG" --device-batch-size 4 \
         --split-tokens "$SPLIT_TOKENS" "${CPU[@]}"
     if [ "$CORE" -eq 1 ]; then
@@ -124,10 +125,10 @@ for TAG in d4 d4-mc; do
     fi
     read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/mid_checkpoints/$TAG")"
     stage "$TAG-mid-train" python -m scripts.mid_train --dataset offline --model-tag "$TAG" "${CHAT[@]}" \
-        --dtype float32 "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
+        "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
     read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$TAG")"
     stage "$TAG-sft-train" python -m scripts.chat_sft --dataset offline --model-tag "$TAG" "${CHAT[@]}" \
-        --dtype float32 "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
+        "${CPU[@]}" --run dummy "${FLAGS[@]}" "${RESUME[@]}"
     stage "$TAG-sft-eval" python -m scripts.chat_eval -i sft --dataset offline --model-tag "$TAG" \
         "${CHATEVAL[@]}" "${CPU[@]}"
 done

@@ -84,38 +84,52 @@ def expandable(entry: Entry, tree, K: int) -> bool:
 def lookahead_scores(
     wc: WorkingContext,
     tree,
-    score_fn: Callable[[WorkingContext], torch.Tensor],
+    score_fn: Callable[[WorkingContext], torch.Tensor] | None = None,
     max_level: int | None = None,
+    score_many: Callable[[list[WorkingContext]], list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Per-entry scores from `score_fn`, where a gist of level >= 2 (and <= max_level, if given) scores as the
+    """Per-entry scores from the scorer, where a gist of level >= 2 (and <= max_level, if given) scores as the
     best of itself and its descendants down to LOD1, each scored in a WC with its ancestors expanded (a what-if
     context).
 
     Why: one expansion of a LOD2 gist yields K LOD1 gists, still no raw token, so a scorer trained on measured
     one-edit utilities rates it low even when it hides the evidence; with look-ahead the allocator zooms in
-    over successive refocuses, the way a search descends a tree. Costs one scorer call per expandable gist
-    of level >= 2 (and per level below it on the path): a level-L gist costs 1 + K + ... + K^(L-2) calls,
-    which is why the chat session caps it (max_level).
+    over successive refocuses, the way a search descends a tree. A level-L gist costs 1 + K + ... + K^(L-2)
+    scored contexts, which is why the chat session caps it (max_level). The contexts of one depth go to the
+    scorer together: `score_many(wcs) -> scores per wc` (the session scores them in one padded LensNet call);
+    given only `score_fn` (one WC at a time), they are scored one by one.
     """
-    scores = score_fn(wc).detach().float().clone()
-    for i, e in enumerate(wc.entries):
-        if e.level >= 2 and (max_level is None or e.level <= max_level) and expandable(e, tree, wc.K):
-            scores[i] = torch.maximum(scores[i], _subtree_best(wc, i, tree, score_fn))
+    if score_many is None:
+        score_many = lambda wcs: [score_fn(w) for w in wcs]  # noqa: E731
+    K = wc.K
+
+    def deeper(ctx: WorkingContext, at: range, root: int) -> list[tuple[WorkingContext, int, int]]:
+        """(what-if context, index of the first child there, root entry) for each expandable gist at `at`."""
+        return [
+            (_expanded(ctx, i), i, root)
+            for i in at
+            if ctx.entries[i].level >= 2 and expandable(ctx.entries[i], tree, K)
+        ]
+
+    capped = [i for i, e in enumerate(wc.entries) if max_level is None or e.level <= max_level]
+    frontier = [f for i in capped for f in deeper(wc, range(i, i + 1), i)]
+    first = score_many([wc] + [ctx for ctx, _, _ in frontier])
+    scores, outs = first[0].detach().float().clone(), first[1:]
+    while frontier:
+        nxt = []
+        for (ctx, i, root), s in zip(frontier, outs):
+            scores[root] = torch.maximum(scores[root], s.detach().float()[i : i + K].max())
+            nxt += deeper(ctx, range(i, i + K), root)
+        frontier = nxt
+        outs = score_many([ctx for ctx, _, _ in frontier]) if frontier else []
     return scores
 
 
-def _subtree_best(wc: WorkingContext, i: int, tree, score_fn) -> torch.Tensor:
-    """Best score among the descendants of entry i (down to LOD1), each level scored in context."""
-    K, kids = wc.K, children(wc.entries[i], wc.K)
-    entries = [*wc.entries[:i], *kids, *wc.entries[i + 1 :]]
+def _expanded(wc: WorkingContext, i: int) -> WorkingContext:
+    """wc with entry i replaced by its K children: for scoring only, never applied (it may exceed the budget)."""
+    entries = [*wc.entries[:i], *children(wc.entries[i], wc.K), *wc.entries[i + 1 :]]
     cost = sum(e.cost for e in entries)
-    what_if = WorkingContext(entries, K, max(wc.budget, cost), wc.recent)  # for scoring only, never applied
-    s = score_fn(what_if).detach().float()
-    best = s[i : i + K].max()
-    for j, c in enumerate(kids):
-        if c.level >= 2 and expandable(c, tree, K):
-            best = torch.maximum(best, _subtree_best(what_if, i + j, tree, score_fn))
-    return best
+    return WorkingContext(entries, wc.K, max(wc.budget, cost), wc.recent)
 
 
 class FocusAllocator:

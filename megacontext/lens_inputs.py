@@ -128,21 +128,41 @@ def run_lens(
 
 
 @torch.no_grad()
-def tree_lens_scores(lensnet, entries, tree, embed, query_ids, device, cache):
-    """LensNet's score per entry read from a tree, against the query tokens (the K newest tokens of the
-    history, as in training). `cache` keeps per-node span means and token sets across refocuses (nodes never change
-    once complete)."""
-    K = tree.K
-    rows, lod, lex = tree_entry_inputs(entries, tree, embed, device, lensnet.lex is not None, cache)
-    match = None
-    if lensnet.match is not None:
-        match = tree_entry_match(entries, tree, query_ids.to(device), device, cache)
-    mu, sigma, q_pos = lens_positions(len(entries), K)
-    q_emb = embed(query_ids.to(device))
+def tree_lens_scores(lensnet, contexts, tree, embed, query_ids, device, cache) -> list[torch.Tensor]:
+    """LensNet's score per entry of each working context in `contexts` (lists of entries) read from a tree,
+    against the query tokens (the K newest tokens of the history, as in training): one padded LensNet call for
+    all of them (a refocus scores its WC and the look-ahead's what-if WCs together). `cache` keeps per-node
+    span means and token sets across refocuses (nodes never change once complete)."""
+    K, B = tree.K, len(contexts)
+    n = [len(entries) for entries in contexts]
+    N = max(n)
+    query_ids = query_ids.to(device)
+    q_emb = embed(query_ids)
     dtype = q_emb.dtype
-    lex = None if lex is None else lex.to(dtype)
-    match = None if match is None else match.to(dtype)
-    return run_lens(lensnet, rows.to(dtype), lod, mu, sigma, q_emb, q_pos, lex=lex, match=match)
+    lexical, matching = lensnet.lex is not None, lensnet.match is not None
+    rows = torch.zeros(B, N, tree.d, device=device)
+    lod = torch.zeros(B, N, dtype=torch.long, device=device)
+    lex = torch.zeros(B, N, tree.d, device=device) if lexical else None
+    match = torch.zeros(B, N, K, device=device) if matching else None
+    hits: dict = {}  # node -> its match row: the contexts of one refocus share most entries
+    for b, entries in enumerate(contexts):
+        r, levels, x = tree_entry_inputs(entries, tree, embed, device, lexical, cache)
+        rows[b, : n[b]] = r
+        lod[b, : n[b]] = torch.tensor(levels, device=device)
+        if lexical:
+            lex[b, : n[b]] = x
+        if matching:
+            match[b, : n[b]] = tree_entry_match(entries, tree, query_ids, device, cache, hits)
+    mu = torch.arange(N, device=device, dtype=torch.float32).expand(B, N)
+    q_pos = torch.tensor(n, device=device, dtype=torch.float32)[:, None] + torch.arange(K, device=device)
+    mask = None
+    if min(n) < N:
+        mask = torch.arange(N, device=device)[None, :] < torch.tensor(n, device=device)[:, None]
+    scores = lensnet(
+        rows.to(dtype), lod, mu, torch.zeros_like(mu), q_emb.expand(B, -1, -1), q_pos, entry_mask=mask,
+        entry_lex=None if lex is None else lex.to(dtype), entry_match=None if match is None else match.to(dtype),
+    )  # fmt: skip
+    return [scores[b, : n[b]] for b in range(B)]
 
 
 @torch.no_grad()
@@ -174,11 +194,22 @@ def tree_entry_inputs(entries, tree, embed, device, lexical: bool, cache: dict |
 
 @torch.no_grad()
 def tree_entry_match(
-    entries, tree, query_ids: torch.Tensor, device, cache: dict | None = None
+    entries, tree, query_ids: torch.Tensor, device, cache: dict | None = None, hits: dict | None = None
 ) -> torch.Tensor:
-    """match [N, Q] read from a tree, as row_entry_match builds it from a training row."""
+    """match [N, Q] read from a tree, as row_entry_match builds it from a training row. `hits` (optional)
+    keeps each complete node's row for this query (scoring several contexts against one query)."""
     cache = {} if cache is None else cache
-    return torch.stack([torch.isin(query_ids, _span_ids(e, tree, device, cache)) for e in entries]).float()
+    hits = {} if hits is None else hits
+
+    def row(e) -> torch.Tensor:
+        node = _complete_node(e, tree)
+        if node is None:
+            return torch.isin(query_ids, _span_ids(e, tree, device, cache))
+        if node not in hits:
+            hits[node] = torch.isin(query_ids, _span_ids(e, tree, device, cache))
+        return hits[node]
+
+    return torch.stack([row(e) for e in entries]).float()
 
 
 def _complete_node(e, tree) -> tuple[int, int] | None:

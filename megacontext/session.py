@@ -148,6 +148,9 @@ class MCSession:
         self.wc: WorkingContext | None = None
         self._table: tuple | None = None  # (wc, keys, mu, sigma): the slot table of self.wc
         self._logits: tuple[int, torch.Tensor] | None = None  # (cache pos, logits) of the last forward
+        # (history length, level cap, entries) -> raw focus scores of the last refocus: a settle's idle rounds
+        # score the same WC against the same query, and LensNet is a pure function of them
+        self._scores: tuple[tuple, torch.Tensor] | None = None
         self._absorb()
 
     # ------------------------------------------------------------ memory: tree, WC, refocus
@@ -211,11 +214,16 @@ class MCSession:
     def lens_scores(self, wc: WorkingContext | None = None) -> torch.Tensor:
         """LensNet's focus score per entry of `wc` (default: the session's WC), against the K newest tokens
         (as in training)."""
+        return self.lens_scores_many([wc or self.wc])[0]
+
+    @torch.no_grad()
+    def lens_scores_many(self, wcs: list[WorkingContext]) -> list[torch.Tensor]:
+        """lens_scores of several working contexts in one LensNet call (a refocus's look-ahead)."""
         K, N = self.K, self.tree.num_tokens
         query = self.tree.tokens(N - K, N, device=self.device)
-        entries = (wc or self.wc).entries
+        contexts = [w.entries for w in wcs]
         return tree_lens_scores(
-            self.lensnet, entries, self.view, self.model.wte, query, self.device, self.view.node_cache
+            self.lensnet, contexts, self.view, self.model.wte, query, self.device, self.view.node_cache
         )
 
     def refocus(self) -> list[Edit]:
@@ -225,10 +233,16 @@ class MCSession:
         if self.wc is None or self.tree.num_tokens < self.K:
             return []  # LensNet needs K query tokens
         with self.telemetry.timer("refocus"):
-            if self.cfg.lookahead:
-                raw = lookahead_scores(self.wc, self.view, self.lens_scores, max_level=LOOKAHEAD_MAX_LEVEL)
+            key = (self.tree.num_tokens, self.view.cap, self.wc.entries)
+            if self._scores is not None and self._scores[0] == key:
+                raw = self._scores[1]
+            elif self.cfg.lookahead:
+                raw = lookahead_scores(
+                    self.wc, self.view, max_level=LOOKAHEAD_MAX_LEVEL, score_many=self.lens_scores_many
+                )
             else:
                 raw = self.lens_scores()
+            self._scores = (key, raw)
             self.wc, edits = self.allocator.refocus(self.wc, normalize_scores(raw), self.view)
         self.telemetry.record_refocus(self.wc, edits)
         if edits:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from megacontext.allocator import _expanded, lookahead_scores
 from megacontext.config import MCConfig
 from megacontext.positional import gaussian_rotary
 from megacontext.session import MCSession, build_mc_nets, model_fingerprint
@@ -318,9 +319,37 @@ def test_refocus_looks_ahead_into_lod2_gists(lookahead):
 
         return torch.tensor([score(e) for e in (wc or s.wc).entries])
 
-    s.lens_scores = scripted
+    s.lens_scores_many = lambda wcs: [scripted(w) for w in wcs]
+    s._scores = None  # the settle's last LensNet scores, kept for an idle round: not the scripted scorer's
     for _ in range(8):
         s.refocus()
         s.wc.check(s.tree)
     reached = any(e.level == 0 and e.start <= target < e.end for e in s.wc.entries)
     assert reached == lookahead, s.wc.render()
+
+
+def test_refocus_scores_its_lookahead_in_one_lens_call_and_skips_idle_rounds():
+    """A refocus scores its WC and every look-ahead what-if WC in one padded LensNet call, with the scores each
+    gets alone; a settle's idle round (same WC, same history) reuses them instead of running LensNet again."""
+    s = tiny_session()
+    s.ingest(np.random.default_rng(5).integers(20, s.model.config.vocab_size, 600))
+    calls = []
+    s.lensnet.register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
+    wc = s.wc
+    what_ifs = [wc] + [_expanded(wc, i) for i, e in enumerate(wc.entries) if e.level == 2]
+    assert len(what_ifs) > 2 and len({len(w.entries) for w in what_ifs}) > 1  # padded to one batch
+    together = s.lens_scores_many(what_ifs)
+    alone = [s.lens_scores_many([w])[0] for w in what_ifs]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    one_by_one = lookahead_scores(wc, s.view, lambda w: s.lens_scores_many([w])[0], max_level=2)
+    calls.clear()
+    s.refocus()
+    assert calls == [len(what_ifs)]  # one LensNet call, all contexts
+    torch.testing.assert_close(s._scores[1], one_by_one, rtol=1e-5, atol=1e-5)
+    s.wc = wc  # as if that refocus had made no edit: the same WC against the same history
+    calls.clear()
+    s.refocus()
+    assert calls == []
+    s.ingest(np.array([21, 22, 23, 24]))  # a new block: a new query, scored afresh
+    assert calls

@@ -130,10 +130,10 @@ def test_ingest_settles_the_focus_where_one_refocus_does_not(monkeypatch):
     model, cfg, gistnet, lensnet = tiny(n_diff=1)
     p = 5
 
-    def scripted(self, wc=None):
-        return torch.tensor([1.0 if e.start <= p < e.end else 0.0 for e in (wc or self.wc).entries])
+    def scripted(self, wcs):
+        return [torch.tensor([1.0 if e.start <= p < e.end else 0.0 for e in wc.entries]) for wc in wcs]
 
-    monkeypatch.setattr(MCSession, "lens_scores", scripted)
+    monkeypatch.setattr(MCSession, "lens_scores_many", scripted)
     ids = torch.randint(0, V, (120,), generator=torch.Generator().manual_seed(3)).tolist()
     s = MCSession(model, None, gistnet, lensnet, cfg)
     edits = s.ingest(ids)
@@ -181,10 +181,10 @@ def test_a_full_working_context_makes_room_for_the_entry_the_scorer_wants(monkey
     ids = torch.randint(0, V, (120,), generator=torch.Generator().manual_seed(3)).tolist()
     p = 5  # inside the oldest, coarsest gist
 
-    def scripted(self, wc=None):
-        return torch.tensor([1.0 if e.start <= p < e.end else 0.0 for e in (wc or self.wc).entries])
+    def scripted(self, wcs):
+        return [torch.tensor([1.0 if e.start <= p < e.end else 0.0 for e in wc.entries]) for wc in wcs]
 
-    monkeypatch.setattr(MCSession, "lens_scores", scripted)
+    monkeypatch.setattr(MCSession, "lens_scores_many", scripted)
     tree = build_tree(ids, model, gistnet, cfg, "cpu")
     start = WorkingContext.from_tree(tree, cfg.wc_budget, cfg.recent)
     assert start.cost > cfg.wc_budget - (K - 1)  # no room for an expansion without a refund
