@@ -311,7 +311,7 @@ def test_longdoc_puts_every_fact_8x_the_budget_back():
     for i in range(5):
         conversation = task[i]
         question = conversation["messages"][-2]["content"]
-        answer = conversation["messages"][-1]["content"]
+        answer = conversation["answer"]
         words = " ".join(m["content"] for m in conversation["messages"][:-1]).split()
         q_at = len(words) - len(question.split())
         fact = next(w for w, s in enumerate(words) if s.rstrip(".") == answer)

@@ -211,11 +211,16 @@ def test_longdoc_facts_early_questions_late():
         for question, answer in zip(messages[2::2], messages[3::2]):
             label = re.search(r"the ([a-z]+ [a-z]+)\?$", question["content"]).group(1)
             fact = re.search(rf"[^.]*\b{label}\b[^.]*\.", doc)
-            assert fact and answer["content"] in fact.group(0)  # the answer is stated in the document
+            assert fact and fact.group(0).strip() == answer["content"]  # the answer: the document's sentence
             assert fact.end() <= 0.3 * len(doc)  # early: far from the questions at the end
             assert len(re.findall(rf"\b{label}\b", doc)) == 1  # one fact per label, no contradictions
-        assert task.evaluate(conv, " " + messages[-1]["content"] + ".")
-        assert not task.evaluate(conv, messages[-1]["content"] + "0")
+        value, others = conv["answer"], conv["others"]
+        assert value in messages[-1]["content"] and len(others) >= 2
+        assert task.evaluate(conv, " " + messages[-1]["content"])
+        assert task.evaluate(conv, value) and task.evaluate(conv, f"It is {value.upper()}.")
+        assert not task.evaluate(conv, value + "0")  # a word, not a prefix
+        assert not task.evaluate(conv, "I do not know.")
+        assert not task.evaluate(conv, f"{value} or {others[0]}")  # naming every value does not pass
 
 
 def test_longdoc_size_by_token_count():

@@ -5,14 +5,17 @@ share of the document; the rest is filler (generated sentences, or sentences cut
 from nanochat.tasks.longctx). The questions come after the whole document, so every answer lies at
 least (1 - facts_within) of the document back: beyond a small working context, which is where
 MegaContext has to zoom back in. Every fact has the same form as the others, so the other facts act as
-distractors. Answers are bare values ("482913", "Greta"); scoring is exact match after trimming
-whitespace, a trailing period and case.
+distractors. An answer is the fact's sentence ("The red box is guarded by Greta."), as a chat assistant
+would say it; a reply scores when it holds the asked value as a word and no other fact's value (so listing
+every value in the document does not pass). Answers used to be bare values, and a chat stage trained on
+them taught the model to answer any question with a bare name or number ("Who are you?" -> "Greta").
 Example i of (split, seed) depends only on those three values (and the size arguments).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 
 from nanochat.tasks.common import Task
@@ -20,7 +23,7 @@ from nanochat.tasks.longctx import COLORS, NAMES, OBJECTS, Filler, interleave, m
 
 INTRO = (
     "Here is a document. Read it carefully: I will ask you questions about it afterwards. "
-    "Answer each question with just the answer.\n\n<document>\n{doc}\n</document>"
+    "Answer each question in one sentence.\n\n<document>\n{doc}\n</document>"
 )
 ACKS = [
     "I have read the document. What would you like to know?",
@@ -84,13 +87,16 @@ def longdoc_conversation(
         {"role": "user", "content": INTRO.format(doc=doc)},
         {"role": "assistant", "content": rng.choice(ACKS)},
     ]
-    for _, question, answer in rng.sample(facts, n_questions):
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return {"messages": messages}
+    asked = rng.sample(facts, n_questions)
+    for statement, question, _ in asked:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": statement}]
+    value = asked[-1][2]
+    return {"messages": messages, "answer": value, "others": [a for _, _, a in facts if a != value]}
 
 
-def normalize(text: str) -> str:
-    return " ".join(text.split()).rstrip(".").strip().casefold()
+def holds(text: str, value: str) -> bool:
+    """Whether `value` occurs in `text` as a whole word (case-insensitive)."""
+    return re.search(rf"(?<!\w){re.escape(value.casefold())}(?!\w)", text.casefold()) is not None
 
 
 class LongDoc(Task):
@@ -134,4 +140,6 @@ class LongDoc(Task):
         return longdoc_conversation(rng, self.doc_size, **self.options)
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        return normalize(completion) == normalize(conversation["messages"][-1]["content"])
+        """The asked value, and no other fact's value, in the reply."""
+        others = conversation["others"]
+        return holds(completion, conversation["answer"]) and not any(holds(completion, v) for v in others)
