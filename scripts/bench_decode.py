@@ -112,7 +112,7 @@ def load_parts(args):
     torch.manual_seed(args.seed)
     model = GPT(config_for_depth(args.depth, args.vocab_size, args.seq_len))
     model.init_weights()
-    cfg = MCConfig(wc_budget=args.wc_budget)
+    cfg = MCConfig.for_seq_len(4 * args.wc_budget)  # the recipe whose budget this is (config.scale)
     gistnet, lensnet = build_mc_nets(cfg, model.config.n_embd)
     with torch.no_grad():
         torch.nn.init.normal_(lensnet.out.weight, std=1.0)  # see the module docstring
@@ -218,7 +218,6 @@ def main(argv=None) -> None:
         "vocab": model.config.vocab_size,
         "wc_budget": cfg.wc_budget,
         "block_size": cfg.block_size,
-        "positions": cfg.positions,
         "decode_tokens": args.decode_tokens,
         "checkpoint": args.checkpoint,
         "threads": torch.get_num_threads() if not args.threads else args.threads,
