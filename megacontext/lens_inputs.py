@@ -234,19 +234,23 @@ def _span_ids(e, tree, device, cache: dict) -> torch.Tensor:
 
 def _span_summary(e, tree, device, cache: dict, kind: str, of_tokens, of_children):
     """A summary of an entry's span: of_tokens(ids) for a LOD1 block, of_children(children's summaries) above,
-    cached per complete node under (kind, level, index); the newest, still-growing block is never cached."""
+    cached per complete node under (kind, level, index); the newest, still-growing block is never cached, nor
+    are the LOD1 blocks read only to summarise a coarser entry (a 1M-token history has 62,500 of them)."""
     node = _complete_node(e, tree)
     if node is None:
         return of_tokens(tree.tokens(e.start, e.end, device=device))
 
-    def summary(level: int, index: int):
+    def summary(level: int, index: int, keep: bool):
         key = (kind, level, index)
-        if key not in cache:
-            K = tree.K
-            if level == 1:
-                cache[key] = of_tokens(tree.tokens(index * K, (index + 1) * K, device=device))
-            else:
-                cache[key] = of_children([summary(level - 1, index * K + j) for j in range(K)])
-        return cache[key]
+        if key in cache:
+            return cache[key]
+        K = tree.K
+        if level == 1:
+            out = of_tokens(tree.tokens(index * K, (index + 1) * K, device=device))
+        else:
+            out = of_children([summary(level - 1, index * K + j, False) for j in range(K)])
+        if keep or level >= 2:  # a coarse entry's LOD1 blocks are read once, not kept: ~1 / K of the nodes
+            cache[key] = out
+        return out
 
-    return summary(*node)
+    return summary(*node, True)

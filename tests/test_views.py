@@ -228,6 +228,25 @@ def test_lens_inputs_from_a_tree_equal_those_of_training():
     assert hits > 0  # the test sees real matches, not only zeros
 
 
+def test_the_lens_span_cache_keeps_coarse_nodes_not_the_lod1_blocks_below_them():
+    """A coarse entry's mean and token set are built from its LOD1 blocks; keeping those would make the cache
+    grow with the history (1.2 GB of RSS at 1M tokens), so only the nodes the WC shows and the coarse ones stay."""
+    model, cfg, gistnet, _ = tiny(lensnet_input="gist+mean+match")
+    ids = torch.randint(0, V, (600,), generator=torch.Generator().manual_seed(5)).tolist()
+    tree = build_tree(ids, model, gistnet, cfg, "cpu")
+    wc = WorkingContext.from_tree(tree, cfg.wc_budget, cfg.recent)
+    assert max(e.level for e in wc.entries) >= 2
+    cache: dict = {}
+    lex = tree_entry_inputs(wc.entries, tree, model.wte, "cpu", True, cache)[2]
+    match = tree_entry_match(wc.entries, tree, torch.tensor(ids[-K:]), "cpu", cache)
+    shown = {(1, e.start // K) for e in wc.entries if e.level == 1 or (e.level == 0 and e.size == K)}
+    lod1 = {(level, i) for _, level, i in cache if level == 1}
+    assert lod1 <= shown and any(level >= 2 for _, level, _ in cache)
+    fresh = {}  # the same summaries, from a cache that starts empty
+    torch.testing.assert_close(tree_entry_inputs(wc.entries, tree, model.wte, "cpu", True, fresh)[2], lex)
+    assert torch.equal(tree_entry_match(wc.entries, tree, torch.tensor(ids[-K:]), "cpu", {}), match)
+
+
 def test_a_long_answer_makes_the_diagnostic_views_go_coarser_to_fit():
     """The horizon (a UUID answer, say) is kept raw with the query: more than cfg.recent. The mc views must still
     fit the budget (a level coarser) rather than fail."""
