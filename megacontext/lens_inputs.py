@@ -153,6 +153,7 @@ def tree_lens_scores(lensnet, contexts, tree, embed, query_ids, device, cache) -
             lex[b, : n[b]] = x
         if matching:
             match[b, : n[b]] = tree_entry_match(entries, tree, query_ids, device, cache, hits)
+    # lens_positions for every context at once: entry i at i (sigma 0), the query right after its last entry
     mu = torch.arange(N, device=device, dtype=torch.float32).expand(B, N)
     q_pos = torch.tensor(n, device=device, dtype=torch.float32)[:, None] + torch.arange(K, device=device)
     mask = None
@@ -202,12 +203,13 @@ def tree_entry_match(
     hits = {} if hits is None else hits
 
     def row(e) -> torch.Tensor:
-        node = _complete_node(e, tree)
-        if node is None:
-            return torch.isin(query_ids, _span_ids(e, tree, device, cache))
-        if node not in hits:
-            hits[node] = torch.isin(query_ids, _span_ids(e, tree, device, cache))
-        return hits[node]
+        node = _complete_node(e, tree)  # None: the newest, still-growing block, never kept
+        if node in hits:
+            return hits[node]
+        out = torch.isin(query_ids, _span_ids(e, tree, device, cache))
+        if node is not None:
+            hits[node] = out
+        return out
 
     return torch.stack([row(e) for e in entries]).float()
 

@@ -52,10 +52,11 @@ from nanochat.train_flags import add_optim_flags, add_run_flags
 
 TITLES = {"mid": "Midtraining", "sft": "Chat SFT"}  # report section per stage
 MC_SHOWN = ("mc/loss", "mc/token_loss", "mc/lens_loss", "mc/lens_rank_agreement", "mc/wc_budget")
-# The MC loss's weight beside the chat loss. At 1 the chat model answered from its memory (LongDoc 21/50 after
-# mid-training) but lost its other skills (Identity 2/32: "Who are you?" -> a bare name); with the MC losses
-# training only GistNet and LensNet it kept them (30/32) and lost the memory (2/50). 0.3 measured 17/50 and
-# 11/32; no setting tried kept both (docs/log.md, "The chat stages: memory against skills").
+# The MC loss's weight beside the chat loss. With LongDoc's old bare-value answers, weight 1 taught the memory
+# (LongDoc 21/50 after mid-training) and wore the other skills away (Identity 2/32: "Who are you?" -> a bare
+# name); 0.3 measured 17/50 and 11/32. With sentence answers 0.3 keeps both (SFT: LongDoc 20/50 and 18/50,
+# Identity 32/32 on two seeds) and 1 is worse on both (15/50, 27/32): docs/log.md, "The chat stages: memory
+# against skills" and "LongDoc answers in sentences".
 CHAT_MC_WEIGHT = 0.3
 
 
@@ -143,9 +144,8 @@ def train(args, stage: str) -> None:
         while args.total_batch_size % (B * T * world_size):
             B -= 1
         print0(f"MegaContext: device batch {args.device_batch_size} -> {B} (the same tokens per step)")
-    step_cfg = (
-        None if mc_cfg is None else replace(mc_cfg, full_weight=0.0)
-    )  # chat_loss holds the full-row term
+    # the MC step without its full-row term: chat_loss carries it (the chat loss is that same pass)
+    step_cfg = None if mc_cfg is None else replace(mc_cfg, full_weight=0.0)
     # MC steps feed embeddings of varying length: only the vanilla path is compiled
     compile_ok = device.type == "cuda" and mc_cfg is None
     model = torch.compile(orig_model, dynamic=False) if compile_ok else orig_model
