@@ -151,18 +151,25 @@ def mc_train_step(
     variant_rows = plan.wc_rows[:, 2:].gather(1, chosen[:, :, None].expand(B, V, L))
     rows = torch.cat([plan.wc_rows[:, :2], variant_rows], dim=1)
     W = rows.shape[1]
-    flat = (rows + plan.bank_base).view(B * W, L)  # rows of the flattened bank
-    packed = bank.view(B * R, d)[flat]  # [B·W, L, d]
+    flat = (rows + plan.bank_base).view(-1)  # rows of the flattened bank, B·W·L of them
+    full_positions = B * T if cfg.full_weight > 0 else 0
+    if (
+        full_positions
+    ):  # the vanilla objective (full_weight): each raw row packed after them, in the same pass
+        raw = plan.bank_base.view(B, 1) + torch.arange(T, device=flat.device)
+        flat = torch.cat([flat, raw.view(-1)])
     # the label of bank row p < T (token p) is the true next token; gists and padding have none
     labels = torch.cat([targets, targets.new_full((B, R - T), -1)], dim=1)
     tgt = labels.view(-1)[flat]
     in_h = plan.horizon_rows[rows]
-    logits = model(embeds=packed)  # slots 0..L-1: the GPT's own rotary positions
-    tok_loss = F.cross_entropy(
-        logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction="none"
-    )
-    tok_loss = tok_loss.view(B, W, L)
-    labelled = tgt.view(B, W, L) >= 0
+    gathered = bank.view(B * R, d)[flat]
+    if full_positions:
+        logits = model(embeds=gathered[None], packing=((B * W, L), (B, T)))
+    else:
+        logits = model(embeds=gathered.view(B * W, L, d))  # slots 0..L-1: the GPT's own rotary positions
+    nll = F.cross_entropy(logits.view(-1, logits.size(-1)), tgt, ignore_index=-1, reduction="none")
+    tok_loss = nll[: B * W * L].view(B, W, L)
+    labelled = tgt[: B * W * L].view(B, W, L) >= 0
     h_mask = in_h & labelled
     summed = (tok_loss * h_mask).sum(dim=2)  # [B, W] summed horizon NLL of each WC
     per_wc = summed / h_mask.sum(dim=2).clamp(min=1)
@@ -181,12 +188,11 @@ def mc_train_step(
     loss = train_loss + cfg.lens_weight * lens
     if cfg.lm_weight > 0:
         loss = loss + cfg.lm_weight * lm_loss
-    full_loss, full_positions = loss.new_zeros(()), 0
-    if cfg.full_weight > 0:  # the vanilla objective on the same rows (MCConfig.full_weight)
+    full_loss = loss.new_zeros(())
+    if full_positions:  # the vanilla objective on the same rows (MCConfig.full_weight)
         # a mean over the labelled tokens; 0, not 0/0, for a micro-batch of chat rows with none
-        full_loss = model(inputs, targets, loss_reduction="sum") / (targets >= 0).sum().clamp(min=1)
+        full_loss = nll[B * W * L :].sum() / (targets >= 0).sum().clamp(min=1)
         loss = loss + cfg.full_weight * full_loss
-        full_positions = B * T
     measured = cand_valid.sum()
     agreement = torch.stack([rank_agree, sign_agree, top1]).nanmean(dim=1)  # per-row figures, nan = none
     metrics = {

@@ -5,6 +5,7 @@ Free functions rather than a framework, so every script reads top to bottom.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -69,6 +70,21 @@ def get_dist_info() -> tuple[bool, int, int, int]:
     return False, 0, 0, 1
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed buffers for reuse, as a GPU's caching allocator does. By default a
+    buffer over 32 MB is mmap'ed and handed back to the OS when freed, so every CPU training step page-faults
+    its large activations in afresh: measured on the MC step's GPT pass (d4, 10k positions) 3.7 -> 2.8 s,
+    the vanilla step's ~20 % (docs/log.md). False where the C library is not glibc (nothing changes)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def compute_init(device_type: str | None = None, seed: int = 42):
     """Pick the device, seed everything and join the process group when launched by torchrun.
 
@@ -76,6 +92,8 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     """
     device_type = resolve_device_type(device_type)
     seed_everything(seed)
+    if device_type == "cpu":
+        keep_freed_memory()
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

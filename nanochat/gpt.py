@@ -4,8 +4,8 @@ Rotary embeddings (no learned positions), QK-norm, ReLU² MLP, parameter-free RM
 untied token embedding and LM head, logit soft-capping, optional grouped-query attention.
 
 MegaContext drives this model from outside: `forward` also accepts input embeddings (tokens and gists
-mixed) with their own rotary phases, and an explicit attention mask. The model itself knows nothing
-about gists, trees or working contexts.
+mixed) with their own rotary phases, an explicit attention mask, and packed batches of sequences of
+different lengths. The model itself knows nothing about gists, trees or working contexts.
 """
 
 from __future__ import annotations
@@ -82,6 +82,27 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+Packing = tuple[tuple[int, int], ...]  # (sequences, positions each) per group, in the order they are packed
+
+
+def packed_positions(packing: Packing, device=None) -> torch.Tensor:
+    """The position of every slot of a packed sequence: 0..t-1 for each of the n sequences of each group."""
+    return torch.cat([torch.arange(t, device=device).repeat(n) for n, t in packing])
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Causal attention of packed sequences q, k, v [1, M, heads, D] -> [1, M, heads·D], each sequence within
+    itself only: one SDPA per group of equal-length sequences (the packing is static: no mask is built)."""
+    sizes = [n * t for n, t in packing]
+    gqa = q.size(2) != k.size(2)
+    out = []
+    for (n, t), *qkv in zip(packing, *(z.split(sizes, dim=1) for z in (q, k, v))):
+        qs, ks, vs = (z.view(n, t, z.size(2), z.size(3)).transpose(1, 2) for z in qkv)
+        y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)  # [n, H, t, D]
+        out.append(y.transpose(1, 2).reshape(1, n * t, -1))
+    return torch.cat(out, dim=1)
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -122,7 +143,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None, attn_fn=None):
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None, attn_fn=None, packing=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -132,6 +153,8 @@ class CausalSelfAttention(nn.Module):
         # RoPE a rotation preserves norms, so the order does not matter there.
         q, k = norm(q), norm(k)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        if packing is not None:
+            return self.c_proj(packed_attention(q, k, v, packing))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
@@ -169,8 +192,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None, attn_fn=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask, attn_fn)
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None, attn_fn=None, packing=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, attn_mask, attn_fn, packing)
         return x + self.mlp(norm(x))
 
 
@@ -234,17 +257,22 @@ class GPT(nn.Module):
             )
         return self.cos[:, start : start + T], self.sin[:, start : start + T]
 
-    def smear_in(self, x: torch.Tensor, kv_cache=None, shift_len: int | None = None) -> torch.Tensor:
+    def smear_in(
+        self, x: torch.Tensor, kv_cache=None, shift_len: int | None = None, starts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token shift: x[t] += smear * x[t-1] (zeros before the first position). A previous-token feature in
         every position lets one attention layer match on "what came before" (an induction head) without a
         previous-token head first. Under a KV cache the inputs before the new chunk come from the cache
         (`shifted_inputs`, kept by InputHistory). `shift_len`: only the first shift_len positions are tokens
         (MegaAttention packs its summary nodes after them); the rest get no shift, since the packed slot
-        before a node is no token of its past."""
+        before a node is no token of its past. `starts` [T] bool: positions that begin a packed sequence (no
+        shift into them from the sequence before)."""
         if kv_cache is None:
             prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
             if shift_len is not None:
                 prev[:, shift_len:] = 0
+            if starts is not None:
+                prev = prev.masked_fill(starts[None, :, None], 0.0)
         else:
             prev = kv_cache.shifted_inputs(x)
         return x + self.smear * prev
@@ -260,6 +288,7 @@ class GPT(nn.Module):
         loss_reduction: str = "mean",
         shift_len: int | None = None,
         attn_fn=None,
+        packing: Packing | None = None,
     ):
         """Token ids `idx` [B, T] or input embeddings `embeds` [B, T, d] (exactly one).
 
@@ -267,21 +296,35 @@ class GPT(nn.Module):
         KV cache position when one is given). attn_mask: boolean [B or 1, 1, T, T_keys], True = attend.
         attn_fn: an attention function (q, k, v [B, H, T, D], rotated; k, v from the cache when one is
         given) -> [B, H, T, D] that replaces SDPA in every layer (MegaAttention's zoom drives it).
+        packing: x [1, M, d] holds, for each (n, t), n sequences of t positions one after another, each with
+        positions 0..t-1 and attending within itself only: one pass over batches of different lengths (the
+        MC step runs its working contexts and its raw rows together), the same as one call per batch.
         With targets (ignore index -1) returns the loss, else the soft-capped logits [B, T, V].
         """
         if (idx is None) == (embeds is None):
             raise ValueError("pass exactly one of idx or embeds")
         x = self.wte(idx) if embeds is None else embeds
         T = x.size(1)
+        starts = None
+        if packing is not None:
+            if (
+                x.size(0) != 1
+                or T != sum(n * t for n, t in packing)
+                or kv_cache is not None
+                or attn_fn is not None
+            ):
+                raise ValueError(f"a packing of {packing} needs one flat sequence of its length and no cache")
+            pos = packed_positions(packing, x.device)
+            rotary, starts = (self.cos[:, pos], self.sin[:, pos]), pos == 0
         if rotary is None:
             start = kv_cache.get_pos() if kv_cache is not None else 0
             rotary = self.default_rotary(T, start)
         cos, sin = rotary
         x = norm(x)
         if self.config.smear:
-            x = self.smear_in(x, kv_cache, shift_len)
+            x = self.smear_in(x, kv_cache, shift_len, starts)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, attn_mask, attn_fn)
+            x = block(x, cos, sin, kv_cache, attn_mask, attn_fn, packing)
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)

@@ -159,3 +159,43 @@ def test_smear_is_trained_and_saved_in_the_config():
     model(tokens(), tokens(seed=2)).backward()
     assert model.smear.grad is not None and model.smear.grad.abs().sum() > 0
     assert GPTConfig(**model.config.to_dict()).smear  # checkpoints store the config: loading needs no flag
+
+
+def test_packed_batches_equal_one_call_per_batch_in_logits_and_gradients():
+    """Two batches of different lengths in one packed pass (the MC step's working contexts and raw rows):
+    each sequence keeps its own positions, attention and token shift, so logits and every gradient equal
+    those of one call per batch; with GQA and the token shift on."""
+    import pytest
+
+    model = make_model(n_kv_head=2, smear=True)
+    with torch.no_grad():
+        model.smear.fill_(0.5)
+    a, b = model.wte(tokens(B=3, T=8, seed=2)), model.wte(tokens(B=2, T=16, seed=3))
+    ya, yb = tokens(B=3, T=8, seed=4), tokens(B=2, T=16, seed=5)
+
+    def grads():
+        g = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return g
+
+    la, lb = model(embeds=a.detach()), model(embeds=b.detach())
+    (
+        model(embeds=a.detach(), targets=ya, loss_reduction="sum")
+        + model(embeds=b.detach(), targets=yb, loss_reduction="sum")
+    ).backward()
+    separate = grads()
+    flat = torch.cat([a.detach().reshape(1, 24, -1), b.detach().reshape(1, 32, -1)], dim=1)
+    logits = model(embeds=flat, packing=((3, 8), (2, 16)))
+    torch.testing.assert_close(
+        logits[0], torch.cat([la.reshape(24, -1), lb.reshape(32, -1)]), rtol=1e-5, atol=1e-5
+    )
+    model(
+        embeds=flat,
+        targets=torch.cat([ya.reshape(-1), yb.reshape(-1)])[None],
+        packing=((3, 8), (2, 16)),
+        loss_reduction="sum",
+    ).backward()
+    for got, want in zip(grads(), separate):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="packing"):
+        model(embeds=flat, packing=((3, 8), (2, 15)))
