@@ -165,6 +165,22 @@ def test_dispatched_ops_do_not_grow_with_rows():
     assert abs(ops[8] - ops[1]) <= 0.1 * ops[1], ops
 
 
+def test_the_step_dispatches_at_most_three_times_the_vanilla_steps_ops():
+    """The recipe at runcpu's scale (4 layers, rows of 512): one GPT pass over the working contexts and the raw
+    rows together (GPT.forward(packing=...)), so the MC step's ops stay within 3x the vanilla step's (widths
+    do not change a count)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(512, V, 4, 2, 2, D, smear=True))
+    model.init_weights()
+    cfg = MCConfig.for_seq_len(512, n_head=2)
+    gistnet, lensnet = build_nets(cfg, D)
+    x = rows(2, 512)
+    mc = sync_free_step(model, gistnet, lensnet, x, cfg)[0].ops
+    with OpCount() as vanilla:
+        model(x[:, :-1], x[:, 1:]).backward()
+    assert mc <= 3 * vanilla.ops, (mc, vanilla.ops)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_step_passes_cuda_sync_debug_mode():
     model, gistnet, lensnet, cfg = nets(256)
