@@ -21,7 +21,7 @@ Per training row x[0..T] (inputs x[:T], labels x[1:T+1]):
 
 Speed: the rows' working contexts are planned on the host ahead of the step (megacontext.batch_plan, in the
 data loader's thread); the step is one batched pass per network (GistNet over all blocks, LensNet over all
-bases, the GPT over all working contexts, the vanilla GPT over the raw rows) and losses reduced over padded
+bases, the GPT once over all working contexts and the raw rows packed after them) and losses reduced over padded
 [rows, variants] tensors, at shapes fixed by the config, with no read back to the host: its metrics stay
 0-dim tensors until the log line (accumulate_metrics / mean_metrics).
 
