@@ -2,7 +2,7 @@
 # runcpu.sh: the whole pipeline on CPU, no internet needed (the embedded default): offline corpus with
 # synthetic long-context documents, tokenizer, a vanilla base model (d4) and a MegaContext one (d4-mc) of
 # equal tokens, bits per byte, the long-context suite (mc_eval), mid-training and SFT on the offline chat
-# mixture, chat evals, one chat answer, report. About 48 minutes on 2 idle cores with native bf16 (about an
+# mixture, chat evals, one chat answer, report. About 42 minutes on 2 idle cores with native bf16 (about an
 # hour in fp32); --quick runs the same stages at toy scale in about 5 minutes.
 #
 # Resumable: each stage leaves a marker in $NANOCHAT_BASE_DIR/recipe_state/ when it succeeds, and a re-run
