@@ -153,9 +153,7 @@ def mc_train_step(
     W = rows.shape[1]
     flat = (rows + plan.bank_base).view(-1)  # rows of the flattened bank, B·W·L of them
     full_positions = B * T if cfg.full_weight > 0 else 0
-    if (
-        full_positions
-    ):  # the vanilla objective (full_weight): each raw row packed after them, in the same pass
+    if full_positions:  # the vanilla objective (full_weight): the raw rows packed after them, one pass
         raw = plan.bank_base.view(B, 1) + torch.arange(T, device=flat.device)
         flat = torch.cat([flat, raw.view(-1)])
     # the label of bank row p < T (token p) is the true next token; gists and padding have none

@@ -307,13 +307,12 @@ class GPT(nn.Module):
         T = x.size(1)
         starts = None
         if packing is not None:
-            if (
-                x.size(0) != 1
-                or T != sum(n * t for n, t in packing)
-                or kv_cache is not None
-                or attn_fn is not None
-            ):
-                raise ValueError(f"a packing of {packing} needs one flat sequence of its length and no cache")
+            flat = x.size(0) == 1 and T == sum(n * t for n, t in packing)
+            if not flat or any(a is not None for a in (kv_cache, attn_fn, attn_mask, rotary)):
+                raise ValueError(
+                    f"a packing of {packing} takes one flat sequence of its length, and no cache, attention "
+                    "function, mask or rotary of its own (it sets positions and attention itself)"
+                )
             pos = packed_positions(packing, x.device)
             rotary, starts = (self.cos[:, pos], self.sin[:, pos]), pos == 0
         if rotary is None:
