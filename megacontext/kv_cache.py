@@ -94,9 +94,9 @@ class SlotKVCache:
         self.kv[layer_idx, 1, :, :, self.pos : end] = v
         return self.kv[layer_idx, 0, :, :, :end], self.kv[layer_idx, 1, :, :, :end]
 
-    def shifted_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """GPTConfig.smear: the previous slot's input for each new slot (zeros before slot 0)."""
-        return self.inputs.shifted(x, self.pos)
+    def shifted_inputs(self, x: torch.Tensor, width: int = 1) -> list[torch.Tensor]:
+        """GPTConfig.smear: the inputs 1..width slots before each new slot (zeros before slot 0)."""
+        return self.inputs.shifted(x, self.pos, width)
 
     def advance(self, T_new: int) -> None:
         """Called by the GPT once after all layers: the staged slot metadata becomes part of the cache."""
@@ -408,7 +408,7 @@ class MegaKVCache:
     def get_pos(self) -> int:
         return self.N
 
-    def shifted_inputs(self, x: torch.Tensor) -> torch.Tensor:
+    def shifted_inputs(self, x: torch.Tensor, width: int = 1) -> list[torch.Tensor]:
         raise ValueError(
             "MegaKVCache cannot serve a GPT with smear (token shift): MegaAttention packs nodes after the raw "
             "tokens, so the previous packed position is not the previous token"

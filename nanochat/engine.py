@@ -65,12 +65,14 @@ class KVCache:
         self.pad_lens = pad_lens
         self.inputs = InputHistory()  # GPTConfig.smear only
 
-    def shifted_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """The smear's previous inputs for x [B, T_new, d]; zero before each row's first real token."""
-        prev = self.inputs.shifted(x, self.pos)
+    def shifted_inputs(self, x: torch.Tensor, width: int = 1) -> list[torch.Tensor]:
+        """The smear's inputs 1..width positions before x [B, T_new, d]; zero before each row's first real
+        token."""
+        prevs = self.inputs.shifted(x, self.pos, width)
         if self.has_padding():
-            prev = prev.masked_fill((self.positions(x.size(1)) == 0)[..., None], 0.0)
-        return prev
+            p = self.positions(x.size(1))
+            prevs = [prev.masked_fill((p < j)[..., None], 0.0) for j, prev in enumerate(prevs, 1)]
+        return prevs
 
     def get_pos(self) -> int:
         return self.pos

@@ -30,6 +30,7 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when < n_head)
     n_embd: int = 768
     smear: bool = False  # token shift: mix a learned share of the previous input into each position
+    smear_width: int = 1  # how many previous inputs the token shift mixes in (x[t-1] .. x[t-width])
 
     @property
     def head_dim(self) -> int:
@@ -107,14 +108,15 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
 
 
 class InputHistory:
-    """The normed GPT inputs by position, kept by a KV cache for GPTConfig.smear: the first new position's
-    shift needs the input before it. Truncating a cache needs nothing here: positions < pos stay valid."""
+    """The normed GPT inputs by position, kept by a KV cache for GPTConfig.smear: the first new positions'
+    shifts need the inputs before them. Truncating a cache needs nothing here: positions < pos stay valid."""
 
     def __init__(self):
         self.buf: torch.Tensor | None = None  # [B, capacity, d]
 
-    def shifted(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """Store x [B, T, d] at positions pos.. and return the inputs one position earlier (zeros before 0)."""
+    def shifted(self, x: torch.Tensor, pos: int, width: int = 1) -> list[torch.Tensor]:
+        """Store x [B, T, d] at positions pos.. and return, for j = 1..width, the inputs j positions earlier
+        (zeros before position 0)."""
         B, T, d = x.shape
         end = pos + T
         if self.buf is None or end > self.buf.size(1) or self.buf.size(0) != B:
@@ -123,8 +125,10 @@ class InputHistory:
                 grown[:, :pos] = self.buf[:, :pos].expand(B, -1, -1)
             self.buf = grown
         self.buf[:, pos:end] = x
-        first = self.buf[:, pos - 1 : pos] if pos > 0 else torch.zeros_like(x[:, :1])
-        return torch.cat([first, x[:, :-1]], dim=1)
+        lo = max(0, pos - width)
+        pad = x.new_zeros(B, width - (pos - lo), d)
+        ctx = torch.cat([pad, self.buf[:, lo:pos], x], dim=1)  # [B, width + T, d]
+        return [ctx[:, width - j : width - j + T] for j in range(1, width + 1)]
 
     def repeat_interleave(self, n: int) -> InputHistory:
         out = InputHistory()
@@ -206,6 +210,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.smear:  # per-channel share of x[t-1] added to x[t] (0 at init: the vanilla GPT)
             self.smear = nn.Parameter(torch.zeros(config.n_embd))
+            if config.smear_width > 1:  # and of x[t-2] .. x[t-width], one row each
+                self.smear_back = nn.Parameter(torch.zeros(config.smear_width - 1, config.n_embd))
         # Rotary table for ordinary integer positions, over-allocated so generation can run past
         # sequence_len. Not persistent: it is a pure function of the config.
         self.rotary_len = config.sequence_len * 10
@@ -232,6 +238,8 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
         if self.config.smear:
             nn.init.zeros_(self.smear)
+            if self.config.smear_width > 1:
+                nn.init.zeros_(self.smear_back)
         cos, sin = rotary_cos_sin(
             torch.arange(self.rotary_len, dtype=torch.float32, device=self.wte.weight.device),
             self.config.head_dim,
@@ -258,24 +266,36 @@ class GPT(nn.Module):
         return self.cos[:, start : start + T], self.sin[:, start : start + T]
 
     def smear_in(
-        self, x: torch.Tensor, kv_cache=None, shift_len: int | None = None, starts: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache=None,
+        shift_len: int | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token shift: x[t] += smear * x[t-1] (zeros before the first position). A previous-token feature in
-        every position lets one attention layer match on "what came before" (an induction head) without a
-        previous-token head first. Under a KV cache the inputs before the new chunk come from the cache
+        """Token shift: x[t] += smear * x[t-1] + smear_back[j-2] * x[t-j] for j = 2..width (zeros before the
+        first position). Features of the last few tokens in every position let one attention layer match on
+        "what came before" (an induction head keyed by a multi-token label: "scarlet cabinet is") without
+        previous-token heads first. Under a KV cache the inputs before the new chunk come from the cache
         (`shifted_inputs`, kept by InputHistory). `shift_len`: only the first shift_len positions are tokens
-        (MegaAttention packs its summary nodes after them); the rest get no shift, since the packed slot
-        before a node is no token of its past. `starts` [T] bool: positions that begin a packed sequence (no
-        shift into them from the sequence before)."""
+        (MegaAttention packs its summary nodes after them); the rest get no shift, since the packed slots
+        before a node are no tokens of its past. `positions` [T]: each position's index in its packed
+        sequence (no shift into a sequence from the one before)."""
+        width = self.config.smear_width
         if kv_cache is None:
-            prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-            if shift_len is not None:
-                prev[:, shift_len:] = 0
-            if starts is not None:
-                prev = prev.masked_fill(starts[None, :, None], 0.0)
+            prevs = []
+            for j in range(1, width + 1):
+                prev = F.pad(x, (0, 0, j, 0))[:, : x.size(1)]
+                if shift_len is not None:
+                    prev[:, shift_len:] = 0
+                if positions is not None:
+                    prev = prev.masked_fill((positions < j)[None, :, None], 0.0)
+                prevs.append(prev)
         else:
-            prev = kv_cache.shifted_inputs(x)
-        return x + self.smear * prev
+            prevs = kv_cache.shifted_inputs(x, width)
+        x = x + self.smear * prevs[0]
+        for j in range(2, width + 1):
+            x = x + self.smear_back[j - 2] * prevs[j - 1]
+        return x
 
     def forward(
         self,
@@ -305,7 +325,7 @@ class GPT(nn.Module):
             raise ValueError("pass exactly one of idx or embeds")
         x = self.wte(idx) if embeds is None else embeds
         T = x.size(1)
-        starts = None
+        positions = None
         if packing is not None:
             flat = x.size(0) == 1 and T == sum(n * t for n, t in packing)
             if not flat or any(a is not None for a in (kv_cache, attn_fn, attn_mask, rotary)):
@@ -314,14 +334,14 @@ class GPT(nn.Module):
                     "function, mask or rotary of its own (it sets positions and attention itself)"
                 )
             pos = packed_positions(packing, x.device)
-            rotary, starts = (self.cos[:, pos], self.sin[:, pos]), pos == 0
+            rotary, positions = (self.cos[:, pos], self.sin[:, pos]), pos
         if rotary is None:
             start = kv_cache.get_pos() if kv_cache is not None else 0
             rotary = self.default_rotary(T, start)
         cos, sin = rotary
         x = norm(x)
         if self.config.smear:
-            x = self.smear_in(x, kv_cache, shift_len, starts)
+            x = self.smear_in(x, kv_cache, shift_len, positions)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache, attn_mask, attn_fn, packing)
         x = norm(x)

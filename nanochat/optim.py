@@ -120,7 +120,8 @@ def setup_optimizers(
         dict(name="wte", params=list(model.wte.parameters()), lr=embedding_lr * dmodel_lr_scale),
     ]
     if getattr(model, "smear", None) is not None:  # the token-shift vector (GPTConfig.smear)
-        adam_groups.append(dict(name="smear", params=[model.smear], lr=smear_lr))
+        back = [model.smear_back] if getattr(model, "smear_back", None) is not None else []
+        adam_groups.append(dict(name="smear", params=[model.smear, *back], lr=smear_lr))
     muon_groups = [dict(name="blocks", params=block_params, lr=matrix_lr)]
 
     model_ids = {id(p) for p in model.parameters()}

@@ -117,6 +117,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the copy warm-up the GPT learns to copy; docs/training.md)",
     )
     p.add_argument(
+        "--smear-width",
+        type=int,
+        default=4,
+        help="previous inputs the token shift mixes into each position (measured at d4: 4 lets the GPT look "
+        "values up by multi-token keys; docs/training.md)",
+    )
+    p.add_argument(
         "--mc-eval-rows", type=int, default=8, help="val rows scored under the five views (with --mc)"
     )
     add_attention_args(p)
@@ -137,6 +144,9 @@ def main() -> None:
     token_bytes = get_token_bytes(device)
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)
     config.smear = args.smear
+    if args.smear_width < 1:
+        raise UserError(f"--smear-width must be >= 1, got {args.smear_width}")
+    config.smear_width = args.smear_width
     with torch.device("meta"):
         orig_model = GPT(config)
     orig_model.to_empty(device=device)

@@ -23,18 +23,19 @@ class FakeTokenizer:
         return {"<|bos|>": self.bos, "<|assistant_end|>": self.assistant_end}[name]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "smear"])
+@pytest.fixture(scope="module", params=[0, 1, 3], ids=["plain", "smear", "smear3"])
 def model(request):
     torch.manual_seed(0)
-    m = GPT(
-        GPTConfig(
-            sequence_len=64, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, smear=request.param
-        )
-    )
+    width = max(1, request.param)
+    config = GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    config.smear, config.smear_width = request.param > 0, width
+    m = GPT(config)
     m.init_weights()
     with torch.no_grad():  # the init zeroes the output projections (and the smear); make every layer matter
         if request.param:
             torch.nn.init.normal_(m.smear, std=0.5)
+        if width > 1:
+            torch.nn.init.normal_(m.smear_back, std=0.5)
         for block in m.blocks:
             torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
             torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.2)

@@ -151,25 +151,50 @@ def test_smear_at_zero_is_the_vanilla_gpt_and_shifts_the_previous_input():
     torch.testing.assert_close(a[:, 12:], b[:, 12:], rtol=0, atol=0)  # one position back only
 
 
+def test_a_wider_smear_shifts_exactly_its_width_back():
+    """smear_width 3: at init still the vanilla GPT; then a token reaches the inputs 1, 2 and 3 positions after
+    it through the shift alone (blocks = identity), and not the 4th."""
+    vanilla, smeared = make_model(), make_model(smear=True, smear_width=3)
+    smeared.load_state_dict(vanilla.state_dict() | {"smear": torch.zeros(32), "smear_back": torch.zeros(2, 32)})
+    idx = tokens()
+    torch.testing.assert_close(smeared(idx), vanilla(idx), rtol=0, atol=0)
+    with torch.no_grad():
+        smeared.smear.fill_(0.5)
+        smeared.smear_back.fill_(0.5)
+        for block in smeared.blocks:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 64
+    a, b = smeared(idx), smeared(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=0)
+    for t in (11, 12, 13):
+        assert not torch.allclose(a[:, t], b[:, t], atol=1e-4), t
+    torch.testing.assert_close(a[:, 14:], b[:, 14:], rtol=0, atol=0)
+
+
 def test_smear_is_trained_and_saved_in_the_config():
-    model = make_model(smear=True)
+    model = make_model(smear=True, smear_width=2)
     opts = setup_optimizers(model)
     smear_groups = [g for o in opts for g in o.param_groups if g["name"] == "smear"]
-    assert len(smear_groups) == 1 and smear_groups[0]["params"][0] is model.smear
+    assert len(smear_groups) == 1 and smear_groups[0]["params"] == [model.smear, model.smear_back]
     model(tokens(), tokens(seed=2)).backward()
-    assert model.smear.grad is not None and model.smear.grad.abs().sum() > 0
-    assert GPTConfig(**model.config.to_dict()).smear  # checkpoints store the config: loading needs no flag
+    for p in (model.smear, model.smear_back):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    restored = GPTConfig(**model.config.to_dict())  # checkpoints store the config: loading needs no flag
+    assert restored.smear and restored.smear_width == 2
 
 
 def test_packed_batches_equal_one_call_per_batch_in_logits_and_gradients():
     """Two batches of different lengths in one packed pass (the MC step's working contexts and raw rows):
     each sequence keeps its own positions, attention and token shift, so logits and every gradient equal
-    those of one call per batch; with GQA and the token shift on."""
+    those of one call per batch; with GQA and a token shift 3 positions wide."""
     import pytest
 
-    model = make_model(n_kv_head=2, smear=True)
+    model = make_model(n_kv_head=2, smear=True, smear_width=3)
     with torch.no_grad():
         model.smear.fill_(0.5)
+        model.smear_back.fill_(0.5)
     a, b = model.wte(tokens(B=3, T=8, seed=2)), model.wte(tokens(B=2, T=16, seed=3))
     ya, yb = tokens(B=3, T=8, seed=4), tokens(B=2, T=16, seed=5)
 

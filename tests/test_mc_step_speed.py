@@ -170,7 +170,7 @@ def test_the_step_dispatches_at_most_three_times_the_vanilla_steps_ops():
     rows together (GPT.forward(packing=...)), so the MC step's ops stay within 3x the vanilla step's (widths
     do not change a count)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(512, V, 4, 2, 2, D, smear=True))
+    model = GPT(GPTConfig(512, V, 4, 2, 2, D, smear=True, smear_width=4))
     model.init_weights()
     cfg = MCConfig.for_seq_len(512, n_head=2)
     gistnet, lensnet = build_nets(cfg, D)

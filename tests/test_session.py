@@ -37,16 +37,19 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train_from_iterator(docs, 320)
 
 
-def tiny_model(vocab: int, seed: int = 0, smear: bool = False) -> GPT:
-    """A 2-layer GPT whose every layer matters (the init zeroes output projections and the smear)."""
+def tiny_model(vocab: int, seed: int = 0, smear: int = 0) -> GPT:
+    """A 2-layer GPT whose every layer matters (the init zeroes output projections and the smear); `smear`:
+    the token shift's width (0: none)."""
     torch.manual_seed(seed)
     config = GPTConfig(sequence_len=256, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
-    config.smear = smear
+    config.smear, config.smear_width = smear > 0, max(1, smear)
     model = GPT(config)
     model.init_weights()
     with torch.no_grad():
         if smear:
             torch.nn.init.normal_(model.smear, std=0.5)
+        if smear > 1:
+            torch.nn.init.normal_(model.smear_back, std=0.5)
         for block in model.blocks:
             torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
             torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.2)
@@ -78,7 +81,7 @@ def tiny_nets(cfg: MCConfig, n_embd: int = 32, seed: int = 0):
     return gistnet, lensnet
 
 
-def tiny_session(tree=None, smear: bool = False, **kw) -> MCSession:
+def tiny_session(tree=None, smear: int = 0, **kw) -> MCSession:
     tok = tiny_tokenizer()
     model = tiny_model(tok.get_vocab_size(), smear=smear)
     cfg = tiny_cfg(**kw)
@@ -131,7 +134,7 @@ def test_50k_token_prompt_is_accepted_and_refocus_edits_follow():
     assert s.tree.num_tokens // K - 50_000 // K >= 10  # a refocus every block
 
 
-@pytest.mark.parametrize("smear", [False, True], ids=["plain", "smear"])
+@pytest.mark.parametrize("smear", [0, 1, 3], ids=["plain", "smear", "smear3"])
 def test_long_conversation_keeps_invariants_and_cached_logits_exact(smear):
     s = tiny_session(smear=smear)
     checks = {"refocuses": 0, "edits": 0, "compared": 0, "kept": 0}
