@@ -155,7 +155,9 @@ def test_a_wider_smear_shifts_exactly_its_width_back():
     """smear_width 3: at init still the vanilla GPT; then a token reaches the inputs 1, 2 and 3 positions after
     it through the shift alone (blocks = identity), and not the 4th."""
     vanilla, smeared = make_model(), make_model(smear=True, smear_width=3)
-    smeared.load_state_dict(vanilla.state_dict() | {"smear": torch.zeros(32), "smear_back": torch.zeros(2, 32)})
+    smeared.load_state_dict(
+        vanilla.state_dict() | {"smear": torch.zeros(32), "smear_back": torch.zeros(2, 32)}
+    )
     idx = tokens()
     torch.testing.assert_close(smeared(idx), vanilla(idx), rtol=0, atol=0)
     with torch.no_grad():
