@@ -253,21 +253,21 @@ def test_mega_prediction_gets_gradients_and_learns():
     assert set(dnll) == {"mp/lod1_dnll", "mp/lod2_dnll"} and all(map(math.isfinite, dnll.values()))
 
 
+@pytest.mark.parametrize("width", [1, 3])
 @pytest.mark.parametrize("mode", ["mega", "window"])
-def test_smear_under_mega_and_window_is_causal_and_zero_is_exact(mode):
+def test_smear_under_mega_and_window_is_causal_and_zero_is_exact(mode, width):
     """GPTConfig.smear shifts raw tokens only: a node never takes the packed slot before it (the last raw
     token, or a node of a later span), so no position reads a future token; smear 0 = no smear exactly."""
     torch.manual_seed(0)
     N = 64
     plain = GPT(GPTConfig(sequence_len=N, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     plain.init_weights()
-    smeared = GPT(
-        GPTConfig(sequence_len=N, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, smear=True)
-    )
-    smeared.load_state_dict(plain.state_dict() | {"smear": torch.zeros(64)})
+    smeared = GPT(GPTConfig(N, 97, 2, 2, 2, 64, smear=True, smear_width=width))
+    zeros = {"smear": torch.zeros(64)} | ({"smear_back": torch.zeros(width - 1, 64)} if width > 1 else {})
+    smeared.load_state_dict(plain.state_dict() | zeros)
     cfg = AttentionConfig(mode=mode, window=8, block_size=4, levels=2)
     a, b = AttentionModel(plain, cfg), AttentionModel(smeared, cfg)
-    b.load_state_dict(a.state_dict() | {"gpt.smear": torch.zeros(64)})
+    b.load_state_dict(a.state_dict() | {f"gpt.{k}": v for k, v in zeros.items()})
     x = torch.randint(0, 97, (1, N))
     with torch.no_grad():
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
