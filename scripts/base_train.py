@@ -37,7 +37,7 @@ from nanochat.common import UserError, compute_cleanup, compute_init, get_base_d
 from nanochat.dataloader import DataLoader, check_lane_state, merge_lane_states, pretraining_loader
 from nanochat.device import autocast_ctx, peak_flops, pick_dtype, sync
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.gpt import GPT, GPTConfig, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import Muon, optimizer_params, setup_optimizers, sync_gradients
 from nanochat.prefetch import Prefetch
@@ -46,6 +46,7 @@ from nanochat.tasks.schedule import default_schedule
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_flags import add_optim_flags, add_run_flags
 
+SMEAR_WIDTH = 4  # the token shift's reach (--smear-width) for the dense GPT, MC or not: docs/log.md
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -119,9 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--smear-width",
         type=int,
-        default=4,
-        help="previous inputs the token shift mixes into each position (measured at d4: 4 lets the GPT look "
-        "values up by multi-token keys; docs/training.md)",
+        default=None,
+        help=f"previous inputs the token shift mixes into each position (default {SMEAR_WIDTH}: at d4 the GPT "
+        "then looks values up by multi-token keys, docs/log.md; 1 with --attention window|mega, whose recipe "
+        "was measured with it)",
     )
     p.add_argument(
         "--mc-eval-rows", type=int, default=8, help="val rows scored under the five views (with --mc)"
@@ -143,17 +145,18 @@ def main() -> None:
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)
+    attn_cfg = attention_config_from_args(args, args.max_seq_len)
     config.smear = args.smear
-    if args.smear_width < 1:
+    width = args.smear_width
+    config.smear_width = width if width is not None else (SMEAR_WIDTH if attn_cfg.mode == "dense" else 1)
+    if config.smear_width < 1:
         raise UserError(f"--smear-width must be >= 1, got {args.smear_width}")
-    config.smear_width = args.smear_width
     with torch.device("meta"):
         orig_model = GPT(config)
     orig_model.to_empty(device=device)
     orig_model.init_weights()
     # orig_model: the plain module (checkpoints, sampling); model: what the training step calls
     model = torch.compile(orig_model, dynamic=False) if device.type == "cuda" else orig_model
-    attn_cfg = attention_config_from_args(args, args.max_seq_len)
     # window/mega: the plain module under the mode's mask (+ GistNet and MegaPrediction for mega); dense: None
     attn = AttentionModel(orig_model, attn_cfg) if attn_cfg.mode != "dense" else None
     print0(f"attention: {describe(attn_cfg)}")
@@ -242,7 +245,7 @@ def main() -> None:
     resume_from = resume_step(ckpt_dir, args.resume_from_step)
     if resume_from is not None:
         model_state, optim_states, meta = load_checkpoint(ckpt_dir, resume_from, device, load_optimizer=True)
-        if meta["model_config"] != config.to_dict():
+        if GPTConfig(**meta["model_config"]).to_dict() != config.to_dict():  # fields added since: defaults
             raise UserError(
                 f"checkpoint model config {meta['model_config']} differs from this run's {config.to_dict()}"
             )

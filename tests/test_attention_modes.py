@@ -61,17 +61,18 @@ def mega_run(base):
         return train(base, mp, "mega", *MEGA)
 
 
-def test_default_is_the_vanilla_gpt(base, monkeypatch):
+def test_default_is_the_vanilla_gpt(base, mega_run, monkeypatch):
     """No flag and --attention dense give the same losses and weights bit for bit, and so do window and mega
     when their window covers the whole sequence (no mask, no node: the GPT runs as is). The checkpoint of a
-    dense run holds the GPT alone. Each objective brings its own data schedule, so the runs name one."""
+    dense run holds the GPT alone. Each objective brings its own data schedule and token-shift width, so the
+    runs name them; a mega run's own default width is the one its recipe was measured with (1)."""
     runs = {
         "none": (),
         "dense": ("--attention", "dense"),
         "wide-window": ("--attention", "window", "--mega-window", str(T)),
         "wide-mega": ("--attention", "mega", "--mega-window", str(T)),
     }
-    same_rows = ("--copy-warmup-steps", "2", "--longctx-frac", "0")  # each mode's own schedule differs
+    same_rows = ("--copy-warmup-steps", "2", "--longctx-frac", "0", "--smear-width", "4")
     logs = {tag: train(base, monkeypatch, tag, *args, *same_rows) for tag, args in runs.items()}
     for tag in runs:
         assert logs[tag] == logs["none"], tag  # == on floats: bit for bit
@@ -82,6 +83,10 @@ def test_default_is_the_vanilla_gpt(base, monkeypatch):
     )
     meta = json.loads((base / "base_checkpoints/none/meta_000006.json").read_text())
     assert meta["attention"]["mode"] == "dense"
+    default = json.loads(
+        (base / "base_checkpoints/mega/meta_000006.json").read_text()
+    )  # (the mega_run fixture)
+    assert default["model_config"]["smear_width"] == 1
 
 
 def test_window_and_mega_learn_and_log(base, mega_run, monkeypatch, capsys):

@@ -215,6 +215,20 @@ def test_indivisible_batch_is_a_one_line_user_error(trained, monkeypatch, capsys
     assert err.startswith("error: --total-batch-size 96 must be a multiple of") and err.count("\n") == 1
 
 
+def test_a_token_shift_of_no_width_is_a_one_line_user_error(trained, monkeypatch, capsys):
+    from nanochat.common import run_main
+    from scripts import base_train
+
+    base, _ = trained
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setattr(sys, "argv", ["base_train", *COMMON, "--smear-width", "0"])
+    with pytest.raises(SystemExit) as exc:
+        run_main(base_train.main)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: --smear-width must be >= 1, got 0\n"
+
+
 def test_bench_train_prints_one_json_line():
     args = "--depth 1 --max-seq-len 32 --device-batch-size 2 --vocab-size 512 --warmup-steps 1 --steps 2"
     args += " --decode-tokens 8 --dtype float32 --device-type cpu"

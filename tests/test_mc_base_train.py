@@ -144,6 +144,7 @@ def test_copy_warmup_with_smear_trains_the_plain_gpt_then_mc(tmp_path, monkeypat
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     model, _, _ = build_model(*resolve_checkpoint("base", "sw", None), "cpu", phase="eval")
     assert model.config.smear and model.smear.abs().sum() > 0  # trained, and loaded with no flag
+    assert model.config.smear_width == 4 and model.smear_back.abs().sum() > 0  # the recipe's width
 
 
 def test_mc_eval_rejects_a_negative_threshold_in_one_line():
