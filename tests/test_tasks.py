@@ -263,9 +263,9 @@ def test_offline_mixture():
     ]
     sources = [type(mix.locate(i)[0]).__name__ for i in range(50)]
     assert {s: sources.count(s) for s in set(sources)} == {
-        "Identity": 5,
-        "SpellingBee": 15,
-        "Arithmetic": 15,
+        "Identity": 7,
+        "SpellingBee": 12,
+        "Arithmetic": 16,
         "LongDoc": 15,
     }
     identity = Identity(20)

@@ -162,8 +162,9 @@ class Arithmetic(Task):
         return numbers_equal(extract_final_answer(completion), final_answer_of(conversation))
 
 
-# Share of each task in the mixture: identity is a small, fixed fact; the skills need more examples.
-MIXTURE = (("identity", 0.1), ("spelling", 0.3), ("arithmetic", 0.3), ("longdoc", 0.3))
+# Share of each task in the mixture: identity is a small, fixed fact; the skills need more examples. At 0.1
+# a chat model once answered "What is your name?" with a calculator call (docs/log.md).
+MIXTURE = (("identity", 0.15), ("spelling", 0.25), ("arithmetic", 0.3), ("longdoc", 0.3))
 
 
 def offline_mixture(split: str, n: int, seed: int = 0, longdoc_size: int = 1500) -> TaskMixture:
