@@ -66,8 +66,7 @@ class KVCache:
         self.inputs = InputHistory()  # GPTConfig.smear only
 
     def shifted_inputs(self, x: torch.Tensor, width: int = 1) -> list[torch.Tensor]:
-        """The smear's inputs 1..width positions before x [B, T_new, d]; zero before each row's first real
-        token."""
+        """The smear's inputs 1..width positions before x [B, T_new, d]; zero before a row's first real token."""
         prevs = self.inputs.shifted(x, self.pos, width)
         if self.has_padding():
             p = self.positions(x.size(1))

@@ -107,6 +107,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
 # -----------------------------------------------------------------------------
 
 
+def shifted_views(ctx: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """ctx [B, width + T, d]: the width inputs before T positions, then theirs. Views of the inputs j = 1..width
+    positions before each of the T."""
+    T = ctx.size(1) - width
+    return [ctx[:, width - j : width - j + T] for j in range(1, width + 1)]
+
+
 class InputHistory:
     """The normed GPT inputs by position, kept by a KV cache for GPTConfig.smear: the first new positions'
     shifts need the inputs before them. Truncating a cache needs nothing here: positions < pos stay valid."""
@@ -127,8 +134,7 @@ class InputHistory:
         self.buf[:, pos:end] = x
         lo = max(0, pos - width)
         pad = x.new_zeros(B, width - (pos - lo), d)
-        ctx = torch.cat([pad, self.buf[:, lo:pos], x], dim=1)  # [B, width + T, d]
-        return [ctx[:, width - j : width - j + T] for j in range(1, width + 1)]
+        return shifted_views(torch.cat([pad, self.buf[:, lo:pos], x], dim=1), width)
 
     def repeat_interleave(self, n: int) -> InputHistory:
         out = InputHistory()
@@ -282,20 +288,17 @@ class GPT(nn.Module):
         sequence (no shift into a sequence from the one before)."""
         width = self.config.smear_width
         if kv_cache is None:
-            prevs = []
-            for j in range(1, width + 1):
-                prev = F.pad(x, (0, 0, j, 0))[:, : x.size(1)]
-                if shift_len is not None:
-                    prev[:, shift_len:] = 0
-                if positions is not None:
-                    prev = prev.masked_fill((positions < j)[None, :, None], 0.0)
-                prevs.append(prev)
+            prevs = shifted_views(F.pad(x, (0, 0, width, 0)), width)  # zeros before the first position
+            if positions is not None:
+                prevs = [p.masked_fill((positions < j)[None, :, None], 0.0) for j, p in enumerate(prevs, 1)]
         else:
             prevs = kv_cache.shifted_inputs(x, width)
-        x = x + self.smear * prevs[0]
+        shift = self.smear * prevs[0]
         for j in range(2, width + 1):
-            x = x + self.smear_back[j - 2] * prevs[j - 1]
-        return x
+            shift = shift + self.smear_back[j - 2] * prevs[j - 1]
+        if shift_len is not None:
+            shift[:, shift_len:] = 0
+        return x + shift
 
     def forward(
         self,
