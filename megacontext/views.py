@@ -166,7 +166,7 @@ def session_logits(ids: list[int], h: int, model, gistnet, lensnet, cfg: MCConfi
         model, None, gistnet, lensnet, cfg, device=device, model_id="view"
     )  # no fingerprint: an in-RAM tree
     edits = session.ingest(inputs[: n - h + 1])
-    info = {"wc_size": session.wc.cost, "edits": edits, "render": session.wc.render()}
+    info = {"wc_size": session.wc.cost, "edits": edits, "render": session.wc.render(), "wc": session.wc}
     out = [session.logits()]
     for token in inputs[n - h + 1 :]:
         session.push(token)
@@ -227,7 +227,7 @@ def horizon_logits(
         )
     embeds, rotary = gpt_inputs(wc, tree, model, cfg, device)
     info["wc_size"] = embeds.shape[1]
-    info["render"] = wc.render()
+    info["render"], info["wc"] = wc.render(), wc
     return model(embeds=embeds, rotary=rotary)[0, -h:], info
 
 

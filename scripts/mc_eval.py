@@ -31,6 +31,7 @@ from nanochat.progress import add_quiet_flag, progress, set_quiet
 from nanochat.tasks import longctx
 
 DEFAULT_VIEWS = tuple(v for v in (*VIEWS, ORACLE) if v != "mc-attn")
+LEAD = 3  # label tokens before the answer that must be raw with it (answer_raw): the GPT's look-up key
 
 SUITES = {
     # name: (generator task, keyword arguments); passkey mixes digit and UUID keys, with distractors
@@ -50,6 +51,23 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def answer_tokens(tokenizer, prompt: str, answer: str, chars: tuple[int, int]) -> tuple[int, int]:
+    """Token span [start, end) of the answer's first occurrence inside the evidence, with the LEAD tokens
+    before it (the end of the label that names it), in BOS + encode(prompt)."""
+    at = prompt.find(answer.strip(), chars[0])
+    if at < 0:
+        return evidence_tokens(tokenizer, prompt, chars)
+    a = len(tokenizer.encode(prompt[:at])) + 1
+    b = len(tokenizer.encode(prompt[: at + len(answer.strip())])) + 1
+    return max(0, a - LEAD), b
+
+
+def raw_in(wc, span: tuple[int, int]) -> bool:
+    """Whether every token of span is raw (LOD0) in the working context."""
+    raw = [(e.start, e.end) for e in wc.entries if e.level == 0]
+    return all(any(s <= t < e for s, e in raw) for t in range(*span))
+
+
 def evidence_tokens(tokenizer, prompt: str, chars: tuple[int, int]) -> tuple[int, int]:
     """Token span [start, end) of prompt[chars] in BOS + encode(prompt), one token wider on each side: a
     prefix may tokenize one token differently at its cut."""
@@ -62,8 +80,12 @@ def evidence_tokens(tokenizer, prompt: str, chars: tuple[int, int]) -> tuple[int
 def evaluate(
     examples, tokenizer, model, gistnet, lensnet, cfg: MCConfig, views, device, desc: str = ""
 ) -> dict:
-    """Per view: correct count, summed answer NLL, WC sizes and edits over the examples."""
-    out = {v: {"correct": 0, "nll": 0.0, "n": 0, "wc": 0, "edits": 0} for v in views}
+    """Per view: correct count, summed answer NLL, WC sizes and edits over the examples, and (mc views) how
+    often the answer's first occurrence in the evidence was raw in the working context, with the LEAD tokens
+    before it: what separates the scorer's misses (not raw) from the GPT's (raw, yet answered wrong)."""
+    out = {
+        v: {"correct": 0, "nll": 0.0, "n": 0, "wc": 0, "edits": 0, "raw": 0, "raw_correct": 0} for v in views
+    }
     full_nll = []
     for ex in progress(examples, desc=desc, unit="example"):
         prompt = tokenizer.encode(ex["prompt"], prepend=tokenizer.get_bos_token_id())
@@ -72,6 +94,7 @@ def evaluate(
         h = len(answer)
         tree = build_tree(ids[:-1], model, gistnet, cfg, device) if gistnet is not None else None
         evidence = evidence_tokens(tokenizer, ex["prompt"], ex["evidence_chars"])
+        key_span = answer_tokens(tokenizer, ex["prompt"], ex["answer"], ex["evidence_chars"])
         nll_full = None
         for v in views:
             if v.startswith("mc") and gistnet is None:
@@ -85,7 +108,11 @@ def evaluate(
             if v == "full":
                 nll_full = nll
             r = out[v]
-            r["correct"] += int(logits.argmax(dim=-1).tolist() == answer)
+            correct = logits.argmax(dim=-1).tolist() == answer
+            r["correct"] += int(correct)
+            if info.get("wc") is not None and raw_in(info["wc"], key_span):
+                r["raw"] += 1
+                r["raw_correct"] += int(correct)
             r["nll"] += nll
             r["n"] += 1
             r["wc"] += info["wc_size"]
@@ -203,6 +230,9 @@ def main() -> None:
                             "nll": s["nll"] / s["n"],  # the answer's mean NLL under this view (nats/token)
                             "wc_size": s["wc"] / s["n"],
                             "edits": s["edits"] / s["n"],
+                            # mc views: the answer raw in the WC, and exact match among those
+                            "answer_raw": s["raw"] / s["n"] if v.startswith("mc") else None,
+                            "accuracy_if_raw": s["raw_correct"] / s["raw"] if s["raw"] else None,
                         }
                     )
                     table.append((name, dx, v, results[-1]))
@@ -212,6 +242,11 @@ def main() -> None:
     md = markdown_table(table, distances, views)
     print0(md)
     print0("\nanswer NLL (nats/token):\n" + markdown_table(table, distances, views, metric="nll"))
+    if any(v.startswith("mc") for v in views):
+        print0(
+            "\nanswer raw in the working context, % (exact match among those, %):\n"
+            + markdown_table(table, distances, [v for v in views if v.startswith("mc")], metric="answer_raw")
+        )
     print0(f"mc_eval took {time.time() - t0:.1f}s")
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -247,8 +282,9 @@ def headline(rows, distances) -> dict:
 
 
 def markdown_table(rows, distances, views, metric: str = "accuracy") -> str:
-    """One row per (task, view), one column per distance: accuracy % [95 % interval], or with metric="nll" the
-    answer's mean NLL (nats/token), which still separates views where every exact match is 0."""
+    """One row per (task, view), one column per distance: accuracy % [95 % interval]; with metric="nll" the
+    answer's mean NLL (nats/token), which still separates views where every exact match is 0; with
+    "answer_raw" (mc views) how often the answer was raw in the WC, and the exact match among those."""
     head = "| task | view | " + " | ".join(f"{d}x" for d in distances) + " |"
     sep = "|" + "---|" * (2 + len(distances))
     cells: dict[tuple[str, str], dict[int, str]] = {}
@@ -258,6 +294,11 @@ def markdown_table(rows, distances, views, metric: str = "accuracy") -> str:
             text = "–"
         elif metric == "nll":
             text = f"{r['nll']:.3f}"
+        elif metric == "answer_raw":
+            if r.get("answer_raw") is None:
+                continue
+            if_raw = r["accuracy_if_raw"]
+            text = f"{100 * r['answer_raw']:.0f} ({'–' if if_raw is None else f'{100 * if_raw:.0f}'})"
         else:
             text = f"{100 * acc:.0f} [{100 * r['ci95_low']:.0f}-{100 * r['ci95_high']:.0f}]"
         cells.setdefault((name, v), {})[dx] = text

@@ -9,12 +9,13 @@ import torch
 from megacontext import training
 from megacontext.allocator import normalize_scores, random_variant
 from megacontext.config import MCConfig, build_nets
+from megacontext.entries import Entry
 from megacontext.lens_inputs import lens_inputs, row_entry_match, tree_entry_inputs, tree_entry_match
 from megacontext.session import MCSession
 from megacontext.views import build_tree, horizon_logits, oracle_wc
 from megacontext.working_context import WorkingContext, coarse_tiling
 from nanochat.gpt import GPT, GPTConfig
-from scripts.mc_eval import evidence_tokens
+from scripts.mc_eval import answer_tokens, evidence_tokens, raw_in
 
 K, V = 4, 64
 
@@ -171,6 +172,21 @@ def test_evidence_tokens_cover_the_evidence_with_bos_shift():
     s, e = evidence_tokens(CharTokenizer(), prompt, (a, b))
     ids = CharTokenizer().encode(prompt, prepend=0)
     assert "".join(chr(i) for i in ids[s + 1 : e - 1]) == "The key is 42."
+
+
+def test_answer_raw_asks_for_the_answer_and_the_label_before_it():
+    """mc_eval's answer_raw: the answer's first occurrence in the evidence and LEAD tokens before it must all
+    be raw; one of them inside a gist, and it is not."""
+    prompt = "x" * 20 + "The key for the red box is 42. Remember 42." + "y" * 30
+    a = prompt.index("The key")
+    s, e = answer_tokens(CharTokenizer(), prompt, " 42", (a, a + 43))
+    ids = CharTokenizer().encode(prompt, prepend=0)
+    assert "".join(chr(i) for i in ids[s:e]) == "is 42"  # LEAD = 3 tokens before the answer
+    K = 4
+    blocks = [Entry(0, j, j + K) for j in range(0, 96, K)]  # everything raw
+    assert raw_in(WorkingContext(blocks, K, 200, 0), (s, e))
+    gisted = [b if not (b.start <= s < b.end) else Entry(1, b.start, b.end) for b in blocks]
+    assert not raw_in(WorkingContext(gisted, K, 200, 0), (s, e))
 
 
 def test_a_full_working_context_makes_room_for_the_entry_the_scorer_wants(monkeypatch):
