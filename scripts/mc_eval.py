@@ -51,15 +51,20 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def token_at(tokenizer, prompt: str, char: int) -> int:
+    """Index in BOS + encode(prompt) of the token that starts at prompt[char]."""
+    return len(tokenizer.encode(prompt[:char])) + 1
+
+
 def answer_tokens(tokenizer, prompt: str, answer: str, chars: tuple[int, int]) -> tuple[int, int]:
     """Token span [start, end) of the answer's first occurrence inside the evidence, with the LEAD tokens
-    before it (the end of the label that names it), in BOS + encode(prompt)."""
-    at = prompt.find(answer.strip(), chars[0])
+    before it (the end of the label that names it), in BOS + encode(prompt); the whole evidence span
+    (evidence_tokens) where the answer does not occur in it literally."""
+    value = answer.strip()
+    at = prompt.find(value, chars[0])
     if at < 0:
         return evidence_tokens(tokenizer, prompt, chars)
-    a = len(tokenizer.encode(prompt[:at])) + 1
-    b = len(tokenizer.encode(prompt[: at + len(answer.strip())])) + 1
-    return max(0, a - LEAD), b
+    return max(0, token_at(tokenizer, prompt, at) - LEAD), token_at(tokenizer, prompt, at + len(value))
 
 
 def raw_in(wc, span: tuple[int, int]) -> bool:
@@ -71,8 +76,7 @@ def raw_in(wc, span: tuple[int, int]) -> bool:
 def evidence_tokens(tokenizer, prompt: str, chars: tuple[int, int]) -> tuple[int, int]:
     """Token span [start, end) of prompt[chars] in BOS + encode(prompt), one token wider on each side: a
     prefix may tokenize one token differently at its cut."""
-    a = len(tokenizer.encode(prompt[: chars[0]])) + 1
-    b = len(tokenizer.encode(prompt[: chars[1]])) + 1
+    a, b = token_at(tokenizer, prompt, chars[0]), token_at(tokenizer, prompt, chars[1])
     return max(0, a - 1), b + 1
 
 
