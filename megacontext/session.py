@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from megacontext.allocator import FocusAllocator, lookahead_scores, normalize_scores
+from megacontext.allocator import FocusAllocator, collapse_groups, lookahead_scores, normalize_scores
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import BudgetError, Edit, gist_entry
 from megacontext.focus import LevelCap, settle
@@ -173,12 +173,35 @@ class MCSession:
                 if self.wc is None:
                     self.wc = WorkingContext.from_tree(self.view, self.cfg.wc_budget, self.cfg.recent)
                 else:
-                    self.wc = self.wc.extend(self.view)
+                    self.wc = self._make_room(self.wc).extend(self.view)
                 return
             except BudgetError:
                 if self.view.cap >= self.tree.max_level:
                     raise
                 self.view.cap += 1  # the history outgrew the trained levels: go one level coarser
+
+    @torch.no_grad()
+    def _make_room(self, wc: WorkingContext) -> WorkingContext:
+        """`wc` with room for the tokens the tree gained since it was built, made by collapsing what LensNet
+        values least. A settled WC fills its budget, so every token of a reply overflows it until the next
+        refocus; WorkingContext.extend alone would collapse the oldest raw block, which after a question is
+        often the very evidence the focus opened, and the answer lost it mid-way (docs/log.md). Collapses that
+        do not cover the overflow are left to extend (e.g. new raw blocks of a long ingest)."""
+        K = self.K
+        over = wc.cost + self.tree.num_tokens - wc.num_tokens - self.cfg.wc_budget
+        groups = collapse_groups(wc, self.view) if over > 0 and self.tree.num_tokens >= K else []
+        if not groups:
+            return wc
+        s = self.lens_scores(wc).float().tolist()
+        edits, used = [], set()
+        for edit, members in sorted(groups, key=lambda g: sum(s[i] for i in g[1]) / len(g[1])):
+            if over <= 0:
+                break
+            if used.isdisjoint(members):
+                edits.append(edit)
+                used.update(members)
+                over -= K - 1
+        return wc.apply(edits, self.view, whole=False)
 
     def ingest(
         self,

@@ -129,8 +129,9 @@ class WorkingContext:
         """Entries overlapping the most recent `recent` tokens stay raw and are never edited."""
         return self.recent > 0 and entry.end > self.num_tokens - self.recent
 
-    def check(self, tree=None) -> None:
-        """Raise the named error for the first broken invariant; with a tree, also check it against the tree."""
+    def check(self, tree=None, whole: bool = True) -> None:
+        """Raise the named error for the first broken invariant; with a tree, also check it against the tree
+        (whole=False: a WC about to be extended may cover fewer tokens than the tree holds)."""
         K, es = self.K, self.entries
         gaps = [(a, b) for a, b in zip(es, es[1:]) if b.start != a.end]
         if es and es[0].start != 0:
@@ -138,7 +139,9 @@ class WorkingContext:
         if gaps:
             pairs = ", ".join(f"{a}{b}" for a, b in gaps[:8])
             raise ContiguityError(f"{len(gaps)} gap(s)/overlap(s) between consecutive entries: {pairs}")
-        if tree is not None and self.num_tokens != tree.num_tokens:
+        if tree is not None and (
+            self.num_tokens > tree.num_tokens or whole and self.num_tokens < tree.num_tokens
+        ):
             raise ContiguityError(
                 f"entries cover [0, {self.num_tokens}) but the tree holds {tree.num_tokens} tokens "
                 f"(last entry {describe(es[-1:]) or 'none'}); call wc.extend(tree) after appending"
@@ -205,9 +208,10 @@ class WorkingContext:
         wc.check(tree)
         return wc
 
-    def apply(self, edits: Sequence[Edit], tree) -> WorkingContext:
+    def apply(self, edits: Sequence[Edit], tree, whole: bool = True) -> WorkingContext:
         """Return a new WC with the edits applied in order (self is unchanged); invariants are checked on the
-        result, so an edit naming a missing node, touching recent tokens or overflowing the budget raises."""
+        result, so an edit naming a missing node, touching recent tokens or overflowing the budget raises
+        (whole=False: self may lag the tree, as before an extend)."""
         if not edits:
             return self
         K, entries, dirty = self.K, list(self.entries), None
@@ -234,7 +238,7 @@ class WorkingContext:
             starts = [e.start for e in entries]
             dirty = target.start if dirty is None else min(dirty, target.start)
         wc = WorkingContext(entries, K, self.budget, self.recent, self.version + 1, dirty)
-        wc.check(tree)
+        wc.check(tree, whole)
         return wc
 
     def extend(self, tree) -> WorkingContext:

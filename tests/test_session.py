@@ -20,9 +20,11 @@ import torch
 
 from megacontext.allocator import _expanded, lookahead_scores
 from megacontext.config import MCConfig
+from megacontext.entries import Edit
 from megacontext.positional import gaussian_rotary
 from megacontext.session import MCSession, build_mc_nets, model_fingerprint
 from megacontext.tree import MegaContextTree, TreeModelMismatchError
+from megacontext.working_context import WorkingContext
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -356,3 +358,29 @@ def test_refocus_scores_its_lookahead_in_one_lens_call_and_skips_idle_rounds():
     assert calls == []
     s.ingest(np.array([21, 22, 23, 24]))  # a new block: a new query, scored afresh
     assert calls
+
+
+def test_reply_tokens_make_room_by_collapsing_what_the_lens_values_least():
+    """A settled WC fills its budget, so each new token overflows it until the next refocus. The room comes from
+    the entries LensNet scores lowest, not from the oldest raw block: after a question that block is often the
+    evidence the focus opened, and an answer that lost it mid-way misread the key."""
+    s = tiny_session(tau_expand=10.0, tau_collapse=10.0)  # the refocuses themselves edit nothing
+    s.ingest(np.random.default_rng(7).integers(20, s.model.config.vocab_size, 200))
+    K, wc = s.K, WorkingContext.coarsest(s.view, s.cfg.wc_budget, s.cfg.recent)
+    while wc.cost + K - 1 <= wc.budget:  # open the oldest gists down to raw blocks: the budget fills up
+        i = next(i for i, e in enumerate(wc.entries) if e.level >= 1)
+        e = wc.entries[i]
+        wc = wc.apply([Edit("expand", e.level, e.index(K))], s.view)
+    s.wc = wc
+    target = wc.entries[0]
+    assert target.level == 0 and wc.cost > wc.budget - K + 1
+
+    def scripted(w):  # the oldest raw block is what the lens wants; other raw blocks it values least
+        return torch.tensor([1.0 if e == target else -0.5 if e.level == 0 else 0.0 for e in w.entries])
+
+    s.lens_scores_many = lambda wcs: [scripted(w) for w in wcs]
+    for token in np.random.default_rng(8).integers(20, s.model.config.vocab_size, 3 * K):
+        s.push(int(token))
+        s.wc.check(s.tree)
+        assert target in s.wc.entries, s.wc.render()
+    assert s.wc.num_tokens == s.tree.num_tokens and s.wc.cost <= s.wc.budget
