@@ -27,7 +27,13 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from megacontext.allocator import FocusAllocator, collapse_groups, lookahead_scores, normalize_scores
+from megacontext.allocator import (
+    FocusAllocator,
+    collapse_groups,
+    lead_scores,
+    lookahead_scores,
+    normalize_scores,
+)
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import BudgetError, Edit, gist_entry
 from megacontext.focus import LevelCap, settle
@@ -126,6 +132,7 @@ class MCSession:
             c.cooldown,
             c.allocator,
             seed=seed,
+            lead=c.lead,
         )
         self.telemetry = Telemetry()
         g = model.config
@@ -193,6 +200,7 @@ class MCSession:
         if not groups:
             return wc
         s = self.lens_scores(wc).float().tolist()
+        s = lead_scores(wc, s) if self.cfg.lead else s
         edits, used = [], set()
         for edit, members in sorted(groups, key=lambda g: sum(s[i] for i in g[1]) / len(g[1])):
             if over <= 0:

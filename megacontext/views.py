@@ -141,7 +141,14 @@ def attention_focus(tree, model, cfg: MCConfig, budget: int, recent: int, device
     entries (the loop the session runs with LensNet: focus.settle), and the number of edits made."""
     state = {"wc": WorkingContext.from_tree(tree, budget, recent)}
     alloc = FocusAllocator(
-        cfg.block_size, budget, recent, cfg.tau_expand, cfg.tau_collapse, cfg.n_diff, cfg.cooldown
+        cfg.block_size,
+        budget,
+        recent,
+        cfg.tau_expand,
+        cfg.tau_collapse,
+        cfg.n_diff,
+        cfg.cooldown,
+        lead=cfg.lead,
     )
     score_fn = lambda w: attention_scores(w, tree, model, cfg, cfg.block_size, device)  # noqa: E731
 

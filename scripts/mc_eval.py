@@ -157,6 +157,11 @@ def main() -> None:
         action="store_true",
         help="refocus on the entries' own scores only (no look-ahead into LOD2+ gists: MCConfig.lookahead)",
     )
+    parser.add_argument(
+        "--no-lead",
+        action="store_true",
+        help="do not open the block before an opened raw block with its score (MCConfig.lead)",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
@@ -188,6 +193,7 @@ def main() -> None:
     if args.wc_budget:
         cfg.wc_budget = args.wc_budget
     cfg.lookahead = cfg.lookahead and not args.no_lookahead
+    cfg.lead = cfg.lead and not args.no_lead
     for name in ("tau_expand", "tau_collapse"):  # allocator thresholds of the mc views
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))

@@ -11,6 +11,7 @@ from megacontext.allocator import (
     FocusAllocator,
     collapse_groups,
     expandable,
+    lead_scores,
     lookahead_scores,
     normalize_scores,
     random_variant,
@@ -297,3 +298,35 @@ def test_lookahead_lets_the_allocator_zoom_from_lod3_to_the_raw_evidence():
             wc.check(tree)
         raw = any(e.level == 0 and e.start <= target < e.end for e in wc.entries)
         assert raw == reached, wc.render()
+
+
+def test_lead_opens_the_block_before_the_evidence_and_only_that_one():
+    """The key's block is what the scorer recognises; the label naming it ends in the block before, which it
+    rates like any other text. With lead the allocator opens that block as well (and keeps it open), and not the
+    block before that; without it the label stays gisted."""
+    K, n, recent, target = 4, 200, 8, 21  # the evidence block [20, 24), its lead [16, 20)
+    tree = tree_with(K, n)
+
+    def scorer(wc):  # the evidence's own LOD1/raw 1, other raw blocks -1, other gists 0
+        def score(e):
+            if e.start <= target < e.end:
+                return 1.0 if e.level <= 1 else 0.0
+            return -1.0 if e.level == 0 else 0.0
+
+        return torch.tensor([score(e) for e in wc.entries])
+
+    def raw(wc, start):
+        return any(e.level == 0 and e.start == start for e in wc.entries)
+
+    wc0 = WorkingContext.from_tree(tree, 40, recent)
+    for lead in (False, True):
+        alloc, wc = FocusAllocator(K, 40, recent, 0.2, 0.2, lead=lead), wc0
+        for _ in range(10):
+            wc, _ = alloc.refocus(wc, normalize_scores(lookahead_scores(wc, tree, scorer)), tree)
+            wc.check(tree)
+        assert raw(wc, 20) and raw(wc, 16) == lead and not raw(wc, 12), wc.render()
+    # the scores themselves: the gist before an opened raw block takes its score, nothing else changes
+    wc = WorkingContext(
+        [Entry(1, 0, 4), Entry(1, 4, 8), Entry(0, 8, 12), Entry(1, 12, 16), Entry(0, 16, 20)], K, 40, 4
+    )
+    assert lead_scores(wc, [0.1, -0.5, 0.9, -0.2, 0.7]) == [0.1, 0.9, 0.9, -0.2, 0.7]  # [16, 20) is protected
