@@ -24,7 +24,7 @@ __all__ = [
     "Candidate",
     "Edit",
     "FocusAllocator",
-    "lead_scores",
+    "flank_scores",
     "lookahead_scores",
     "normalize_scores",
     "random_variant",
@@ -60,17 +60,20 @@ def normalize_scores(scores: torch.Tensor) -> torch.Tensor:
     return torch.tanh(centred / (scores.std(unbiased=False) + 1e-6))
 
 
-def lead_scores(wc: WorkingContext, s: list[float]) -> list[float]:
-    """Per-entry scores where a LOD1 gist or raw block just before an opened raw block (older than the
-    protected recent tail) scores at least as high as that block. A block often starts mid-sentence: the label
-    that names a key ends in the block before the key's (measured: the lens ranks the key's block first and
-    that one 4th to 11th, and the answer missed it in a third of the cases, docs/log.md). Only the entry's own
-    score is passed on, so an opened lead does not pull in the block before it in turn."""
+def flank_scores(wc: WorkingContext, s: list[float]) -> list[float]:
+    """Per-entry scores where a LOD1 gist or raw block just before or after an opened raw block (older than the
+    protected recent tail) scores at least as high as that block. A block starts and ends mid-sentence: the
+    label that names a key often ends in the block before the key's (the lens ranked that one 4th to 11th), and
+    the sentence that repeats the key with its label follows in the next one (docs/log.md). Only the opened
+    block's own score is passed on, so a flank does not pull in the block beyond it in turn."""
     es, out = wc.entries, list(s)
-    for i in range(len(es) - 1):
-        nxt = es[i + 1]
-        if es[i].level <= 1 and nxt.level == 0 and not wc.is_protected(nxt):
-            out[i] = max(out[i], s[i + 1])
+    opened = [e.level == 0 and not wc.is_protected(e) for e in es]
+    for i, e in enumerate(es):
+        if e.level > 1 or wc.is_protected(e):
+            continue
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(es) and opened[j]:
+                out[i] = max(out[i], s[j])
     return out
 
 
@@ -169,7 +172,7 @@ class FocusAllocator:
         mode: Literal["greedy", "stochastic"] = "greedy",
         temperature: float = 1.0,
         seed: int | None = None,
-        lead: bool = False,
+        flank: bool = False,
     ):
         if mode not in ("greedy", "stochastic"):
             raise ValueError(f"mode must be 'greedy' or 'stochastic', got {mode!r}")
@@ -178,14 +181,14 @@ class FocusAllocator:
         self.K, self.budget, self.recent = K, budget, recent
         self.tau_expand, self.tau_collapse = tau_expand, tau_collapse
         self.n_diff, self.cooldown, self.mode, self.temperature = n_diff, cooldown, mode, temperature
-        self.lead = lead  # score the block before an opened raw block as that block (lead_scores)
+        self.flank = flank  # the blocks beside an opened raw block score as it (flank_scores)
         self.rng = random.Random(seed)
         self.refocus_count = 0  # number of refocuses committed so far
         self.last_edit: dict[tuple[int, int], tuple[int, str]] = {}  # node -> (refocus number, kind)
 
     def _scores(self, wc: WorkingContext, scores) -> list[float]:
         s = _read_scores(scores, wc.num_entries)
-        return lead_scores(wc, s) if self.lead else s
+        return flank_scores(wc, s) if self.flank else s
 
     def allowed(self, edit: Edit) -> bool:
         """Hysteresis: a node's direction may flip only after `cooldown` refocuses since its last edit."""

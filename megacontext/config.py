@@ -94,9 +94,10 @@ class MCConfig:
     # Refocusing scores a gist of level >= 2 as the best of its descendants too (allocator.lookahead_scores),
     # so the allocator can zoom from LOD2 to the raw evidence over successive refocuses.
     lookahead: bool = True
-    # A LOD1 gist or raw block just before an opened raw block scores as that block (allocator.lead_scores): the
-    # label naming a key often ends in the block before the key's. Passkey answer raw 70 -> 96 % at 4x (log.md).
-    lead: bool = True
+    # A LOD1 gist or raw block just before or after an opened raw block scores as that block
+    # (allocator.flank_scores): a key's label often ends in the block before it, its restatement follows in the
+    # next. Passkey at 4x 74-88 -> 94-98 % on two seeds (log.md, 2026-12-07).
+    flank: bool = True
     tau_expand: float = 0.2  # expand only when score > tau_expand (hysteresis band around 0)
     tau_collapse: float = 0.2  # collapse only when score < -tau_collapse
     n_diff: int = 4  # at most this many edits per refocus

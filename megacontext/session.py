@@ -30,7 +30,7 @@ import torch
 from megacontext.allocator import (
     FocusAllocator,
     collapse_groups,
-    lead_scores,
+    flank_scores,
     lookahead_scores,
     normalize_scores,
 )
@@ -132,7 +132,7 @@ class MCSession:
             c.cooldown,
             c.allocator,
             seed=seed,
-            lead=c.lead,
+            flank=c.flank,
         )
         self.telemetry = Telemetry()
         g = model.config
@@ -200,7 +200,7 @@ class MCSession:
         if not groups:
             return wc
         s = self.lens_scores(wc).float().tolist()
-        s = lead_scores(wc, s) if self.cfg.lead else s
+        s = flank_scores(wc, s) if self.cfg.flank else s
         edits, used = [], set()
         for edit, members in sorted(groups, key=lambda g: sum(s[i] for i in g[1]) / len(g[1])):
             if over <= 0:

@@ -148,7 +148,7 @@ def attention_focus(tree, model, cfg: MCConfig, budget: int, recent: int, device
         cfg.tau_collapse,
         cfg.n_diff,
         cfg.cooldown,
-        lead=cfg.lead,
+        flank=cfg.flank,
     )
     score_fn = lambda w: attention_scores(w, tree, model, cfg, cfg.block_size, device)  # noqa: E731
 

@@ -158,9 +158,9 @@ def main() -> None:
         help="refocus on the entries' own scores only (no look-ahead into LOD2+ gists: MCConfig.lookahead)",
     )
     parser.add_argument(
-        "--no-lead",
+        "--no-flank",
         action="store_true",
-        help="do not open the block before an opened raw block with its score (MCConfig.lead)",
+        help="do not score the blocks beside an opened raw block as that block (MCConfig.flank)",
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
@@ -193,7 +193,7 @@ def main() -> None:
     if args.wc_budget:
         cfg.wc_budget = args.wc_budget
     cfg.lookahead = cfg.lookahead and not args.no_lookahead
-    cfg.lead = cfg.lead and not args.no_lead
+    cfg.flank = cfg.flank and not args.no_flank
     for name in ("tau_expand", "tau_collapse"):  # allocator thresholds of the mc views
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))

@@ -11,7 +11,7 @@ from megacontext.allocator import (
     FocusAllocator,
     collapse_groups,
     expandable,
-    lead_scores,
+    flank_scores,
     lookahead_scores,
     normalize_scores,
     random_variant,
@@ -300,11 +300,11 @@ def test_lookahead_lets_the_allocator_zoom_from_lod3_to_the_raw_evidence():
         assert raw == reached, wc.render()
 
 
-def test_lead_opens_the_block_before_the_evidence_and_only_that_one():
-    """The key's block is what the scorer recognises; the label naming it ends in the block before, which it
-    rates like any other text. With lead the allocator opens that block as well (and keeps it open), and not the
-    block before that; without it the label stays gisted."""
-    K, n, recent, target = 4, 200, 8, 21  # the evidence block [20, 24), its lead [16, 20)
+def test_flank_opens_the_blocks_beside_the_evidence_and_only_those():
+    """The key's block is what the scorer recognises; the label naming it ends in the block before and the
+    sentence repeating it follows in the next, which it rates like any other text. With flank the allocator opens
+    both (and keeps them open), and not the blocks beyond them; without it they stay gisted."""
+    K, n, recent, target = 4, 200, 8, 21  # the evidence block [20, 24), its flanks [16, 20) and [24, 28)
     tree = tree_with(K, n)
 
     def scorer(wc):  # the evidence's own LOD1/raw 1, other raw blocks -1, other gists 0
@@ -319,14 +319,15 @@ def test_lead_opens_the_block_before_the_evidence_and_only_that_one():
         return any(e.level == 0 and e.start == start for e in wc.entries)
 
     wc0 = WorkingContext.from_tree(tree, 40, recent)
-    for lead in (False, True):
-        alloc, wc = FocusAllocator(K, 40, recent, 0.2, 0.2, lead=lead), wc0
+    for flank in (False, True):
+        alloc, wc = FocusAllocator(K, 40, recent, 0.2, 0.2, flank=flank), wc0
         for _ in range(10):
             wc, _ = alloc.refocus(wc, normalize_scores(lookahead_scores(wc, tree, scorer)), tree)
             wc.check(tree)
-        assert raw(wc, 20) and raw(wc, 16) == lead and not raw(wc, 12), wc.render()
-    # the scores themselves: the gist before an opened raw block takes its score, nothing else changes
+        assert raw(wc, 20) and raw(wc, 16) == raw(wc, 24) == flank, wc.render()
+        assert not raw(wc, 12) and not raw(wc, 28), wc.render()
+    # the scores themselves: a gist beside an opened raw block takes its score; a protected block passes none on
     wc = WorkingContext(
         [Entry(1, 0, 4), Entry(1, 4, 8), Entry(0, 8, 12), Entry(1, 12, 16), Entry(0, 16, 20)], K, 40, 4
     )
-    assert lead_scores(wc, [0.1, -0.5, 0.9, -0.2, 0.7]) == [0.1, 0.9, 0.9, -0.2, 0.7]  # [16, 20) is protected
+    assert flank_scores(wc, [0.1, -0.5, 0.2, -0.2, 0.7]) == [0.1, 0.2, 0.2, 0.2, 0.7]

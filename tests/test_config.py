@@ -44,7 +44,7 @@ UNCHANGED_DEFAULTS = {
     "wc_levels": 2,
 }
 # settings added since that recipe ran; the session's allocator reads them, training does not
-ADDED = {"lead": True}
+ADDED = {"flank": True}
 # --mc-token-loss marginal (now the only token loss), and the defaults of settings removed since
 RUNCPU_REMOVED = {"token_loss": "marginal", "positions": "wc_index", "score_norm": "z", "match_hints": 0,
                   "gist_weight": 0.0, "tree_backend": "ram"}  # fmt: skip
