@@ -190,6 +190,25 @@ class FocusAllocator:
         s = _read_scores(scores, wc.num_entries)
         return flank_scores(wc, s) if self.flank else s
 
+    def room(self, wc: WorkingContext, score_fn: Callable[[], torch.Tensor], tree, need: int) -> list[Edit]:
+        """Collapses that free at least `need` slots (fewer where not enough can be collapsed), what the scores
+        value least first; score_fn() runs only when something is collapsible. For new tokens that overflow a
+        full WC between refocuses: they must enter raw, and the room should not come from the oldest raw
+        block, often the evidence the focus just opened (docs/log.md). No cooldown: the text must fit."""
+        groups = collapse_groups(wc, tree) if need > 0 else []
+        if not groups:
+            return []
+        s = self._scores(wc, score_fn())
+        edits, used = [], set()
+        for edit, members in sorted(groups, key=lambda g: sum(s[i] for i in g[1]) / len(g[1])):
+            if need <= 0:
+                break
+            if used.isdisjoint(members):
+                edits.append(edit)
+                used.update(members)
+                need -= self.K - 1
+        return edits
+
     def allowed(self, edit: Edit) -> bool:
         """Hysteresis: a node's direction may flip only after `cooldown` refocuses since its last edit."""
         last = self.last_edit.get(edit.node)

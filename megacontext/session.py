@@ -27,13 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from megacontext.allocator import (
-    FocusAllocator,
-    collapse_groups,
-    flank_scores,
-    lookahead_scores,
-    normalize_scores,
-)
+from megacontext.allocator import FocusAllocator, lookahead_scores, normalize_scores
 from megacontext.config import MCConfig, build_nets
 from megacontext.entries import BudgetError, Edit, gist_entry
 from megacontext.focus import LevelCap, settle
@@ -194,21 +188,10 @@ class MCSession:
         refocus; WorkingContext.extend alone would collapse the oldest raw block, which after a question is
         often the very evidence the focus opened, and the answer lost it mid-way (docs/log.md). Collapses that
         do not cover the overflow are left to extend (e.g. new raw blocks of a long ingest)."""
-        K = self.K
         over = wc.cost + self.tree.num_tokens - wc.num_tokens - self.cfg.wc_budget
-        groups = collapse_groups(wc, self.view) if over > 0 and self.tree.num_tokens >= K else []
-        if not groups:
+        if over <= 0 or self.tree.num_tokens < self.K:  # LensNet needs K query tokens
             return wc
-        s = self.lens_scores(wc).float().tolist()
-        s = flank_scores(wc, s) if self.cfg.flank else s
-        edits, used = [], set()
-        for edit, members in sorted(groups, key=lambda g: sum(s[i] for i in g[1]) / len(g[1])):
-            if over <= 0:
-                break
-            if used.isdisjoint(members):
-                edits.append(edit)
-                used.update(members)
-                over -= K - 1
+        edits = self.allocator.room(wc, lambda: self.lens_scores(wc), self.view, over)
         return wc.apply(edits, self.view, whole=False)
 
     def ingest(
