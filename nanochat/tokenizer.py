@@ -32,7 +32,7 @@ SPECIAL_TOKENS = [
 # GPT-4 (cl100k) pre-tokenisation split, alternatives tried left to right:
 #   '(?i:[sdmt]|ll|ve|re)          English contractions, any case: 's 'T 'll 've 're ...
 #   [^\r\n\p{L}\p{N}]?+\p{L}+      a word, with at most one leading non-letter/digit (usually the space)
-#    ?\p{N}{1,3}                    numbers in groups of at most 3 digits, the first with its leading space
+#   \p{N}{1,3}                     numbers in groups of at most 3 digits (no leading space)
 #    ?[^\s\p{L}\p{N}]++[\r\n]*     a punctuation run, optional leading space, trailing newlines
 #   \s*[\r\n]                      whitespace ending in a newline
 #   \s+(?!\S)                      whitespace not followed by text (so " word" keeps its space)
@@ -41,7 +41,7 @@ SPECIAL_TOKENS = [
 SPLIT_PATTERN = (
     r"'(?i:[sdmt]|ll|ve|re)"
     r"|[^\r\n\p{L}\p{N}]?+\p{L}+"
-    r"| ?\p{N}{1,3}"
+    r"|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]++[\r\n]*"
     r"|\s*[\r\n]"
     r"|\s+(?!\S)"
