@@ -184,10 +184,8 @@ class MCSession:
     @torch.no_grad()
     def _make_room(self, wc: WorkingContext) -> WorkingContext:
         """`wc` with room for the tokens the tree gained since it was built, made by collapsing what LensNet
-        values least. A settled WC fills its budget, so every token of a reply overflows it until the next
-        refocus; WorkingContext.extend alone would collapse the oldest raw block, which after a question is
-        often the very evidence the focus opened, and the answer lost it mid-way (docs/log.md). Collapses that
-        do not cover the overflow are left to extend (e.g. new raw blocks of a long ingest)."""
+        values least (FocusAllocator.room says why not the oldest raw block). What that cannot cover is left to
+        WorkingContext.extend (e.g. new raw blocks of a long ingest)."""
         over = wc.cost + self.tree.num_tokens - wc.num_tokens - self.cfg.wc_budget
         if over <= 0 or self.tree.num_tokens < self.K:  # LensNet needs K query tokens
             return wc
