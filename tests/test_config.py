@@ -19,7 +19,6 @@ RUNCPU_FLAGS = {
     "variants": 4,  # --mc-variants 4
     "curriculum_start": 0.5,  # --mc-curriculum-start 0.5
     "lm_weight": 1.0,  # --mc-lm-weight 1.0
-    "full_weight": 1.0,  # --mc-full-weight 1.0
     "copy_hints": 2,  # --mc-copy-hints 2
     "lensnet_input": "gist+mean+match+nb",  # --lensnet-input gist+mean+match+nb
     "lens_listwise": 1.0,  # --mc-lens-listwise 1.0
@@ -45,6 +44,8 @@ UNCHANGED_DEFAULTS = {
 }
 # settings added since that recipe ran; the session's allocator reads them, training does not
 ADDED = {"flank": True}
+# settings changed since: the full-row loss weighs 3 (docs/log.md, "The full-row loss at three")
+CHANGED = {"full_weight": 3.0}
 # --mc-token-loss marginal (now the only token loss), and the defaults of settings removed since
 RUNCPU_REMOVED = {"token_loss": "marginal", "positions": "wc_index", "score_norm": "z", "match_hints": 0,
                   "gist_weight": 0.0, "tree_backend": "ram"}  # fmt: skip
@@ -53,7 +54,7 @@ RUNCPU_REMOVED = {"token_loss": "marginal", "positions": "wc_index", "score_norm
 def test_base_train_mc_alone_is_the_runcpu_recipe_at_512():
     args = parse_args(["--mc", "--max-seq-len", "512"])
     cfg = mc_config_from_args(args, args.max_seq_len)
-    assert cfg.to_dict() == {**RUNCPU_FLAGS, **UNCHANGED_DEFAULTS, **ADDED}
+    assert cfg.to_dict() == {**RUNCPU_FLAGS, **UNCHANGED_DEFAULTS, **ADDED, **CHANGED}
     assert REMOVED == RUNCPU_REMOVED  # what the removed settings were, in that recipe
 
 
