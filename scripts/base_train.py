@@ -46,7 +46,7 @@ from nanochat.tasks.schedule import default_schedule
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_flags import add_optim_flags, add_run_flags
 
-SMEAR_WIDTH = 4  # the token shift's reach (--smear-width) for the dense GPT, MC or not: docs/log.md
+SMEAR_WIDTH = 4  # the token shift's reach (--smear-width), every objective: docs/log.md
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -120,10 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--smear-width",
         type=int,
-        default=None,
+        default=SMEAR_WIDTH,
         help=f"previous inputs the token shift mixes into each position (default {SMEAR_WIDTH}: at d4 the GPT "
-        "then looks values up by multi-token keys, docs/log.md; 1 with --attention window|mega, whose recipe "
-        "was measured with it)",
+        "then looks values up by multi-token keys, dense or under --attention mega; docs/log.md)",
     )
     p.add_argument(
         "--mc-eval-rows", type=int, default=8, help="val rows scored under the five views (with --mc)"
@@ -147,8 +146,7 @@ def main() -> None:
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)
     attn_cfg = attention_config_from_args(args, args.max_seq_len)
     config.smear = args.smear
-    width = args.smear_width
-    config.smear_width = width if width is not None else (SMEAR_WIDTH if attn_cfg.mode == "dense" else 1)
+    config.smear_width = args.smear_width
     if config.smear_width < 1:
         raise UserError(f"--smear-width must be >= 1, got {args.smear_width}")
     with torch.device("meta"):

@@ -86,7 +86,7 @@ def test_default_is_the_vanilla_gpt(base, mega_run, monkeypatch):
     default = json.loads(
         (base / "base_checkpoints/mega/meta_000006.json").read_text()
     )  # (the mega_run fixture)
-    assert default["model_config"]["smear_width"] == 1
+    assert default["model_config"]["smear_width"] == 4  # one default for every objective
 
 
 def test_window_and_mega_learn_and_log(base, mega_run, monkeypatch, capsys):
