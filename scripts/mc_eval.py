@@ -56,15 +56,19 @@ def token_at(tokenizer, prompt: str, char: int) -> int:
     return len(tokenizer.encode(prompt[:char])) + 1
 
 
-def answer_tokens(tokenizer, prompt: str, answer: str, chars: tuple[int, int]) -> tuple[int, int]:
-    """Token span [start, end) of the answer's first occurrence inside the evidence, with the LEAD tokens
-    before it (the end of the label that names it), in BOS + encode(prompt); the whole evidence span
-    (evidence_tokens) where the answer does not occur in it literally."""
+def answer_tokens(tokenizer, prompt: str, answer: str, chars: tuple[int, int]) -> list[tuple[int, int]]:
+    """Token spans [start, end) of every occurrence of the answer inside the evidence, each with the LEAD tokens
+    before it (the end of the label that names it), in BOS + encode(prompt): a passkey's evidence states the
+    key twice, and the GPT can copy either. The whole evidence span (evidence_tokens) where the answer does
+    not occur in it literally."""
     value = answer.strip()
-    at = prompt.find(value, chars[0])
-    if at < 0:
-        return evidence_tokens(tokenizer, prompt, chars)
-    return max(0, token_at(tokenizer, prompt, at) - LEAD), token_at(tokenizer, prompt, at + len(value))
+    spans, at = [], prompt.find(value, chars[0])
+    while 0 <= at and at + len(value) <= chars[1]:
+        spans.append(
+            (max(0, token_at(tokenizer, prompt, at) - LEAD), token_at(tokenizer, prompt, at + len(value)))
+        )
+        at = prompt.find(value, at + len(value))
+    return spans or [evidence_tokens(tokenizer, prompt, chars)]
 
 
 def raw_in(wc, span: tuple[int, int]) -> bool:
@@ -85,7 +89,7 @@ def evaluate(
     examples, tokenizer, model, gistnet, lensnet, cfg: MCConfig, views, device, desc: str = ""
 ) -> dict:
     """Per view: correct count, summed answer NLL, WC sizes and edits over the examples, and (mc views) how
-    often the answer's first occurrence in the evidence was raw in the working context, with the LEAD tokens
+    often an occurrence of the answer in the evidence was raw in the working context, with the LEAD tokens
     before it: what separates the scorer's misses (not raw) from the GPT's (raw, yet answered wrong)."""
     out = {
         v: {"correct": 0, "nll": 0.0, "n": 0, "wc": 0, "edits": 0, "raw": 0, "raw_correct": 0} for v in views
@@ -98,7 +102,7 @@ def evaluate(
         h = len(answer)
         tree = build_tree(ids[:-1], model, gistnet, cfg, device) if gistnet is not None else None
         evidence = evidence_tokens(tokenizer, ex["prompt"], ex["evidence_chars"])
-        key_span = answer_tokens(tokenizer, ex["prompt"], ex["answer"], ex["evidence_chars"])
+        key_spans = answer_tokens(tokenizer, ex["prompt"], ex["answer"], ex["evidence_chars"])
         nll_full = None
         for v in views:
             if v.startswith("mc") and gistnet is None:
@@ -114,7 +118,7 @@ def evaluate(
             r = out[v]
             correct = logits.argmax(dim=-1).tolist() == answer
             r["correct"] += int(correct)
-            if info.get("wc") is not None and raw_in(info["wc"], key_span):
+            if info.get("wc") is not None and any(raw_in(info["wc"], span) for span in key_spans):
                 r["raw"] += 1
                 r["raw_correct"] += int(correct)
             r["nll"] += nll

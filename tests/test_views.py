@@ -175,18 +175,27 @@ def test_evidence_tokens_cover_the_evidence_with_bos_shift():
 
 
 def test_answer_raw_asks_for_the_answer_and_the_label_before_it():
-    """mc_eval's answer_raw: the answer's first occurrence in the evidence and LEAD tokens before it must all
-    be raw; one of them inside a gist, and it is not."""
-    prompt = "x" * 20 + "The key for the red box is 42. Remember 42." + "y" * 30
+    """mc_eval's answer_raw: an occurrence of the answer in the evidence and the LEAD tokens before it must all
+    be raw. The evidence states it twice (a passkey's restatement): either one raw is enough, one token of
+    each inside a gist is not, and an occurrence outside the evidence does not count."""
+    prompt = "x" * 20 + "The key for the red box is 42. Remember 42." + "y" * 30 + " 42"
     a = prompt.index("The key")
-    s, e = answer_tokens(CharTokenizer(), prompt, " 42", (a, a + 43))
+    spans = answer_tokens(CharTokenizer(), prompt, " 42", (a, a + 43))
     ids = CharTokenizer().encode(prompt, prepend=0)
-    assert "".join(chr(i) for i in ids[s:e]) == "is 42"  # LEAD = 3 tokens before the answer
+    text = ["".join(chr(i) for i in ids[s:e]) for s, e in spans]
+    assert text == ["is 42", "er 42"]  # LEAD = 3 tokens before each; the " 42" after the evidence is not one
     K = 4
-    blocks = [Entry(0, j, j + K) for j in range(0, 96, K)]  # everything raw
-    assert raw_in(WorkingContext(blocks, K, 200, 0), (s, e))
-    gisted = [b if not (b.start <= s < b.end) else Entry(1, b.start, b.end) for b in blocks]
-    assert not raw_in(WorkingContext(gisted, K, 200, 0), (s, e))
+    blocks = [Entry(0, j, j + K) for j in range(0, 100, K)]  # everything raw
+
+    def gist_at(*tokens):
+        """The WC with the blocks holding `tokens` gisted."""
+        gisted = lambda b: any(b.start <= t < b.end for t in tokens)  # noqa: E731
+        return WorkingContext([Entry(1, b.start, b.end) if gisted(b) else b for b in blocks], K, 200, 0)
+
+    assert any(raw_in(gist_at(), span) for span in spans)
+    assert any(raw_in(gist_at(spans[0][0]), span) for span in spans)  # the first gisted, the restatement raw
+    assert any(raw_in(gist_at(spans[1][0]), span) for span in spans)
+    assert not any(raw_in(gist_at(spans[0][0], spans[1][0]), span) for span in spans)
 
 
 def test_a_full_working_context_makes_room_for_the_entry_the_scorer_wants(monkeypatch):
