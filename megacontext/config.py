@@ -122,8 +122,9 @@ class MCConfig:
     # Weight of the plain vanilla loss over each whole raw row (one more GPT forward per row, no gists): the GPT
     # keeps in-context copying, which decayed under the working-context losses alone (probe 0.86 -> 0.08). At 3
     # rather than 1 the GPT reads what the focus opens better and writes better text (val bpb 1.68 -> 1.52-1.53,
-    # MQAR-8 at 4x 52 -> 56-80 %, LongDoc 31-33 -> 47-49 / 50), at a cost in variable tracking (docs/log.md).
-    full_weight: float = 3.0
+    # MQAR-8 at 4x 52 -> 56-80 %, LongDoc 31-33 -> 47-49 / 50); at 5, two seeds, text better again (1.46-1.49),
+    # passkeys at 256x 94 / 84 % (94 / 46 at 3), variable tracking at 16x 52-56 % (44-50), chat level (docs/log.md).
+    full_weight: float = 5.0
     # Highest gist level training makes and working contexts use (2 = LOD2, K² tokens). Higher levels are used
     # only when a history does not fit the budget otherwise (level_cap): GistNet never learned to make them.
     wc_levels: int = 2

@@ -44,8 +44,8 @@ UNCHANGED_DEFAULTS = {
 }
 # settings added since that recipe ran; the session's allocator reads them, training does not
 ADDED = {"flank": True}
-# settings changed since: the full-row loss weighs 3 (docs/log.md, "The full-row loss at three")
-CHANGED = {"full_weight": 3.0}
+# settings changed since: the full-row loss weighs 5 (docs/log.md, "The full-row loss at three", "... at five")
+CHANGED = {"full_weight": 5.0}
 # --mc-token-loss marginal (now the only token loss), and the defaults of settings removed since
 RUNCPU_REMOVED = {"token_loss": "marginal", "positions": "wc_index", "score_norm": "z", "match_hints": 0,
                   "gist_weight": 0.0, "tree_backend": "ram"}  # fmt: skip
