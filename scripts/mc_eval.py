@@ -56,19 +56,29 @@ def token_at(tokenizer, prompt: str, char: int) -> int:
     return len(tokenizer.encode(prompt[:char])) + 1
 
 
-def answer_tokens(tokenizer, prompt: str, answer: str, chars: tuple[int, int]) -> list[tuple[int, int]]:
-    """Token spans [start, end) of every occurrence of the answer inside the evidence, each with the LEAD tokens
-    before it (the end of the label that names it), in BOS + encode(prompt): a passkey's evidence states the
-    key twice, and the GPT can copy either. The whole evidence span (evidence_tokens) where the answer does
-    not occur in it literally."""
-    value = answer.strip()
-    spans, at = [], prompt.find(value, chars[0])
-    while 0 <= at and at + len(value) <= chars[1]:
+def occurrences(tokenizer, prompt: str, value: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Token spans [start, end) in BOS + encode(prompt) of every occurrence of `value` inside prompt[lo:hi],
+    each with the LEAD tokens before it (the end of the label that names it)."""
+    spans, at = [], prompt.find(value, lo)
+    while 0 <= at and at + len(value) <= hi:
         spans.append(
             (max(0, token_at(tokenizer, prompt, at) - LEAD), token_at(tokenizer, prompt, at + len(value)))
         )
         at = prompt.find(value, at + len(value))
+    return spans
+
+
+def answer_tokens(tokenizer, prompt: str, answer: str, chars: tuple[int, int]) -> list[tuple[int, int]]:
+    """The answer's occurrences inside the evidence (a passkey's evidence states the key twice, and the GPT
+    can copy either); the whole evidence span (evidence_tokens) where it does not occur there literally."""
+    spans = occurrences(tokenizer, prompt, answer.strip(), *chars)
     return spans or [evidence_tokens(tokenizer, prompt, chars)]
+
+
+def decoy_tokens(tokenizer, prompt: str, decoys: list[str], before: int) -> list[tuple[int, int]]:
+    """The occurrences before char `before` (the question) of every look-alike answer: another lock's key,
+    the distractor chain's value."""
+    return [span for value in decoys for span in occurrences(tokenizer, prompt, value, 0, before)]
 
 
 def raw_in(wc, span: tuple[int, int]) -> bool:
@@ -90,10 +100,10 @@ def evaluate(
 ) -> dict:
     """Per view: correct count, summed answer NLL, WC sizes and edits over the examples, and (mc views) how
     often an occurrence of the answer in the evidence was raw in the working context, with the LEAD tokens
-    before it: what separates the scorer's misses (not raw) from the GPT's (raw, yet answered wrong)."""
-    out = {
-        v: {"correct": 0, "nll": 0.0, "n": 0, "wc": 0, "edits": 0, "raw": 0, "raw_correct": 0} for v in views
-    }
+    before it: what separates the scorer's misses (not raw) from the GPT's (raw, yet answered wrong); and how
+    often a look-alike's answer was (the scorer opened a distractor: the lock next door, the other chain)."""
+    keys = ("correct", "nll", "n", "wc", "edits", "raw", "raw_correct", "decoyed", "decoy")
+    out = {v: dict.fromkeys(keys, 0) for v in views}
     full_nll = []
     for ex in progress(examples, desc=desc, unit="example"):
         prompt = tokenizer.encode(ex["prompt"], prepend=tokenizer.get_bos_token_id())
@@ -103,6 +113,8 @@ def evaluate(
         tree = build_tree(ids[:-1], model, gistnet, cfg, device) if gistnet is not None else None
         evidence = evidence_tokens(tokenizer, ex["prompt"], ex["evidence_chars"])
         key_spans = answer_tokens(tokenizer, ex["prompt"], ex["answer"], ex["evidence_chars"])
+        q_start = ex["evidence_chars"][1] + ex["distance_chars"]
+        decoy_spans = decoy_tokens(tokenizer, ex["prompt"], ex.get("decoys", []), q_start)
         nll_full = None
         for v in views:
             if v.startswith("mc") and gistnet is None:
@@ -121,6 +133,9 @@ def evaluate(
             if info.get("wc") is not None and any(raw_in(info["wc"], span) for span in key_spans):
                 r["raw"] += 1
                 r["raw_correct"] += int(correct)
+            if info.get("wc") is not None and decoy_spans:
+                r["decoyed"] += 1
+                r["decoy"] += any(raw_in(info["wc"], span) for span in decoy_spans)
             r["nll"] += nll
             r["n"] += 1
             r["wc"] += info["wc_size"]
@@ -247,6 +262,7 @@ def main() -> None:
                             # mc views: the answer raw in the WC, and exact match among those
                             "answer_raw": s["raw"] / s["n"] if v.startswith("mc") else None,
                             "accuracy_if_raw": s["raw_correct"] / s["raw"] if s["raw"] else None,
+                            "decoy_raw": s["decoy"] / s["decoyed"] if s["decoyed"] else None,
                         }
                     )
                     table.append((name, dx, v, results[-1]))
@@ -258,7 +274,7 @@ def main() -> None:
     print0("\nanswer NLL (nats/token):\n" + markdown_table(table, distances, views, metric="nll"))
     if any(v.startswith("mc") for v in views):
         print0(
-            "\nanswer raw in the working context, % (exact match among those, %):\n"
+            "\nanswer raw in the working context, % (exact match among those, %; a look-alike's answer raw, %):\n"
             + markdown_table(table, distances, [v for v in views if v.startswith("mc")], metric="answer_raw")
         )
     print0(f"mc_eval took {time.time() - t0:.1f}s")
@@ -298,7 +314,8 @@ def headline(rows, distances) -> dict:
 def markdown_table(rows, distances, views, metric: str = "accuracy") -> str:
     """One row per (task, view), one column per distance: accuracy % [95 % interval]; with metric="nll" the
     answer's mean NLL (nats/token), which still separates views where every exact match is 0; with
-    "answer_raw" (mc views) how often the answer was raw in the WC, and the exact match among those."""
+    "answer_raw" (mc views) how often the answer was raw in the WC, the exact match among those, and how often
+    a look-alike's answer was raw (tasks with look-alikes)."""
     head = "| task | view | " + " | ".join(f"{d}x" for d in distances) + " |"
     sep = "|" + "---|" * (2 + len(distances))
     cells: dict[tuple[str, str], dict[int, str]] = {}
@@ -311,8 +328,9 @@ def markdown_table(rows, distances, views, metric: str = "accuracy") -> str:
         elif metric == "answer_raw":
             if r.get("answer_raw") is None:
                 continue
-            if_raw = r["accuracy_if_raw"]
+            if_raw, decoy = r["accuracy_if_raw"], r.get("decoy_raw")
             text = f"{100 * r['answer_raw']:.0f} ({'–' if if_raw is None else f'{100 * if_raw:.0f}'})"
+            text += "" if decoy is None else f"; {100 * decoy:.0f}"
         else:
             text = f"{100 * acc:.0f} [{100 * r['ci95_low']:.0f}-{100 * r['ci95_high']:.0f}]"
         cells.setdefault((name, v), {})[dx] = text

@@ -42,6 +42,7 @@ def test_passkey_answer_distractors_and_distance(kind, pattern):
         assert (label.group(1), key) in statements
         distractors = [k for lab, k in statements if lab != label.group(1)]
         assert len(distractors) == 3 and key not in distractors  # same form, different keys
+        assert sorted(ex["decoys"]) == sorted(distractors)  # the look-alikes mc_eval checks for
         assert prompt.count(key) == 2  # only in the evidence ("... is KEY. Remember it: KEY is ...")
         # The reported distance is the real gap between the evidence and the question.
         evidence = f"Remember it: {key} is the pass key for the {label.group(1)}."
@@ -112,6 +113,7 @@ def test_vartrack_chain_resolves_to_answer():
         assert ex["answer"] == " " + env[target]
         values = {v for v in env.values()}
         assert len(values) == 3  # two distractor chains of the same form with other values
+        assert sorted(ex["decoys"]) == sorted(values - {env[target]})  # their values are the look-alikes
         assert len(env) == 15  # 3 chains x 5 variables
         evidence = f"VAR {[k for k, v in env.items() if v == env[target]][0]} = {env[target]}."
         assert (

@@ -15,7 +15,7 @@ from megacontext.session import MCSession
 from megacontext.views import build_tree, horizon_logits, oracle_wc
 from megacontext.working_context import WorkingContext, coarse_tiling
 from nanochat.gpt import GPT, GPTConfig
-from scripts.mc_eval import answer_tokens, evidence_tokens, raw_in
+from scripts.mc_eval import answer_tokens, decoy_tokens, evidence_tokens, raw_in
 
 K, V = 4, 64
 
@@ -196,6 +196,15 @@ def test_answer_raw_asks_for_the_answer_and_the_label_before_it():
     assert any(raw_in(gist_at(spans[0][0]), span) for span in spans)  # the first gisted, the restatement raw
     assert any(raw_in(gist_at(spans[1][0]), span) for span in spans)
     assert not any(raw_in(gist_at(spans[0][0], spans[1][0]), span) for span in spans)
+
+
+def test_decoy_raw_looks_before_the_question_only():
+    """mc_eval's look-alike check: every occurrence of another lock's key before the question, with its LEAD
+    tokens; one repeated inside the question (raw in any WC) is not the scorer's doing."""
+    prompt = "The key for the red box is 42. " + "x" * 20 + "The key for the blue box is 77. Q: 77?"
+    spans = decoy_tokens(CharTokenizer(), prompt, ["77", "55"], prompt.index("Q:"))
+    ids = CharTokenizer().encode(prompt, prepend=0)
+    assert ["".join(chr(i) for i in ids[s:e]) for s, e in spans] == ["is 77"]
 
 
 def test_a_full_working_context_makes_room_for_the_entry_the_scorer_wants(monkeypatch):

@@ -4,12 +4,13 @@ These are the tasks where MegaContext must beat a same-budget recent window (doc
 sits `distance` units before the question, with filler in between, so a model that only sees the recent
 window is at chance. Every generator is seeded and returns an evaluation example:
 
-    {"task", "prompt", "answer", "evidence_chars", "distance_chars", "distance_tokens"}
+    {"task", "prompt", "answer", "evidence_chars", "distance_chars", "distance_tokens", "decoys"}
 
 `prompt` is the text up to where the answer starts (it ends without a trailing space) and `answer` starts
 with a space, the way a continuation is tokenized. `evidence_chars` is the [start, end) char span of the
 statement the answer must come from (the key's sentence, the asked pair, the value's assignment);
-`distance_*` is measured between its END and the START of the question section. Lengths are in characters
+`distance_*` is measured between its END and the START of the question section; `decoys` are the answers of
+the look-alike statements (other locks' keys, the distractor chain's value) that a scorer may open instead. Lengths are in characters
 by default; pass `count=` (say
 `lambda s: len(tok.encode(s))`) to make `distance` and `prefix` token counts, so an evaluator can put the
 evidence 1x, 4x, ... 64x a working-context budget before the recent window. The layout is
@@ -200,7 +201,13 @@ def layout(
 
 
 def example(
-    task: str, text: str, answer: str, ev: tuple[int, int], q_start: int, count: Count | None
+    task: str,
+    text: str,
+    answer: str,
+    ev: tuple[int, int],
+    q_start: int,
+    count: Count | None,
+    decoys: tuple[str, ...] = (),
 ) -> dict:
     between = text[ev[1] : q_start]
     return {
@@ -210,6 +217,7 @@ def example(
         "evidence_chars": list(ev),
         "distance_chars": len(between),
         "distance_tokens": count(between) if count is not None else None,
+        "decoys": list(decoys),
     }
 
 
@@ -262,7 +270,7 @@ def passkey(
         after=after,
         avoid=tuple(keys),
     )
-    return example("passkey", text, " " + keys[0], ev, q_start, count)
+    return example("passkey", text, " " + keys[0], ev, q_start, count, decoys=tuple(keys[1:]))
 
 
 def mqar(
@@ -346,7 +354,7 @@ def vartrack(
         after=after,
         avoid=tuple(values),
     )
-    return example("vartrack", text, " " + values[0], ev, q_start, count)
+    return example("vartrack", text, " " + values[0], ev, q_start, count, decoys=tuple(values[1:]))
 
 
 TASKS = {"passkey": passkey, "mqar": mqar, "vartrack": vartrack}
