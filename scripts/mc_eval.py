@@ -114,7 +114,7 @@ def evaluate(
         evidence = evidence_tokens(tokenizer, ex["prompt"], ex["evidence_chars"])
         key_spans = answer_tokens(tokenizer, ex["prompt"], ex["answer"], ex["evidence_chars"])
         q_start = ex["evidence_chars"][1] + ex["distance_chars"]
-        decoy_spans = decoy_tokens(tokenizer, ex["prompt"], ex.get("decoys", []), q_start)
+        decoy_spans = decoy_tokens(tokenizer, ex["prompt"], ex["decoys"], q_start)
         nll_full = None
         for v in views:
             if v.startswith("mc") and gistnet is None:
@@ -130,12 +130,13 @@ def evaluate(
             r = out[v]
             correct = logits.argmax(dim=-1).tolist() == answer
             r["correct"] += int(correct)
-            if info.get("wc") is not None and any(raw_in(info["wc"], span) for span in key_spans):
+            wc = info.get("wc")  # None: a view without a working context
+            if wc is not None and any(raw_in(wc, span) for span in key_spans):
                 r["raw"] += 1
                 r["raw_correct"] += int(correct)
-            if info.get("wc") is not None and decoy_spans:
+            if wc is not None and decoy_spans:
                 r["decoyed"] += 1
-                r["decoy"] += any(raw_in(info["wc"], span) for span in decoy_spans)
+                r["decoy"] += any(raw_in(wc, span) for span in decoy_spans)
             r["nll"] += nll
             r["n"] += 1
             r["wc"] += info["wc_size"]

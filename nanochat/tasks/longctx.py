@@ -10,10 +10,10 @@ window is at chance. Every generator is seeded and returns an evaluation example
 with a space, the way a continuation is tokenized. `evidence_chars` is the [start, end) char span of the
 statement the answer must come from (the key's sentence, the asked pair, the value's assignment);
 `distance_*` is measured between its END and the START of the question section; `decoys` are the answers of
-the look-alike statements (other locks' keys, the distractor chain's value) that a scorer may open instead. Lengths are in characters
-by default; pass `count=` (say
-`lambda s: len(tok.encode(s))`) to make `distance` and `prefix` token counts, so an evaluator can put the
-evidence 1x, 4x, ... 64x a working-context budget before the recent window. The layout is
+the look-alike statements (other locks' keys, the distractor chain's value) that a scorer may open instead.
+Lengths are in characters by default; pass `count=` (say `lambda s: len(tok.encode(s))`) to make `distance`
+and `prefix` token counts, so an evaluator can put the evidence 1x, 4x, ... 64x a working-context budget before
+the recent window. The layout is
 
     [prefix filler, maybe with distractors] EVIDENCE [gap filler >= distance, with distractors] QUESTION
 
