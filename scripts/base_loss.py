@@ -1,4 +1,5 @@
-"""Bits per byte of a checkpoint on the train and val splits, plus a few greedy samples.
+"""Bits per byte of a checkpoint on the train and val splits (val also by position in the row), plus a few
+greedy samples.
 
     python -m scripts.base_loss                                  # latest base checkpoint
     python -m scripts.base_loss --model-tag d4 --step 500 --split-tokens 1048576
@@ -20,7 +21,7 @@ from nanochat.common import UserError, compute_cleanup, compute_init, print0, ru
 from nanochat.dataloader import DataLoader
 from nanochat.device import autocast_ctx, pick_dtype
 from nanochat.engine import Engine
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import bpb_by_position, bpb_of, position_edges, position_totals
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
@@ -104,8 +105,14 @@ def main() -> None:
     for split in ("train", "val"):
         loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size)
         with autocast_ctx(device, dtype):
-            bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+            totals = position_totals(model, loader, steps, token_bytes)
+        bpb[split] = bpb_of(totals)
         print0(f"{split} bpb: {bpb[split]:.6f}")
+    edges = position_edges(T)
+    by_position = ", ".join(
+        f"[{a}, {b}) {v:.4f}" for a, b, v in zip(edges, edges[1:], bpb_by_position(totals, edges))
+    )
+    print0(f"val bpb by target position: {by_position}")
 
     views = view_table(model, tokenizer, meta, ckpt_dir, step, token_bytes, device, dtype, args.view_rows)
     samples = []
@@ -125,7 +132,7 @@ def main() -> None:
         f"Base model loss ({ckpt_dir.name})",
         [
             {"checkpoint": f"{ckpt_dir} step {step}", "split tokens": steps * tokens_per_step},
-            {"train_bpb": bpb["train"], "val_bpb": bpb["val"]},
+            {"train_bpb": bpb["train"], "val_bpb": bpb["val"], "val_bpb_by_position": by_position},
             views,
             "samples:\n\n```\n" + "\n".join(samples) + "\n```",
         ],

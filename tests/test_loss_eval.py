@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import UserError
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import bpb_by_position, bpb_of, evaluate_bpb, position_edges, position_totals
 
 
 class FixedLogits(torch.nn.Module):
@@ -77,3 +77,35 @@ def test_only_specials_gives_inf():
     model = FixedLogits(torch.zeros(4))
     batch = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, -1]]))
     assert math.isinf(evaluate_bpb(model, [batch], 1, torch.tensor([0, 1, 2, 3])))
+
+
+class PositionCost(torch.nn.Module):
+    """Uniform over V=4 (2 bits a token) in the first half of a row, certain of the target in the second."""
+
+    def forward(self, x, y, loss_reduction="mean"):
+        T = x.size(1)
+        logits = torch.zeros(*x.shape, 4)
+        late = torch.arange(T) >= T // 2
+        logits[:, late] = F.one_hot(y.clamp(min=0), 4).float()[:, late] * 100
+        return F.cross_entropy(
+            logits.reshape(-1, 4), y.reshape(-1), ignore_index=-1, reduction=loss_reduction
+        )
+
+
+def test_bpb_by_position_splits_the_same_sums_by_where_the_target_sits():
+    """Rows of 8 targets, 1 byte each: positions 0-3 cost 2 bits, 4-7 nothing. The buckets say so, their
+    bytes-weighted mean is the whole bpb, and a bucket with no bytes (only BOS targets) is inf."""
+    token_bytes = torch.tensor([0, 1, 1, 1])
+    x = torch.zeros(3, 8, dtype=torch.long)
+    y = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]] * 3)
+    totals = position_totals(PositionCost(), [(x, y)], 1, token_bytes)
+    assert totals.shape == (2, 8) and totals[1].tolist() == [3.0] * 8
+    assert bpb_of(totals) == pytest.approx(1.0)
+    assert evaluate_bpb(PositionCost(), [(x, y)], 1, token_bytes) == pytest.approx(1.0)
+    assert bpb_by_position(totals, [0, 2, 4, 8]) == pytest.approx([2.0, 2.0, 0.0], abs=1e-6)
+    y0 = y.clone()
+    y0[:, 0] = 0  # BOS targets: no bytes
+    by_position = bpb_by_position(position_totals(PositionCost(), [(x, y0)], 1, token_bytes), [0, 1, 8])
+    assert math.isinf(by_position[0]) and by_position[1] == pytest.approx(6 / 7, abs=1e-6)
+    assert position_edges(256) == [0, 8, 32, 64, 128, 256]
+    assert position_edges(16) == [0, 2, 4, 8, 16]
