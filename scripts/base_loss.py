@@ -101,16 +101,16 @@ def main() -> None:
         )
     print0(f"{ckpt_dir} step {step}: {steps} batches of {tokens_per_step:,} tokens per split")
 
-    bpb = {}
+    bpb, totals = {}, {}
     for split in ("train", "val"):
         loader = DataLoader(tokenizer, B, T, split, device, rank=rank, world_size=world_size)
         with autocast_ctx(device, dtype):
-            totals = position_totals(model, loader, steps, token_bytes)
-        bpb[split] = bpb_of(totals)
+            totals[split] = position_totals(model, loader, steps, token_bytes)
+        bpb[split] = bpb_of(totals[split])
         print0(f"{split} bpb: {bpb[split]:.6f}")
     edges = position_edges(T)
     by_position = ", ".join(
-        f"[{a}, {b}) {v:.4f}" for a, b, v in zip(edges, edges[1:], bpb_by_position(totals, edges))
+        f"[{a}, {b}) {v:.4f}" for a, b, v in zip(edges, edges[1:], bpb_by_position(totals["val"], edges))
     )
     print0(f"val bpb by target position: {by_position}")
 
