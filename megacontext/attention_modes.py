@@ -6,8 +6,8 @@ window - sliding-window causal attention: each token sees the W tokens before it
          beyond W: the baseline MegaAttention has to beat on long-context tasks.
 mega   - MegaAttention (docs/design.md §6): GistNet summary nodes packed after the raw positions, Gaussian RoPE at
          their spans, the pyramidal mask, and the zoom (megacontext/zoom.py): each raw query also reads the raw
-         tokens of its top-k chunks beyond the window, weighted by its scores of their nodes (`--mega-zoom-k`,
-         0 = the pyramid alone); optionally MegaPrediction (megacontext/prediction.py) on the nodes.
+         tokens of its top-k chunks beyond the window, ranked by their keys' bounds, in its one softmax
+         (`--mega-zoom-k`, 0 = the pyramid alone); optionally MegaPrediction (megacontext/prediction.py) on the nodes.
 
 `AttentionModel` wraps the GPT from outside (STYLE: the GPT stays a GPT). Its forward has the GPT's
 signature for token ids, so evaluate_bpb, base_loss and the `full` view of mc_eval score a checkpoint
@@ -130,7 +130,7 @@ def add_attention_args(parser) -> None:
         "--mega-zoom-k",
         type=int,
         default=None,
-        help=f"--attention mega: chunks each query reads raw beyond its window, chosen by its node scores "
+        help=f"--attention mega: chunks each query reads raw beyond its window, ranked by their keys' bounds "
         f"(default {d.zoom_k}; 0 = the pyramid alone)",
     )
     for lv, alpha in ((1, d.mp_alpha1), (2, d.mp_alpha2)):
@@ -373,15 +373,15 @@ class AttentionModel(nn.Module):
         """Training FLOPs per raw token of a length-N sequence, counting what runs: the GPT's matmuls over
         every packed position (raw + nodes) and attention as the dense masked kernel computes it (all T keys
         per query, nanochat's 12·layers·heads·head_dim·T), GistNet over every node input, the MP heads, and the
-        zoom's scores as its dense reference computes them (each raw query against every wLOD1 node key and the
-        keys of every complete chunk: two score matmuls, 6·layers·heads·head_dim per pair)."""
+        zoom's chunk bounds (each raw query against the least and the greatest keys of every complete chunk: two
+        matmuls, forward only; the selected chunks' keys are in the dense kernel's count already)."""
         lay = self.layout(N)
         T = N if lay is None else lay.T
         c = self.gpt.config
         n_matmul = sum(p.numel() for p in self.gpt.parameters()) - self.gpt.wte.weight.numel()
         flops = (6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * T) * T
         if self.cfg.zoom_k and lay is not None:
-            flops += 6 * c.n_layer * c.n_head * c.head_dim * N * lay.counts[1] * (1 + lay.K)
+            flops += 2 * 2 * c.n_layer * c.n_head * c.head_dim * N * lay.counts[1]
         if self.gistnet is not None and lay is not None:
             node_inputs = sum(lay.counts[lv] * lay.K for lv in range(1, lay.levels + 1))
             flops += 6 * sum(p.numel() for p in self.gistnet.parameters()) * node_inputs

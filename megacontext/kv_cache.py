@@ -445,11 +445,9 @@ class MegaKVCache:
 
     def _zoom(self, q, k, v, mask, raw_rows):
         """The zoom over this layer's cache (zoom.cached_zoom): every raw row may read any complete chunk."""
-        raw, nodes = self.by_level[0], self.by_level[1]
-        kv = lambda level, i: level.kv[self._layer, i, :, : level.n][None]
-        return cached_zoom(
-            q, k, v, mask, raw_rows, kv(nodes, 0), kv(raw, 0), kv(raw, 1), self.K, self.W, self.zoom_k
-        )
+        raw = self.by_level[0]
+        kv = lambda i: raw.kv[self._layer, i, :, : raw.n][None]
+        return cached_zoom(q, k, v, mask, raw_rows, kv(0), kv(1), self.K, self.W, self.zoom_k)
 
     # ------------------------------------------------------------ inspection
 

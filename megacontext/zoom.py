@@ -1,31 +1,32 @@
-"""The zoom: learned re-expansion of summary nodes inside MegaAttention (docs/design.md §6).
+"""The zoom: each raw query reads the raw tokens of its best chunks beyond its window (docs/design.md §6).
 
 The pyramid (mega_attention.py) shows a raw query i the past beyond its window only as summary nodes, so a
 query can learn *that* a node matters but never read the tokens behind it. The zoom lets it: every raw query
-scores the wLOD1 nodes (one per aligned K-token chunk) that lie wholly before its raw window, takes its top-k
-chunks, and reads each chunk's K raw keys and values with a softmax of its own, at the tokens' own positions
-(the keys arrive rotated). The k chunk outputs join the pyramid's softmax as k more entries whose logits are the
-chunk scores:
+ranks the aligned K-token chunks that lie wholly before its raw window, takes its top-k, and attends to their
+raw keys and values at the tokens' own positions (the keys arrive rotated), in the same softmax as the pyramid:
 
-    y_i = ( Σ_pyramid e^{s_ij} v_j + Σ_{c in top-k} e^{s_ic} · y_ic ) / ( Σ_pyramid e^{s_ij} + Σ_c e^{s_ic} )
+    y_i = ( Σ_pyramid e^{s_ij} v_j + Σ_{c in top-k} Σ_{t in c} e^{s_it} v_t ) / ( Σ_pyramid e^{s_ij} + Σ_c Σ_t e^{s_it} )
 
-with s_ic = q_i · k_node(c) / √D, the same logit the pyramid gives node c, and y_ic the read of c's raw tokens.
-That is Hierarchical Sparse Attention's mixing (the chunk outputs are weighted by the softmax of their scores),
-so the scorer gets gradient from the LM loss; a chunk that is not selected gets none through the zoom, but its
-node key is also a pyramid key and learns there, so selection improves as the node-reading circuit forms.
-With top-k 0 this is the pyramid exactly.
+so a selected chunk weighs what its tokens' own logits say (its entry's logit is lse_ic, the log-sum-exp of q_i over
+its keys), and the LM loss reaches the query, the chunk's keys and values, and everything that made them.
+
+Ranking: by an upper bound of the query's largest logit in the chunk, Σ_d max(q_d·kmin_cd, q_d·kmax_cd) / √D, with
+kmin_c, kmax_c the per-channel least and greatest of the chunk's K raw keys (Quest's criterion, Tang et al. 2024):
+a chunk holding one key that matches the query ranks high, where one summary key per chunk had to stand for all
+K tokens (docs/log.md, "Chunks ranked by their keys' bounds"). The top-k itself has no gradient; the bounds are
+made of the layer's own keys, which learn through the reads. Two vectors per chunk, no parameter.
 
 Causality: a chunk is a candidate for raw query i only when it ends at or before b1(i) = ⌊max(i - W, 0)/K⌋·K,
 the start of the query's raw window (so its tokens are not seen raw twice and are all in the past). Node rows
-attend with the pyramid only. Cost per raw query: the pyramid's W + L·(K - 1) + N/K^L keys, N/K chunk scores,
+attend with the pyramid only. Cost per raw query: the pyramid's W + L·(K - 1) + N/K^L keys, N/K chunk bounds,
 k·K raw keys: O(W + k·K + N/K).
 
 Three executions of one rule, the selection shared (`select_chunks`):
-  `zoom_dense`      - the reference: one SDPA over the packed sequence whose float mask adds s_ic - lse_ic to the
-                      raw keys of the selected chunks (lse_ic: the log-sum-exp of q_i over the chunk's keys), so
-                      each chunk's total mass is e^{s_ic}. O(T²); on CPU the fastest at training lengths;
+  `zoom_dense`      - the reference: one SDPA over the packed sequence whose float mask opens the raw keys of
+                      the selected chunks to query i. O(T²); on CPU the fastest at training lengths;
   `zoom_sparse`     - the pyramid block-sparse (CPU) or with flex_attention (CUDA), returning its log-sum-exp, plus
-                      a gather of the selected chunks' keys/values, merged by `merge`. O(T·(W + k·K + N/K)).
+                      a gather of the selected chunks' keys/values with theirs, merged by `merge`.
+                      O(T·(W + k·K + N/K)).
 `ZoomAttention` picks one for a layout and device and is what the GPT calls (GPT.forward(attn_fn=...)).
 """
 
@@ -62,23 +63,37 @@ def candidates(anchors: torch.Tensor, K: int, W: int) -> torch.Tensor:
     return (anchors - W).clamp(min=0) // K
 
 
-def select_chunks(
-    q: torch.Tensor, anchors: torch.Tensor, node_k: torch.Tensor, K: int, W: int, topk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each raw query's top-k chunks by its score against the chunks' wLOD1 node keys.
+def chunk_bounds(raw_k: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk and channel, the least and greatest of its K raw keys: (kmin, kmax) [B, H_kv, n1, D]."""
+    n1 = raw_k.size(2) // K
+    c = raw_k[:, :, : n1 * K].unflatten(2, (n1, K))
+    return c.amin(3), c.amax(3)
 
-    q [B, H, R, D] raw queries at raw positions `anchors` [R]; node_k [B, H_kv, n1, D] the wLOD1 node keys.
-    Returns (logits [B, H, R, k], index [B, H, R, k]) with k = min(topk, n1); a query with fewer than k candidates
-    gets -inf logits in the spare slots (weight 0). The logits carry gradient to q and the node keys."""
+
+def bound_scores(q: torch.Tensor, raw_k: torch.Tensor, K: int) -> torch.Tensor:
+    """[B, H, R, n1]: for each raw query and complete chunk, an upper bound of the query's largest logit over the
+    chunk's keys, Σ_d max(q_d·kmin_d, q_d·kmax_d) / √D. Only ranks, so it carries no gradient."""
+    H, D = q.size(1), q.size(-1)
+    kmin, kmax = (_repeat_kv(x, H).detach().transpose(-1, -2) for x in chunk_bounds(raw_k, K))
+    q = q.detach()
+    return (q.clamp(min=0) @ kmax + q.clamp(max=0) @ kmin) / math.sqrt(D)
+
+
+def select_chunks(
+    q: torch.Tensor, anchors: torch.Tensor, raw_k: torch.Tensor, K: int, W: int, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each raw query's top-k candidate chunks by `bound_scores`.
+
+    q [B, H, R, D] raw queries at raw positions `anchors` [R]; raw_k [B, H_kv, N, D] the raw keys, rotated.
+    Returns (bounds [B, H, R, k], index [B, H, R, k]) with k = min(topk, complete chunks); a query with fewer
+    than k candidates gets -inf bounds in the spare slots (not read)."""
     B, H, R, D = q.shape
-    n1 = node_k.size(2)
+    n1 = raw_k.size(2) // K
     k = min(topk, n1)
     if k == 0:
         return q.new_zeros(B, H, R, 0), torch.zeros(B, H, R, 0, dtype=torch.long, device=q.device)
-    scores = q @ _repeat_kv(node_k, H).transpose(-1, -2) / math.sqrt(D)  # [B, H, R, n1]
     allowed = torch.arange(n1, device=q.device) < candidates(anchors.to(q.device), K, W)[:, None]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores.topk(k, dim=-1)
+    return bound_scores(q, raw_k, K).masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
 
 
 def _gather(q, raw_k, raw_v, index, K):
@@ -104,23 +119,26 @@ class _ChunkRead(torch.autograd.Function):
     def forward(ctx, q, raw_k, raw_v, index, K):
         ctx.save_for_backward(q, raw_k, raw_v, index)
         ctx.K = K
-        out = []
+        out, lses = [], []
         for s in range(0, q.size(2), READ_ROWS):
             qs = q[:, :, s : s + READ_ROWS]
             kg, vg, _ = _gather(qs, raw_k, raw_v, index[:, :, s : s + READ_ROWS], K)
-            out.append(torch.einsum("bhrcj,bhrcjd->bhrcd", _read_probs(qs, kg), vg))
-        return torch.cat(out, dim=2)
+            logit = torch.einsum("bhrd,bhrcjd->bhrcj", qs, kg) / math.sqrt(q.size(-1))
+            out.append(torch.einsum("bhrcj,bhrcjd->bhrcd", logit.softmax(-1), vg))
+            lses.append(logit.logsumexp(-1))
+        return torch.cat(out, dim=2), torch.cat(lses, dim=2)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_lse):
         q, raw_k, raw_v, index = ctx.saved_tensors
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(raw_k), torch.zeros_like(raw_v)
         for s in range(0, q.size(2), READ_ROWS):
             qs, g = q[:, :, s : s + READ_ROWS], grad[:, :, s : s + READ_ROWS]  # g [B, H, r, k, D]
+            gl = grad_lse[:, :, s : s + READ_ROWS, :, None]  # d loss / d lse: p more on each logit
             kg, vg, rows = _gather(qs, raw_k, raw_v, index[:, :, s : s + READ_ROWS], ctx.K)
             p = _read_probs(qs, kg)
             dp = torch.einsum("bhrcd,bhrcjd->bhrcj", g, vg)
-            ds = p * (dp - (p * dp).sum(-1, keepdim=True)) / math.sqrt(q.size(-1))
+            ds = p * (dp - (p * dp).sum(-1, keepdim=True) + gl) / math.sqrt(q.size(-1))
             dq[:, :, s : s + READ_ROWS] = torch.einsum("bhrcj,bhrcjd->bhrd", ds, kg)
             dk.index_add_(0, rows, torch.einsum("bhrcj,bhrd->bhrcjd", ds, qs).reshape(rows.numel(), -1))
             dv.index_add_(0, rows, torch.einsum("bhrcj,bhrcd->bhrcjd", p, g).reshape(rows.numel(), -1))
@@ -133,48 +151,42 @@ def read_chunks(
     """Attention of each raw query over the K raw keys of each selected chunk, a softmax per chunk.
 
     q [B, H, R, D]; raw_k, raw_v [B, H_kv, N, D] (rotated at their own positions); index [B, H, R, k] chunk ids.
-    Returns [B, H, R, k, D]. Runs in slices of READ_ROWS queries, forward and backward (`_ChunkRead`)."""
+    Returns ([B, H, R, k, D], the log-sum-exp of each read [B, H, R, k]). Runs in slices of READ_ROWS queries, forward and backward (`_ChunkRead`)."""
     B, H, R, D = q.shape
     if index.size(-1) == 0:
-        return q.new_zeros(B, H, R, 0, D)
+        return q.new_zeros(B, H, R, 0, D), q.new_zeros(B, H, R, 0)
     n1 = raw_k.size(2) // K
     chunks = lambda x: _repeat_kv(x, H)[:, :, : n1 * K].reshape(B * H * n1, K * D)  # one row per chunk
     return _ChunkRead.apply(q, chunks(raw_k), chunks(raw_v), index, K)
 
 
-def merge(y: torch.Tensor, lse: torch.Tensor, logits: torch.Tensor, y_chunks: torch.Tensor) -> torch.Tensor:
-    """One softmax over the pyramid (its log-sum-exp as one entry) and the selected chunks (their scores).
+def merge(
+    y: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor, y_chunks: torch.Tensor, chunk_lse: torch.Tensor
+) -> torch.Tensor:
+    """One softmax over the pyramid and the selected chunks' keys, from the parts' outputs and log-sum-exps.
 
-    y [B, H, R, D], lse [B, H, R]: the pyramid's output and log-sum-exp; logits [B, H, R, k], y_chunks
-    [B, H, R, k, D]. Returns [B, H, R, D]."""
-    w = torch.cat([lse[..., None].float(), logits.float()], dim=-1).softmax(-1)
+    y [B, H, R, D], lse [B, H, R]: the pyramid's; y_chunks [B, H, R, k, D], chunk_lse [B, H, R, k]: the reads'
+    (spare slots, -inf `bounds`, weigh nothing). Returns [B, H, R, D]."""
+    chunk_lse = chunk_lse.masked_fill(~torch.isfinite(bounds), float("-inf"))
+    w = torch.cat([lse[..., None].float(), chunk_lse.float()], dim=-1).softmax(-1)
     out = w[..., :1] * y.float() + (w[..., 1:, None] * y_chunks.float()).sum(-2)
     return out.to(y.dtype)
 
 
-def _chunk_inputs(q, k, lay: MegaLayout):
-    """The raw queries with their positions and the wLOD1 node keys of a packed layout."""
-    N, off, n1 = lay.N, lay.offsets[1], lay.counts[1]
-    return q[:, :, :N], torch.arange(N, device=q.device), k[:, :, off : off + n1]
-
-
 def zoom_dense(q, k, v, lay: MegaLayout, topk: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: SDPA over the packed sequence [B, H, T, D] with a float mask that is 0 on the pyramid's keys
-    and s_ic - lse_ic on the raw keys of query i's selected chunks, -inf elsewhere (`mask`: the pyramid's
-    [T, T] bool mask, built from the layout when None)."""
+    and on the raw keys of query i's selected chunks, -inf elsewhere (`mask`: the pyramid's [T, T] bool mask,
+    built from the layout when None)."""
     if lay.levels == 0 or lay.window_only:
         raise ValueError("the zoom needs a MegaAttention layout with node levels")
     B, H, T, D = q.shape
     N, K, n1 = lay.N, lay.K, lay.counts[1]
     mask = _cached_mask(lay, str(q.device)) if mask is None else mask
     bias = torch.zeros(B, H, T, T, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    logits, index = select_chunks(*_chunk_inputs(q, k, lay), K, lay.W, topk)
+    bounds, index = select_chunks(q[:, :, :N], torch.arange(N, device=q.device), k[:, :, :N], K, lay.W, topk)
     if index.size(-1):
-        raw_k = _repeat_kv(k, H)[:, :, : n1 * K]
-        s = q[:, :, :N] @ raw_k.transpose(-1, -2) / math.sqrt(D)  # [B, H, N, n1·K]
-        lse = s.view(B, H, N, n1, K).logsumexp(-1).gather(-1, index)  # [B, H, N, k]
         per_chunk = torch.full((B, H, N, n1), float("-inf"), dtype=q.dtype, device=q.device)
-        per_chunk = per_chunk.scatter(-1, index, logits - lse)
+        per_chunk = per_chunk.scatter(-1, index, torch.where(torch.isfinite(bounds), 0.0, float("-inf")))
         # a selected chunk lies before the query's raw window: none of its keys is a pyramid key
         bias[:, :, :N, : n1 * K] = torch.where(
             mask[:N, : n1 * K], bias[:, :, :N, : n1 * K], per_chunk.repeat_interleave(K, dim=-1)
@@ -186,12 +198,15 @@ def zoom_sparse(q, k, v, lay: MegaLayout, topk: int, pyramid) -> torch.Tensor:
     """The pyramid by `pyramid(q, k, v) -> (y, lse)` (block-sparse or flex), then the selected chunks' raw keys
     gathered and merged (`merge`) into the raw queries' outputs; node rows keep the pyramid's."""
     y, lse = pyramid(q, k, v)
-    q_raw, anchors, node_k = _chunk_inputs(q, k, lay)
-    logits, index = select_chunks(q_raw, anchors, node_k, lay.K, lay.W, topk)
+    N = lay.N
+    bounds, index = select_chunks(
+        q[:, :, :N], torch.arange(N, device=q.device), k[:, :, :N], lay.K, lay.W, topk
+    )
     if index.size(-1) == 0:
         return y
-    y_chunks = read_chunks(q_raw, k[:, :, : lay.N], v[:, :, : lay.N], index, lay.K)
-    return torch.cat([merge(y[:, :, : lay.N], lse[:, :, : lay.N], logits, y_chunks), y[:, :, lay.N :]], dim=2)
+    y_chunks, chunk_lse = read_chunks(q[:, :, :N], k[:, :, :N], v[:, :, :N], index, lay.K)
+    mixed = merge(y[:, :, :N], lse[:, :, :N], bounds, y_chunks, chunk_lse)
+    return torch.cat([mixed, y[:, :, N:]], dim=2)
 
 
 @functools.lru_cache(maxsize=4)
@@ -230,19 +245,20 @@ class ZoomAttention:
         return zoom_sparse(q, k, v, self.lay, self.topk, self.pyramid)
 
 
-def cached_zoom(q, k, v, mask, rows, node_k, raw_k, raw_v, K: int, W: int, topk: int) -> torch.Tensor:
+def cached_zoom(q, k, v, mask, rows, raw_k, raw_v, K: int, W: int, topk: int) -> torch.Tensor:
     """The zoom for a KV cache's refresh (megacontext/kv_cache.py): q [1, H, R, D] the recomputed rows (the raw
     ones first, at raw positions `rows`), k, v [1, H_kv, C, D] the key columns the pyramid `mask` [R, C] is over;
-    node_k the wLOD1 node keys and raw_k, raw_v the raw keys/values [1, H_kv, *, D] of this layer, as cached."""
+    raw_k, raw_v the raw keys/values [1, H_kv, *, D] of this layer, as cached."""
     H, D = q.size(1), q.size(-1)
     s = q @ _repeat_kv(k, H).transpose(-1, -2) / math.sqrt(D)
     s = s.masked_fill(~mask, float("-inf"))
     lse = s.logsumexp(-1)
     y = (s - lse[..., None]).exp() @ _repeat_kv(v, H)
     R0 = rows.numel()
-    if R0 == 0 or node_k.size(2) == 0:
+    if R0 == 0 or raw_k.size(2) < K:
         return y
     q_raw = q[:, :, :R0]
-    logits, index = select_chunks(q_raw, rows, node_k, K, W, topk)
-    y_raw = merge(y[:, :, :R0], lse[:, :, :R0], logits, read_chunks(q_raw, raw_k, raw_v, index, K))
+    bounds, index = select_chunks(q_raw, rows, raw_k, K, W, topk)
+    y_chunks, chunk_lse = read_chunks(q_raw, raw_k, raw_v, index, K)
+    y_raw = merge(y[:, :, :R0], lse[:, :, :R0], bounds, y_chunks, chunk_lse)
     return torch.cat([y_raw, y[:, :, R0:]], dim=2)

@@ -1,5 +1,5 @@
-"""The zoom (megacontext/zoom.py): a raw query selects only chunks wholly before its window, the chunk scores
-and the scorer's parameters get gradient from the loss, the three executions (dense float-mask SDPA, block-sparse,
+"""The zoom (megacontext/zoom.py): a raw query selects only chunks wholly before its window, by a bound no key of
+the chunk exceeds; the chunk reads' weights and the key projections get gradient from the loss, the three executions (dense float-mask SDPA, block-sparse,
 flex_attention) agree with gradients, top-k 0 is the pyramid, and in the model the zoom is causal and reads raw
 tokens beyond the window that the pyramid alone cannot see."""
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import megacontext.zoom as zoom
 from megacontext.attention_modes import AttentionConfig, AttentionModel
 from megacontext.mega_attention import build_mega_layout, mega_mask
-from megacontext.zoom import ZoomAttention, candidates, read_chunks, select_chunks, zoom_dense
+from megacontext.zoom import ZoomAttention, bound_scores, candidates, read_chunks, select_chunks, zoom_dense
 from nanochat.gpt import GPT, GPTConfig
 
 CASES = [  # N, K, W, levels, top-k
@@ -38,20 +38,35 @@ def qkv(T, B=2, H=2, H_kv=2, D=8, seed=0, requires_grad=True):
 def test_a_query_selects_only_chunks_wholly_before_its_window(N, K, W, levels, topk):
     lay = build_mega_layout(N, K, W, levels)
     q, k, _ = qkv(lay.T, requires_grad=False)
-    off, n1 = lay.offsets[1], lay.counts[1]
+    n1 = N // K
     anchors = torch.arange(N)
-    logits, index = select_chunks(q[:, :, :N], anchors, k[:, :, off : off + n1], K, W, topk)
-    valid = torch.isfinite(logits)
+    bounds, index = select_chunks(q[:, :, :N], anchors, k[:, :, :N], K, W, topk)
+    valid = torch.isfinite(bounds)
     b1 = (anchors - W).clamp(min=0) // K * K  # the raw window's first position
     assert bool(((index + 1) * K <= b1[:, None])[valid].all())  # ends at or before b1 <= i - W
     n_cand = candidates(anchors, K, W)
     assert torch.equal(valid.sum(-1), n_cand.clamp(max=min(topk, n1)).expand_as(valid[..., 0]))
-    # the selected are the best-scoring candidates, per query and head
-    scores = q[:, :, :N] @ k[:, :, off : off + n1].transpose(-1, -2) / 8**0.5
+    # the selected are the candidates with the highest bounds, per query and head
+    scores = bound_scores(q[:, :, :N], k[:, :, :N], K)
     for i in random.Random(N).sample(range(N), min(N, 10)):
         c = int(n_cand[i])
         best = scores[:, :, i, :c].topk(min(topk, c), dim=-1).values if c else scores[:, :, i, :0]
-        torch.testing.assert_close(logits[:, :, i][valid[:, :, i]].view_as(best), best)
+        torch.testing.assert_close(bounds[:, :, i][valid[:, :, i]].view_as(best), best)
+
+
+def test_the_bound_is_at_least_every_logit_in_its_chunk_and_reached_by_a_lone_matching_key():
+    """Σ_d max(q_d·kmin_d, q_d·kmax_d) bounds q·k for every key of the chunk (grouped-query heads too), and a
+    chunk whose one key is the query itself outranks chunks of unrelated keys: one matching token decides."""
+    q, _, _ = qkv(40, H=4, requires_grad=False)
+    _, k, _ = qkv(42, H_kv=2, seed=1, requires_grad=False)  # 10 complete chunks of 4, two keys left over
+    bounds = bound_scores(q, k, 4)  # [2, 4, 40, 10]
+    logits = (q @ k.repeat_interleave(2, dim=1)[:, :, :40].transpose(-1, -2) / 8**0.5).view(2, 4, 40, 10, 4)
+    assert bounds.shape == (2, 4, 40, 10) and bool((bounds >= logits.amax(-1) - 1e-6).all())
+    k = 0.1 * k
+    k[:, :, 4 * 7 + 2] = (
+        3 * q[:, ::2, 39]
+    )  # chunk 7 holds one key pointing where query 39 of each head pair does
+    assert bool((bound_scores(q, k, 4)[:, ::2, 39].argmax(-1) == 7).all())
 
 
 @pytest.mark.parametrize("N,K,W,levels,topk", CASES)
@@ -92,43 +107,41 @@ def test_top_k_zero_is_the_pyramid_and_the_zoom_adds_its_chunks_to_the_softmax()
     pyramid = F.scaled_dot_product_attention(q, k, v, attn_mask=mega_mask(lay))
     torch.testing.assert_close(zoom_dense(q, k, v, lay, 0), pyramid, rtol=0, atol=1e-6)
     torch.testing.assert_close(ZoomAttention(lay, 0, "cpu", "blocksparse")(q, k, v), pyramid)
-    # the formula by hand for one query: the pyramid's keys plus one entry per selected chunk, whose logit is
-    # the chunk's node score and whose value is the chunk's own attention read
+    # the formula by hand for one query: one softmax over the pyramid's keys and the raw keys of its selected
+    # chunks, each at its own logit
     out = zoom_dense(q, k, v, lay, 2)
     i, b, h = 50, 1, 0
-    scale = 8**-0.5
-    s = q[b, h, i] @ k[b, h].T * scale
-    logits, index = select_chunks(q[:, :, :64], torch.arange(64), k[:, :, 64:80], 4, 8, 2)
-    entries = [s[mega_mask(lay)[i]]]
-    values = [v[b, h][mega_mask(lay)[i]]]
-    for c, logit in zip(index[b, h, i].tolist(), logits[b, h, i]):
-        chunk = slice(4 * c, 4 * c + 4)
-        read = torch.softmax(s[chunk], 0) @ v[b, h, chunk]
-        entries.append(logit[None])
-        values.append(read[None])
-    w = torch.softmax(torch.cat(entries), 0)
-    torch.testing.assert_close(out[b, h, i], w @ torch.cat(values), rtol=1e-5, atol=1e-6)
+    s = q[b, h, i] @ k[b, h].T * 8**-0.5
+    bounds, index = select_chunks(q[:, :, :64], torch.arange(64), k[:, :, :64], 4, 8, 2)
+    keys = mega_mask(lay)[i].clone()
+    for c in index[b, h, i].tolist():
+        keys[4 * c : 4 * c + 4] = True
+    assert int(keys.sum()) == int(mega_mask(lay)[i].sum()) + 8  # two chunks of 4, none already a pyramid key
+    torch.testing.assert_close(out[b, h, i], torch.softmax(s[keys], 0) @ v[b, h][keys], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out[:, :, :64], pyramid[:, :, :64])
     torch.testing.assert_close(out[:, :, 64:], pyramid[:, :, 64:])  # node rows: the pyramid alone
 
 
 def test_read_chunks_in_slices_equals_plain_autograd_with_gradients(monkeypatch):
     """read_chunks regathers in its backward instead of saving the copies, in slices of READ_ROWS queries: its
-    output and gradients equal plain autograd over one gather (grouped-query heads too)."""
+    outputs (the reads and their log-sum-exps) and gradients equal plain autograd over one gather (grouped-query
+    heads too)."""
     q, _, _ = qkv(40, H=4)
     _, k, v = qkv(42, H_kv=2, seed=1)  # 42 raw positions: 10 complete chunks of 4, two left over
     index = torch.randint(0, 10, (2, 4, 40, 3), generator=torch.Generator().manual_seed(1))
     kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     pos = index[..., None] * 4 + torch.arange(4)  # [B, H, R, k, K] raw positions read
     take = lambda x: torch.stack([x[b, h][pos[b, h]] for b in range(2) for h in range(4)]).view(*pos.shape, 8)
-    p = (torch.einsum("bhrd,bhrcjd->bhrcj", q, take(kr)) / 8**0.5).softmax(-1)
-    ref = torch.einsum("bhrcj,bhrcjd->bhrcd", p, take(vr))
-    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
-    g_ref = torch.autograd.grad(ref, (q, k, v), grad)
+    s = torch.einsum("bhrd,bhrcjd->bhrcj", q, take(kr)) / 8**0.5
+    ref, ref_lse = torch.einsum("bhrcj,bhrcjd->bhrcd", s.softmax(-1), take(vr)), s.logsumexp(-1)
+    g = torch.Generator().manual_seed(2)
+    grad, grad_lse = torch.randn(ref.shape, generator=g), torch.randn(ref_lse.shape, generator=g)
+    g_ref = torch.autograd.grad((ref, ref_lse), (q, k, v), (grad, grad_lse))
     monkeypatch.setattr(zoom, "READ_ROWS", 7)
-    out = read_chunks(q, k, v, index, 4)
+    out, lse = read_chunks(q, k, v, index, 4)
     torch.testing.assert_close(out, ref)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), g_ref):
+    torch.testing.assert_close(lse, ref_lse)
+    for a, b in zip(torch.autograd.grad((out, lse), (q, k, v), (grad, grad_lse)), g_ref):
         torch.testing.assert_close(a, b)
 
 
@@ -147,35 +160,38 @@ def tiny(zoom_k: int, N: int = 64, seed: int = 0):
     return gpt, AttentionModel(gpt, cfg)
 
 
-def test_chunk_scores_and_the_scorer_get_gradient_from_the_loss(monkeypatch):
-    """The zoom's chunk logits receive gradient from the LM loss (the softmax mixes the chunk reads by them), and
-    the scorer's parameters (the GPT's query/key projections, GistNet that makes the node) learn through them:
-    their gradients change when the chunk logits are detached."""
+def test_chunk_weights_and_the_key_projections_get_gradient_from_the_loss(monkeypatch):
+    """Each read chunk enters the softmax at its log-sum-exp: those weights receive gradient from the LM loss in
+    every layer, and the GPT's query/key projections learn through them (their gradients change when the weights
+    are detached). Run on the block-sparse path, whose gradients equal the dense reference's (tested above)."""
     gpt, model = tiny(zoom_k=2)
+    monkeypatch.setattr(zoom, "DENSE_MAX_LEN", 0)
     x = torch.randint(0, 97, (2, 65), generator=torch.Generator().manual_seed(3))
     seen = []
-    real = zoom.select_chunks
+    real = zoom.read_chunks
 
     def recording(*args, **kwargs):
-        logits, index = real(*args, **kwargs)
-        logits.retain_grad()
-        seen.append(logits)
-        return logits, index
+        out, lse = real(*args, **kwargs)
+        lse.retain_grad()
+        seen.append(lse)
+        return out, lse
 
-    monkeypatch.setattr(zoom, "select_chunks", recording)
-    loss = model(x[:, :-1], x[:, 1:])
-    loss.backward()
+    monkeypatch.setattr(zoom, "read_chunks", recording)
+    model(x[:, :-1], x[:, 1:]).backward()
     assert len(seen) == gpt.config.n_layer  # every layer zooms
-    for logits in seen:
-        valid = torch.isfinite(logits)
-        assert bool(valid.any()) and float(logits.grad[valid].abs().sum()) > 0
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "c_k" in n or "gistnet" in n}
+    for lse in seen:
+        assert float(lse.grad.abs().sum()) > 0
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "c_q" in n or "c_k" in n}
     model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(zoom, "select_chunks", lambda *a, **k: tuple(t.detach() for t in real(*a, **k)))
+
+    def detached(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return out, lse.detach()
+
+    monkeypatch.setattr(zoom, "read_chunks", detached)
     model(x[:, :-1], x[:, 1:]).backward()
     changed = {n for n, g in grads.items() if not torch.allclose(model.get_parameter(n).grad, g)}
-    assert {n for n in grads if n.startswith("gpt.") and "c_k" in n} <= changed  # every GPT layer
-    assert any("gistnet" in n for n in changed)
+    assert {n for n in grads if n.startswith("gpt.")} <= changed  # every GPT layer, queries and keys
 
 
 def test_zoom_in_the_model_is_causal():
