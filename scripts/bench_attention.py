@@ -145,11 +145,11 @@ def measure(
         out["levels"], out["packed_len"] = lay.levels, lay.T
         if (
             method == "zoom"
-        ):  # keys per packed query: the pyramid's, plus each raw query's scores and chunk reads
+        ):  # keys per packed query: the pyramid's, plus each raw query's chunk bounds (two vectors each) and reads
             pyramid = plan_blocksparse(lay, block)
             n_cand = candidates(torch.arange(N), K, W)
             keys = int(pyramid.mask[:, 0][pyramid.q_valid].sum()) + int(
-                (n_cand + n_cand.clamp(max=zoom_k) * K).sum()
+                (2 * n_cand + n_cand.clamp(max=zoom_k) * K).sum()
             )
             out["keys_per_query"] = keys / lay.T
     g = torch.Generator().manual_seed(0)
