@@ -5,7 +5,8 @@ query can learn *that* a node matters but never read the tokens behind it. The z
 ranks the aligned K-token chunks that lie wholly before its raw window, takes its top-k, and attends to their
 raw keys and values at the tokens' own positions (the keys arrive rotated), in the same softmax as the pyramid:
 
-    y_i = ( Σ_pyramid e^{s_ij} v_j + Σ_{c in top-k} Σ_{t in c} e^{s_it} v_t ) / ( Σ_pyramid e^{s_ij} + Σ_c Σ_t e^{s_it} )
+    y_i = ( Σ_pyramid e^{s_ij} v_j + Σ_{c in top-k} Σ_{t in c} e^{s_it} v_t )
+          / ( Σ_pyramid e^{s_ij} + Σ_{c in top-k} Σ_{t in c} e^{s_it} )
 
 so a selected chunk weighs what its tokens' own logits say (its entry's logit is lse_ic, the log-sum-exp of q_i over
 its keys), and the LM loss reaches the query, the chunk's keys and values, and everything that made them.
@@ -151,7 +152,8 @@ def read_chunks(
     """Attention of each raw query over the K raw keys of each selected chunk, a softmax per chunk.
 
     q [B, H, R, D]; raw_k, raw_v [B, H_kv, N, D] (rotated at their own positions); index [B, H, R, k] chunk ids.
-    Returns ([B, H, R, k, D], the log-sum-exp of each read [B, H, R, k]). Runs in slices of READ_ROWS queries, forward and backward (`_ChunkRead`)."""
+    Returns ([B, H, R, k, D], the log-sum-exp of each read [B, H, R, k]). Runs in slices of READ_ROWS queries,
+    forward and backward (`_ChunkRead`)."""
     B, H, R, D = q.shape
     if index.size(-1) == 0:
         return q.new_zeros(B, H, R, 0, D), q.new_zeros(B, H, R, 0)

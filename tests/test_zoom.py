@@ -1,7 +1,7 @@
 """The zoom (megacontext/zoom.py): a raw query selects only chunks wholly before its window, by a bound no key of
-the chunk exceeds; the chunk reads' weights and the key projections get gradient from the loss, the three executions (dense float-mask SDPA, block-sparse,
-flex_attention) agree with gradients, top-k 0 is the pyramid, and in the model the zoom is causal and reads raw
-tokens beyond the window that the pyramid alone cannot see."""
+the chunk exceeds; the chunk reads' weights and the key projections get gradient from the loss, the three
+executions (dense float-mask SDPA, block-sparse, flex_attention) agree with gradients, top-k 0 is the pyramid,
+and in the model the zoom is causal and reads raw tokens beyond the window that the pyramid alone cannot see."""
 
 from __future__ import annotations
 
