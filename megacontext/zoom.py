@@ -107,9 +107,9 @@ def _gather(q, raw_k, raw_v, index, K):
     return raw_k.index_select(0, rows).view(shape), raw_v.index_select(0, rows).view(shape), rows
 
 
-def _read_probs(q, kg):
-    """The per-chunk softmax [B, H, r, k, K] of q [B, H, r, D] over gathered keys [B, H, r, k, K, D]."""
-    return (torch.einsum("bhrd,bhrcjd->bhrcj", q, kg) / math.sqrt(q.size(-1))).softmax(-1)
+def _read_logits(q, kg):
+    """The logits [B, H, r, k, K] of q [B, H, r, D] against gathered keys [B, H, r, k, K, D]."""
+    return torch.einsum("bhrd,bhrcjd->bhrcj", q, kg) / math.sqrt(q.size(-1))
 
 
 class _ChunkRead(torch.autograd.Function):
@@ -124,7 +124,7 @@ class _ChunkRead(torch.autograd.Function):
         for s in range(0, q.size(2), READ_ROWS):
             qs = q[:, :, s : s + READ_ROWS]
             kg, vg, _ = _gather(qs, raw_k, raw_v, index[:, :, s : s + READ_ROWS], K)
-            logit = torch.einsum("bhrd,bhrcjd->bhrcj", qs, kg) / math.sqrt(q.size(-1))
+            logit = _read_logits(qs, kg)
             out.append(torch.einsum("bhrcj,bhrcjd->bhrcd", logit.softmax(-1), vg))
             lses.append(logit.logsumexp(-1))
         return torch.cat(out, dim=2), torch.cat(lses, dim=2)
@@ -137,7 +137,7 @@ class _ChunkRead(torch.autograd.Function):
             qs, g = q[:, :, s : s + READ_ROWS], grad[:, :, s : s + READ_ROWS]  # g [B, H, r, k, D]
             gl = grad_lse[:, :, s : s + READ_ROWS, :, None]  # d loss / d lse: p more on each logit
             kg, vg, rows = _gather(qs, raw_k, raw_v, index[:, :, s : s + READ_ROWS], ctx.K)
-            p = _read_probs(qs, kg)
+            p = _read_logits(qs, kg).softmax(-1)
             dp = torch.einsum("bhrcd,bhrcjd->bhrcj", g, vg)
             ds = p * (dp - (p * dp).sum(-1, keepdim=True) + gl) / math.sqrt(q.size(-1))
             dq[:, :, s : s + READ_ROWS] = torch.einsum("bhrcj,bhrcjd->bhrd", ds, kg)
@@ -181,7 +181,7 @@ def zoom_dense(q, k, v, lay: MegaLayout, topk: int, mask: torch.Tensor | None = 
     built from the layout when None)."""
     if lay.levels == 0 or lay.window_only:
         raise ValueError("the zoom needs a MegaAttention layout with node levels")
-    B, H, T, D = q.shape
+    B, H, T, _ = q.shape
     N, K, n1 = lay.N, lay.K, lay.counts[1]
     mask = _cached_mask(lay, str(q.device)) if mask is None else mask
     bias = torch.zeros(B, H, T, T, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
