@@ -3,13 +3,18 @@
 The pyramid (mega_attention.py) shows a raw query i the past beyond its window only as summary nodes, so a
 query can learn *that* a node matters but never read the tokens behind it. The zoom lets it: every raw query
 ranks the aligned K-token chunks that lie wholly before its raw window, takes its top-k, and attends to their
-raw keys and values at the tokens' own positions (the keys arrive rotated), in the same softmax as the pyramid:
+raw keys and values in the same softmax as the pyramid:
 
-    y_i = ( Σ_pyramid e^{s_ij} v_j + Σ_{c in top-k} Σ_{t in c} e^{s_it} v_t )
-          / ( Σ_pyramid e^{s_ij} + Σ_{c in top-k} Σ_{t in c} e^{s_it} )
+    y_i = ( Σ_pyramid e^{s_ij} v_j + Σ_{c in top-k} Σ_{t in c} e^{r_it} v_t )
+          / ( Σ_pyramid e^{s_ij} + Σ_{c in top-k} Σ_{t in c} e^{r_it} )
 
 so a selected chunk weighs what its tokens' own logits say (its entry's logit is lse_ic, the log-sum-exp of q_i over
 its keys), and the LM loss reaches the query, the chunk's keys and values, and everything that made them.
+
+The chunk frame: r_it is the logit of the query and key rotated as if the query stood W + K after the chunk's
+start (the nearest a candidate chunk ever is), wherever the chunk really lies (`chunk_frame`). A chunk read thus
+carries no distance: one 4k tokens back reads as one just beyond the window, so the reads work at any length,
+not only at the distances training showed (the pyramid's nodes keep the real positions, and with them the order).
 
 Ranking: by an upper bound of the query's largest logit in the chunk, Σ_d max(q_d·kmin_cd, q_d·kmax_cd) / √D, with
 kmin_c, kmax_c the per-channel least and greatest of the chunk's K raw keys (Quest's criterion, Tang et al. 2024):
@@ -37,7 +42,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from megacontext.mega_attention import (
     MegaLayout,
@@ -47,6 +51,7 @@ from megacontext.mega_attention import (
     mega_block_mask,
     plan_blocksparse,
 )
+from nanochat.gpt import apply_rotary_emb, rotary_cos_sin
 
 # Packed lengths up to this run the dense reference on CPU, longer ones the block-sparse path: dense holds a
 # [B, H, T, T] score tensor (T = 2k: 16 MB per row and head in fp32).
@@ -62,6 +67,22 @@ def _repeat_kv(x: torch.Tensor, H: int) -> torch.Tensor:
 def candidates(anchors: torch.Tensor, K: int, W: int) -> torch.Tensor:
     """How many wLOD1 chunks raw query i may select: those wholly before b1(i) (chunks j < b1 / K)."""
     return (anchors - W).clamp(min=0) // K
+
+
+def _rotate(x: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, D], already rotated, rotated on by `by` [n] positions (rotations add up)."""
+    cos, sin = rotary_cos_sin(by.to(device=x.device, dtype=torch.float32), x.size(-1))
+    return apply_rotary_emb(x, cos[:, 0], sin[:, 0])
+
+
+def chunk_frame(
+    q: torch.Tensor, k: torch.Tensor, anchors: torch.Tensor, K: int, W: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reads' queries and keys: q [B, H, R, D] rotated at raw positions `anchors` [R] turned to W + K, keys
+    k [B, H_kv, n, D] rotated at 0..n-1 turned to their offsets in their chunk, so a read's logit is the one
+    a query W + K after the chunk's start would have."""
+    pos = torch.arange(k.size(2), device=k.device)
+    return _rotate(q, (W + K) - anchors), _rotate(k, -(pos // K * K))
 
 
 def chunk_bounds(raw_k: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +106,8 @@ def select_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each raw query's top-k candidate chunks by `bound_scores`.
 
-    q [B, H, R, D] raw queries at raw positions `anchors` [R]; raw_k [B, H_kv, N, D] the raw keys, rotated.
+    q [B, H, R, D] raw queries at raw positions `anchors` [R]; raw_k [B, H_kv, N, D] the raw keys, both in the
+    chunk frame (`chunk_frame`).
     Returns (bounds [B, H, R, k], index [B, H, R, k]) with k = min(topk, complete chunks); a query with fewer
     than k candidates gets -inf bounds in the spare slots (not read)."""
     B, H, R, D = q.shape
@@ -151,7 +173,7 @@ def read_chunks(
 ) -> torch.Tensor:
     """Attention of each raw query over the K raw keys of each selected chunk, a softmax per chunk.
 
-    q [B, H, R, D]; raw_k, raw_v [B, H_kv, N, D] (rotated at their own positions); index [B, H, R, k] chunk ids.
+    q [B, H, R, D]; raw_k, raw_v [B, H_kv, N, D] (q and raw_k in the chunk frame); index [B, H, R, k] chunk ids.
     Returns ([B, H, R, k, D], the log-sum-exp of each read [B, H, R, k]). Runs in slices of READ_ROWS queries,
     forward and backward (`_ChunkRead`)."""
     B, H, R, D = q.shape
@@ -176,24 +198,26 @@ def merge(
 
 
 def zoom_dense(q, k, v, lay: MegaLayout, topk: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference: SDPA over the packed sequence [B, H, T, D] with a float mask that is 0 on the pyramid's keys
-    and on the raw keys of query i's selected chunks, -inf elsewhere (`mask`: the pyramid's [T, T] bool mask,
-    built from the layout when None)."""
+    """The reference: one softmax per query over the packed sequence [B, H, T, D], the pyramid's keys at their
+    logits and the raw keys of query i's selected chunks at their chunk-frame logits, -inf elsewhere (`mask`:
+    the pyramid's [T, T] bool mask, built from the layout when None)."""
     if lay.levels == 0 or lay.window_only:
         raise ValueError("the zoom needs a MegaAttention layout with node levels")
-    B, H, T, _ = q.shape
+    B, H, T, D = q.shape
     N, K, n1 = lay.N, lay.K, lay.counts[1]
     mask = _cached_mask(lay, str(q.device)) if mask is None else mask
-    bias = torch.zeros(B, H, T, T, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    bounds, index = select_chunks(q[:, :, :N], torch.arange(N, device=q.device), k[:, :, :N], K, lay.W, topk)
+    k, v = _repeat_kv(k, H), _repeat_kv(v, H)
+    s = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
+    anchors = torch.arange(N, device=q.device)
+    q_read, k_read = chunk_frame(q[:, :, :N], k[:, :, : n1 * K], anchors, K, lay.W)
+    bounds, index = select_chunks(q_read, anchors, k_read, K, lay.W, topk)
     if index.size(-1):
-        per_chunk = torch.full((B, H, N, n1), float("-inf"), dtype=q.dtype, device=q.device)
-        per_chunk = per_chunk.scatter(-1, index, torch.where(torch.isfinite(bounds), 0.0, float("-inf")))
+        opened = torch.zeros(B, H, N, n1, dtype=torch.bool, device=q.device)
+        opened = opened.scatter(-1, index, torch.isfinite(bounds)).repeat_interleave(K, dim=-1)
+        reads = q_read @ k_read.transpose(-1, -2) / math.sqrt(D)
         # a selected chunk lies before the query's raw window: none of its keys is a pyramid key
-        bias[:, :, :N, : n1 * K] = torch.where(
-            mask[:N, : n1 * K], bias[:, :, :N, : n1 * K], per_chunk.repeat_interleave(K, dim=-1)
-        )
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=q.size(1) != k.size(1))
+        s[:, :, :N, : n1 * K] = torch.where(opened, reads, s[:, :, :N, : n1 * K])
+    return s.softmax(-1) @ v
 
 
 def zoom_sparse(q, k, v, lay: MegaLayout, topk: int, pyramid) -> torch.Tensor:
@@ -201,12 +225,12 @@ def zoom_sparse(q, k, v, lay: MegaLayout, topk: int, pyramid) -> torch.Tensor:
     gathered and merged (`merge`) into the raw queries' outputs; node rows keep the pyramid's."""
     y, lse = pyramid(q, k, v)
     N = lay.N
-    bounds, index = select_chunks(
-        q[:, :, :N], torch.arange(N, device=q.device), k[:, :, :N], lay.K, lay.W, topk
-    )
+    anchors = torch.arange(N, device=q.device)
+    q_read, k_read = chunk_frame(q[:, :, :N], k[:, :, :N], anchors, lay.K, lay.W)
+    bounds, index = select_chunks(q_read, anchors, k_read, lay.K, lay.W, topk)
     if index.size(-1) == 0:
         return y
-    y_chunks, chunk_lse = read_chunks(q[:, :, :N], k[:, :, :N], v[:, :, :N], index, lay.K)
+    y_chunks, chunk_lse = read_chunks(q_read, k_read, v[:, :, :N], index, lay.K)
     mixed = merge(y[:, :, :N], lse[:, :, :N], bounds, y_chunks, chunk_lse)
     return torch.cat([mixed, y[:, :, N:]], dim=2)
 
@@ -250,7 +274,7 @@ class ZoomAttention:
 def cached_zoom(q, k, v, mask, rows, raw_k, raw_v, K: int, W: int, topk: int) -> torch.Tensor:
     """The zoom for a KV cache's refresh (megacontext/kv_cache.py): q [1, H, R, D] the recomputed rows (the raw
     ones first, at raw positions `rows`), k, v [1, H_kv, C, D] the key columns the pyramid `mask` [R, C] is over;
-    raw_k, raw_v the raw keys/values [1, H_kv, *, D] of this layer, as cached."""
+    raw_k, raw_v the raw keys/values [1, H_kv, *, D] of this layer, as cached (rotated at their positions)."""
     H, D = q.size(1), q.size(-1)
     s = q @ _repeat_kv(k, H).transpose(-1, -2) / math.sqrt(D)
     s = s.masked_fill(~mask, float("-inf"))
@@ -259,8 +283,8 @@ def cached_zoom(q, k, v, mask, rows, raw_k, raw_v, K: int, W: int, topk: int) ->
     R0 = rows.numel()
     if R0 == 0 or raw_k.size(2) < K:
         return y
-    q_raw = q[:, :, :R0]
-    bounds, index = select_chunks(q_raw, rows, raw_k, K, W, topk)
-    y_chunks, chunk_lse = read_chunks(q_raw, raw_k, raw_v, index, K)
+    q_read, k_read = chunk_frame(q[:, :, :R0], raw_k, rows, K, W)
+    bounds, index = select_chunks(q_read, rows, k_read, K, W, topk)
+    y_chunks, chunk_lse = read_chunks(q_read, k_read, raw_v, index, K)
     y_raw = merge(y[:, :, :R0], lse[:, :, :R0], bounds, y_chunks, chunk_lse)
     return torch.cat([y_raw, y[:, :, R0:]], dim=2)

@@ -14,8 +14,16 @@ import torch.nn.functional as F
 import megacontext.zoom as zoom
 from megacontext.attention_modes import AttentionConfig, AttentionModel
 from megacontext.mega_attention import build_mega_layout, mega_mask
-from megacontext.zoom import ZoomAttention, bound_scores, candidates, read_chunks, select_chunks, zoom_dense
-from nanochat.gpt import GPT, GPTConfig
+from megacontext.zoom import (
+    ZoomAttention,
+    bound_scores,
+    candidates,
+    chunk_frame,
+    read_chunks,
+    select_chunks,
+    zoom_dense,
+)
+from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb, rotary_cos_sin
 
 CASES = [  # N, K, W, levels, top-k
     (64, 4, 8, None, 2),
@@ -101,25 +109,54 @@ def test_flex_path_gradients_equal_dense_reference_on_cuda():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_top_k_zero_is_the_pyramid_and_the_zoom_adds_its_chunks_to_the_softmax():
+def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x [..., n, D] rotated as the GPT rotates at positions pos [n]."""
+    cos, sin = rotary_cos_sin(pos.float(), x.size(-1))
+    return apply_rotary_emb(x, cos[:, 0], sin[:, 0])
+
+
+def test_top_k_zero_is_the_pyramid_and_the_zoom_adds_its_chunks_to_the_softmax_in_the_chunk_frame():
     lay = build_mega_layout(64, 4, 8)
-    q, k, v = qkv(lay.T, requires_grad=False)
+    qu, ku, v = qkv(
+        lay.T, requires_grad=False
+    )  # unrotated; the raw positions get RoPE at 0..63 as in the GPT
+    pos = torch.cat([torch.arange(64), torch.zeros(lay.T - 64)])
+    q, k = rope(qu, pos), rope(ku, pos)
     pyramid = F.scaled_dot_product_attention(q, k, v, attn_mask=mega_mask(lay))
-    torch.testing.assert_close(zoom_dense(q, k, v, lay, 0), pyramid, rtol=0, atol=1e-6)
+    torch.testing.assert_close(zoom_dense(q, k, v, lay, 0), pyramid, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ZoomAttention(lay, 0, "cpu", "blocksparse")(q, k, v), pyramid)
-    # the formula by hand for one query: one softmax over the pyramid's keys and the raw keys of its selected
-    # chunks, each at its own logit
+    # the formula by hand for one query: one softmax over the pyramid's keys at their logits and the raw keys of
+    # its two best chunks at the logits of the query W + K = 12 after the chunk's start, each key at its offset
     out = zoom_dense(q, k, v, lay, 2)
     i, b, h = 50, 1, 0
-    s = q[b, h, i] @ k[b, h].T * 8**-0.5
-    bounds, index = select_chunks(q[:, :, :64], torch.arange(64), k[:, :, :64], 4, 8, 2)
-    keys = mega_mask(lay)[i].clone()
-    for c in index[b, h, i].tolist():
-        keys[4 * c : 4 * c + 4] = True
-    assert int(keys.sum()) == int(mega_mask(lay)[i].sum()) + 8  # two chunks of 4, none already a pyramid key
-    torch.testing.assert_close(out[b, h, i], torch.softmax(s[keys], 0) @ v[b, h][keys], rtol=1e-5, atol=1e-6)
+    logits = (q[b, h, i] @ k[b, h].T * 8**-0.5).masked_fill(~mega_mask(lay)[i], float("-inf"))
+    q_read = rope(qu[b, h, i : i + 1], torch.tensor([12]))[0]
+    k_read = rope(ku[b, h, :64], torch.arange(64) % 4)
+    reads = k_read @ q_read * 8**-0.5
+    chunks = k_read.view(16, 4, 8)
+    bound = (q_read.clamp(min=0) * chunks.amax(1) + q_read.clamp(max=0) * chunks.amin(1)).sum(-1) * 8**-0.5
+    chosen = bound[: (i - 8) // 4].topk(2).indices  # candidates: chunks ending at or before b1 = 40
+    for c in chosen.tolist():
+        assert not bool(mega_mask(lay)[i, 4 * c : 4 * c + 4].any())  # no pyramid key is read twice
+        logits[4 * c : 4 * c + 4] = reads[4 * c : 4 * c + 4]
+    torch.testing.assert_close(out[b, h, i], torch.softmax(logits, 0) @ v[b, h], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out[:, :, :64], pyramid[:, :, :64])
     torch.testing.assert_close(out[:, :, 64:], pyramid[:, :, 64:])  # node rows: the pyramid alone
+
+
+def test_a_chunk_read_carries_no_distance():
+    """The same query and chunk, the chunk just beyond the window or 4000 tokens back: the same vectors in the
+    chunk frame, so the same bound and the same read (a trained zoom reads as far back as a history reaches)."""
+    qu, ku, _ = qkv(4, requires_grad=False)  # row 0 the query, rows 0..3 the chunk's keys
+    frames = []
+    for start, anchor in ((16, 40), (4000, 9000)):
+        keys = torch.zeros(2, 2, start + 4, 8)
+        keys[:, :, start:] = rope(ku, torch.arange(start, start + 4))
+        at = torch.tensor([anchor])
+        q_read, k_read = chunk_frame(rope(qu[:, :, :1], at), keys, at, 4, 8)
+        frames.append((q_read, k_read[:, :, start:]))
+    for near, far in zip(*frames):
+        torch.testing.assert_close(near, far, rtol=0, atol=2e-3)  # float32 phases at position 9000
 
 
 def test_read_chunks_in_slices_equals_plain_autograd_with_gradients(monkeypatch):
