@@ -76,6 +76,9 @@ class AttentionConfig:
     # mega: top-k chunks each raw query zooms into (megacontext/zoom.py); 0 = the pyramid alone. Meta written
     # before the zoom existed has no key and loads as 0, as it was trained (from_dict).
     zoom_k: int = ZOOM_K
+    # how the zoom's reads see positions: the chunk frame (megacontext/zoom.py), the one kept. Meta of a zoom
+    # model from before has no key: its reads were at the tokens' real positions, and from_dict refuses it.
+    zoom_frame: str = "chunk"
 
     @classmethod
     def for_seq_len(cls, seq_len: int, **fields_) -> AttentionConfig:
@@ -89,7 +92,8 @@ class AttentionConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> AttentionConfig:
         """None (a checkpoint from before attention modes) is dense. A removed setting loads only at the value
-        the code still implements (REMOVED); a missing `zoom_k` (meta from before the zoom) is 0."""
+        the code still implements (REMOVED); a missing `zoom_k` (meta from before the zoom) is 0, and a zoom
+        with no `zoom_frame` read at real positions, which is refused."""
         d = dict(d or {})
         for key, kept in REMOVED.items():
             if key in d and (value := d.pop(key)) != kept:
@@ -100,6 +104,12 @@ class AttentionConfig:
         if unknown := sorted(set(d) - {f.name for f in fields(cls)}):
             raise UserError(f"unknown attention config keys {unknown} (written by another version?)")
         d.setdefault("zoom_k", 0)
+        frame = d.setdefault("zoom_frame", "real" if d["zoom_k"] else "chunk")
+        if frame != "chunk":
+            raise UserError(
+                f"this checkpoint's zoom reads its chunks in the {frame!r} frame, which this version removed (only "
+                "the chunk frame remains, docs/log.md); retrain it or use an older version"
+            )
         for key in ("mp_alpha1", "mp_alpha2"):
             if key in d:
                 d[key] = tuple(d[key])

@@ -103,7 +103,7 @@ def test_window_and_mega_learn_and_log(base, mega_run, monkeypatch, capsys):
     meta = json.loads((base / "base_checkpoints/mega/meta_000006.json").read_text())
     assert meta["attention"] | {"mp_alpha1": None, "mp_alpha2": None} == {
         "mode": "mega", "window": 8, "block_size": 4, "levels": 2, "gistnet_layers": 2, "gistnet_heads": 4,
-        "mp_alpha1": None, "mp_alpha2": None, "zoom_k": 4,
+        "mp_alpha1": None, "mp_alpha2": None, "zoom_k": 4, "zoom_frame": "chunk",
     }  # fmt: skip
     assert set(load_mc_state(base / "base_checkpoints/mega", 6, "cpu")) == {"mega_gistnet", "mega_prediction"}
 
@@ -198,6 +198,9 @@ def test_defaults_are_the_recipe_and_old_meta_loads_as_trained():
     assert AttentionConfig.from_dict(cfg.to_dict()) == cfg
     old = {"mode": "mega", "window": 8, "block_size": 4, "levels": 2, "mp_alpha1": [0.02, 0.05]}
     assert AttentionConfig.from_dict(old).zoom_k == 0
+    assert AttentionConfig.from_dict(old).zoom_frame == "chunk"  # no zoom: nothing to refuse
+    with pytest.raises(UserError, match=r"'real' frame, which this version removed .*retrain"):
+        AttentionConfig.from_dict(old | {"zoom_k": 4})  # a zoom trained before the chunk frame
     assert AttentionConfig.from_dict(old | {"sink": False}) == AttentionConfig.from_dict(old)
     with pytest.raises(UserError, match=r"sink=True, a setting this version removed .*retrain") as e:
         AttentionConfig.from_dict(old | {"sink": True})
