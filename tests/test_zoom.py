@@ -1,7 +1,8 @@
 """The zoom (megacontext/zoom.py): a raw query selects only chunks wholly before its window, by a bound no key of
 the chunk exceeds; the chunk reads' weights and the key projections get gradient from the loss, the three
-executions (dense float-mask SDPA, block-sparse, flex_attention) agree with gradients, top-k 0 is the pyramid,
-and in the model the zoom is causal and reads raw tokens beyond the window that the pyramid alone cannot see."""
+executions (the dense reference, block-sparse, flex_attention) agree with gradients, top-k 0 is the pyramid, a
+chunk is read in its own frame, with no distance, and in the model the zoom is causal and reads raw tokens beyond
+the window that the pyramid alone cannot see."""
 
 from __future__ import annotations
 
@@ -117,9 +118,8 @@ def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def test_top_k_zero_is_the_pyramid_and_the_zoom_adds_its_chunks_to_the_softmax_in_the_chunk_frame():
     lay = build_mega_layout(64, 4, 8)
-    qu, ku, v = qkv(
-        lay.T, requires_grad=False
-    )  # unrotated; the raw positions get RoPE at 0..63 as in the GPT
+    # unrotated vectors; the raw positions get RoPE at 0..63 as in the GPT
+    qu, ku, v = qkv(lay.T, requires_grad=False)
     pos = torch.cat([torch.arange(64), torch.zeros(lay.T - 64)])
     q, k = rope(qu, pos), rope(ku, pos)
     pyramid = F.scaled_dot_product_attention(q, k, v, attn_mask=mega_mask(lay))
