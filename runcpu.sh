@@ -20,6 +20,9 @@ chat_cli answer and the report, on CPU (OMP_NUM_THREADS=2 unless set).
 Options:
   --quick         toy scale (few steps, small evals): the same stages in about 5 minutes
   --core          also run the CORE evaluation of both base models (downloads the eval bundle once)
+  --mega          also train d4-mega, the MegaAttention zoom model (rows of 256, W 32, K 16, top-4 chunks),
+                  and score it with base_loss and the long-context suite through its own attention (what
+                  chat_cli --model-tag d4-mega --source base runs); about 30 minutes more in fp32
   --dry-run       print the commands each stage would run (skipped stages as comments), run nothing
   -h, --help      show this help
 
@@ -29,12 +32,13 @@ both scales write the same checkpoint directories. The report goes to report.md 
 EOF
 }
 
-QUICK=0 CORE=0 DRY=0
+QUICK=0 CORE=0 DRY=0 MEGA=0
 EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --core) CORE=1 ;;
+        --mega) MEGA=1 ;;
         --dry-run) DRY=1 ;;
         -h | --help) usage; exit 0 ;;
         --) shift; EXTRA=("$@"); break ;;
@@ -63,6 +67,9 @@ if [ "$QUICK" -eq 1 ]; then
         --eval-every -1 --eval-tokens 4096 --offline-size 200)
     MCEVAL=(--n 4 --distances "1,4")
     CHATEVAL=(--max-problems 4 --max-new-tokens 32)
+    MEGA_BASE=(--depth 4 --max-seq-len 256 --device-batch-size 4 --total-batch-size 1024 --num-iterations 30
+        --eval-every -1 --eval-tokens 8192 --sample-every -1)
+    MEGA_EVAL=(--n 4 --distances "1,16")
 else
     TOK_CHARS=20000000
     SEQ=512
@@ -73,6 +80,10 @@ else
         --eval-every -1 --eval-tokens 32768 --save-every 50)
     MCEVAL=(--n 20)
     CHATEVAL=(--max-problems 50)
+    # the zoom's measured recipe (docs/mega_attention.md, "The zoom"): 800 steps x 4096 tokens in rows of 256
+    MEGA_BASE=(--depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 800
+        --eval-every 400 --eval-tokens 32768 --sample-every -1 --save-every 100)
+    MEGA_EVAL=(--n 20 --distances "1,4,16,64")
 fi
 # The recipe is the defaults: --mc alone trains MegaContext as measured best (megacontext/config.py; at
 # --max-seq-len 512: K 16, budget 128, recent 32), with half the rows long-context rows, the token shift and
@@ -111,10 +122,24 @@ for TAG in d4 d4-mc; do
     fi
 done
 
+# ---- with --mega: the MegaAttention zoom model (its attention is the mode the checkpoint records), scored
+# through its own attention over the whole prompt, the window at its W of 32 for comparison
+if [ "$MEGA" -eq 1 ]; then
+    read -r -a RESUME <<<"$(resume "$NANOCHAT_BASE_DIR/base_checkpoints/d4-mega")"
+    stage d4-mega-base-train python -m scripts.base_train "${MEGA_BASE[@]}" --attention mega \
+        --model-tag d4-mega "${CPU[@]}" --run dummy "${RESUME[@]}"
+    stage d4-mega-base-loss python -m scripts.base_loss --model-tag d4-mega --device-batch-size 4 \
+        --split-tokens "$SPLIT_TOKENS" "${CPU[@]}"
+fi
+
 # ---- the long-context suite: the default views for MC; a vanilla model has only full and window. MC runs last:
 # the report keeps one "Long-context eval (base)" section (the latest), and the MC table is the headline.
 stage d4-longctx-eval python -m scripts.mc_eval --task all "${MCEVAL[@]}" --model-tag d4 --views "full,window" \
     --wc-budget "$WC" "${CPU[@]}"
+if [ "$MEGA" -eq 1 ]; then
+    stage d4-mega-longctx-eval python -m scripts.mc_eval --task all "${MEGA_EVAL[@]}" --model-tag d4-mega \
+        --views "full,window" --wc-budget 32 "${CPU[@]}"
+fi
 stage d4-mc-longctx-eval python -m scripts.mc_eval --task all "${MCEVAL[@]}" --model-tag d4-mc "${CPU[@]}"
 
 # ---- mid-training and SFT on the offline chat mixture, then the chat evals

@@ -43,7 +43,7 @@ from megacontext.mega_attention import (
     sliding_window_layout,
 )
 from megacontext.prediction import MegaPrediction, ramp
-from megacontext.zoom import ZoomAttention
+from megacontext.zoom import ZoomAttention, training_reach
 from nanochat.common import UserError, print0
 
 MODES = ("dense", "window", "mega")
@@ -274,6 +274,15 @@ class AttentionModel(nn.Module):
         levels = min(auto_levels(N, cfg.block_size, cfg.window), cfg.levels)
         return build_mega_layout(N, cfg.block_size, cfg.window, levels) if levels else None
 
+    def zoom(self, lay, device) -> ZoomAttention | None:
+        """The zoom's attention function for a layout (None: the pyramid alone). Its pyramid reads a pair
+        farther apart than the training rows ever held at that distance (`training_reach`): beyond the
+        training length the far nodes' logits stay where training put them (docs/mega_attention.md)."""
+        if not self.cfg.zoom_k:
+            return None
+        reach = training_reach(self.gpt.config.sequence_len, self.cfg.block_size)
+        return ZoomAttention(lay, self.cfg.zoom_k, device, reach=reach)
+
     def run(self, idx, targets=None, loss_reduction="mean", nodes=None, capture=False):
         """(loss or raw logits, layout, node embeddings, final hidden states) for token ids [B, N].
 
@@ -294,7 +303,7 @@ class AttentionModel(nn.Module):
         full = None if targets is None else torch.cat([targets, targets.new_full((B, lay.T - N), -1)], dim=1)
         captured = {}
         # the zoom is an attention function (megacontext/zoom.py); the pyramid alone a mask for SDPA
-        zoom = ZoomAttention(lay, self.cfg.zoom_k, idx.device) if self.cfg.zoom_k else None
+        zoom = self.zoom(lay, idx.device)
         hook = self.gpt.lm_head.register_forward_hook(lambda m, inp, out: captured.update(h=inp[0]))
         try:
             out = self.gpt(

@@ -219,7 +219,8 @@ class MegaKVCache:
     query depends on the top level, so it must be the level count the model was trained with (base_train
     derives it from --max-seq-len: `auto_levels(max_seq_len, K, W)`), not the one the current length needs.
     `zoom_k`: the model's zoom (megacontext/zoom.py); raw rows read their chunks from the cached raw K/V, and
-    the dirty sets are unchanged (a chunk is read from the anchor on that first sees its node).
+    the dirty sets are unchanged (a chunk is read from the anchor on that first sees its node). `reach`: the
+    zoom's pyramid reads a pair farther apart at that distance (zoom.training_reach; None: real distances).
     Masks are dense: a full recompute holds a [T, T] bool mask (T² bytes: 18 MB at T = 4k, 270 MB at 16k),
     so this is for working-context-scale sequences; long training sequences use plan_blocksparse.
     """
@@ -234,13 +235,14 @@ class MegaKVCache:
         capacity: int = 1024,
         full_fraction: float = FULL_RECOMPUTE_FRACTION,
         zoom_k: int = 0,
+        reach: float | None = None,
     ):
         if K < 2 or W < 0 or levels < 0:
             raise ValueError(f"need K >= 2, W >= 0, levels >= 0; got K={K}, W={W}, levels={levels}")
         if levels and gistnet is None:
             raise ValueError(f"levels={levels} needs a GistNet to make the nodes")
         self.model, self.gistnet, self.K, self.W, self.levels = model, gistnet, K, W, levels
-        self.full_fraction, self.zoom_k = full_fraction, zoom_k if levels else 0
+        self.full_fraction, self.zoom_k, self.reach = full_fraction, zoom_k if levels else 0, reach
         self._layer = 0  # the layer whose K/V insert_kv stored last (the zoom reads its cache)
         c, weight = model.config, model.wte.weight
         self.head_dim = c.head_dim
@@ -390,7 +392,11 @@ class MegaKVCache:
         try:
             zoom = None
             if self.zoom_k:  # raw rows also read their top-k chunks from this layer's cached raw K/V
-                zoom = lambda q, k, v: self._zoom(q, k, v, mask, rows[0])  # noqa: E731
+                at = None
+                if self.reach is not None:  # the key columns' centres: all rows (full), else from `lo` on
+                    mu_cols = mu if full else torch.cat([lv.mu[a : lv.n] for lv, a in zip(self.by_level, lo)])
+                    at = (mu, mu_cols, self.reach)
+                zoom = lambda q, k, v: self._zoom(q, k, v, mask, rows[0], at)  # noqa: E731
             out = self.model(
                 embeds=embeds[None], rotary=rotary, kv_cache=self, attn_mask=mask[None, None], attn_fn=zoom
             )
@@ -443,11 +449,11 @@ class MegaKVCache:
         for lv, q in zip(self.by_level, rows):
             lv.dirty[q.cpu()] = False
 
-    def _zoom(self, q, k, v, mask, raw_rows):
+    def _zoom(self, q, k, v, mask, raw_rows, reach):
         """The zoom over this layer's cache (zoom.cached_zoom): every raw row may read any complete chunk."""
         raw = self.by_level[0]
         kv = lambda i: raw.kv[self._layer, i, :, : raw.n][None]
-        return cached_zoom(q, k, v, mask, raw_rows, kv(0), kv(1), self.K, self.W, self.zoom_k)
+        return cached_zoom(q, k, v, mask, raw_rows, kv(0), kv(1), self.K, self.W, self.zoom_k, reach)
 
     # ------------------------------------------------------------ inspection
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megacontext.positional import gaussian_rotary, span_mu_sigma
+from megacontext.positional import at_reach, gaussian_rotary, span_mu_sigma
 
 
 @dataclass(frozen=True)
@@ -325,10 +325,11 @@ def key_ranges(lay: MegaLayout, device=None) -> tuple[torch.Tensor, torch.Tensor
     return torch.stack(lo, 1), torch.stack(hi, 1)
 
 
-def mega_block_mask(lay: MegaLayout, device="cpu", block_size: int = 128):
+def mega_block_mask(lay: MegaLayout, device="cpu", block_size: int = 128, keep=None):
     """flex_attention BlockMask for the packed sequence, built from key_ranges: per block of queries, the key
     blocks any of them may see (the hull of each range; the mask_mod decides inside them). Linear in T, so it
-    scales to 1M tokens, where create_block_mask's every-pair evaluation ran out of memory on an H200."""
+    scales to 1M tokens, where create_block_mask's every-pair evaluation ran out of memory on an H200.
+    `keep(q_idx, kv_idx)`: a further condition on the visible pairs (the zoom's near and far pyramid)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     T, B = lay.T, block_size
@@ -349,7 +350,10 @@ def mega_block_mask(lay: MegaLayout, device="cpu", block_size: int = 128):
     visible = marks.cumsum(1)[:, :nb] > 0  # [nb, nb] key blocks per query block
     kv_num = visible.sum(1, dtype=torch.int32)
     kv_idx = torch.argsort((~visible).to(torch.int8), dim=1, stable=True).to(torch.int32)  # visible first
-    mask_mod = lambda b, h, q_idx, kv_idx: _visible(q_idx, kv_idx, lay)
+    if keep is None:
+        mask_mod = lambda b, h, q_idx, kv_idx: _visible(q_idx, kv_idx, lay)
+    else:
+        mask_mod = lambda b, h, q_idx, kv_idx: _visible(q_idx, kv_idx, lay) & keep(q_idx, kv_idx)
     return BlockMask.from_kv_blocks(
         kv_num[None, None], kv_idx[None, None], BLOCK_SIZE=B, mask_mod=mask_mod, seq_lengths=(T, T)
     )
@@ -431,10 +435,16 @@ def plan_blocksparse(lay: MegaLayout, block: int = 128, device=None) -> BlockPla
 
 
 def blocksparse_mega_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, return_lse: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    return_lse: bool = False,
+    reach: tuple[torch.Tensor, float] | None = None,
 ):
     """q, k, v [B, H, T, D] -> [B, H, T, D], equal to SDPA with `mega_mask` (up to fp summation order); with
-    return_lse also the log-sum-exp of each query's scores [B, H, T] (then the softmax runs unfused)."""
+    return_lse also the log-sum-exp of each query's scores [B, H, T] (then the softmax runs unfused).
+    reach (mu [T], r): a pair whose centres lie more than r apart is read at distance r (positional.at_reach)."""
     B, H, T, D = q.shape
     if k.size(1) != H:  # grouped-query attention: share each key/value head across its query heads
         k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // k.size(1), dim=1)
@@ -449,10 +459,19 @@ def blocksparse_mega_attention(
 
     qg, kg, vg = gather(q, plan.q_idx, Qm), gather(k, plan.kv_idx, Km), gather(v, plan.kv_idx, Km)
     mask = plan.mask.expand(B, nb, 1, Qm, Km).reshape(B * nb, 1, Qm, Km)
-    if not return_lse:
+    if not return_lse and reach is None:
         y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)
     else:
-        s = (qg @ kg.transpose(-1, -2) / D**0.5).masked_fill(~mask, float("-inf"))
+        s = qg @ kg.transpose(-1, -2) / D**0.5
+        if reach is not None:
+            mu, r = reach
+            qf, kf = at_reach(q, k, mu, mu, r)
+            far = mu[plan.q_idx][:, :, None] - mu[plan.kv_idx][:, None, :] > r  # [nb, Qm, Km]
+            far = far[:, None].repeat(B, 1, 1, 1)
+            s = torch.where(
+                far, gather(qf, plan.q_idx, Qm) @ gather(kf, plan.kv_idx, Km).transpose(-1, -2) / D**0.5, s
+            )
+        s = s.masked_fill(~mask, float("-inf"))
         lse = s.logsumexp(-1)  # [B * nb, H, Qm]
         y = (s - lse[..., None]).exp() @ vg
     y = y.transpose(1, 2).reshape(B, nb * Qm, H, D).index_select(1, plan.inv).transpose(1, 2)

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from nanochat.gpt import ROPE_BASE, rotary_cos_sin, rotary_inv_freq
+from nanochat.gpt import ROPE_BASE, apply_rotary_emb, rotary_cos_sin, rotary_inv_freq
 
 
 def gaussian_rotary(mu: torch.Tensor, sigma: torch.Tensor | float, head_dim: int, base: float = ROPE_BASE):
@@ -75,3 +75,19 @@ class RotaryCache:
                 f"{tuple(self.value[0].shape[:-2])} -> {tuple(mu.shape)}; bump the version on every edit"
             )
         return self.value
+
+
+def rotate(x: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, D], already rotated (and damped), rotated on by `by` [n] positions: rotations add up, and a
+    pure rotation keeps a gist's damping."""
+    cos, sin = rotary_cos_sin(by.to(device=x.device, dtype=torch.float32), x.size(-1))
+    return apply_rotary_emb(x, cos[:, 0], sin[:, 0])
+
+
+def at_reach(
+    q: torch.Tensor, k: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, reach: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, R, D] rotated at centres mu_q [R] turned to position `reach`, k [B, H, C, D] rotated at mu_k [C]
+    turned to 0: q'·k' is the logit of the pair as if its centres lay `reach` apart (ReRoPE's clamp, Su 2023),
+    what the zoom's pyramid reads a pair at that lies farther apart than training ever showed."""
+    return rotate(q, reach - mu_q), rotate(k, -mu_k)

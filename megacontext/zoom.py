@@ -16,6 +16,12 @@ start (the nearest a candidate chunk ever is), wherever the chunk really lies (`
 carries no distance: one 4k tokens back reads as one just beyond the window, so the reads work at any length,
 not only at the distances training showed (the pyramid's nodes keep the real positions, and with them the order).
 
+The reach: the pyramid's nodes keep their real positions, but a query never lies farther from a node's centre
+than `training_reach` in the training rows, and beyond it RoPE's phases are ones training never showed (at 8k
+tokens back variable tracking fell from 76 to 34 %). A pyramid pair whose centres lie farther apart is read as if
+exactly the reach apart (`positional.at_reach`, ReRoPE's clamp): the far nodes keep their content and lose only
+their order among themselves. It never binds at the training length, so training is unchanged (`beyond_reach`).
+
 Ranking: by an upper bound of the query's largest logit in the chunk, Σ_d max(q_d·kmin_cd, q_d·kmax_cd) / √D, with
 kmin_c, kmax_c the per-channel least and greatest of the chunk's K raw keys (Quest's criterion, Tang et al. 2024):
 a chunk holding one key that matches the query ranks high, where one summary key per chunk had to stand for all
@@ -28,11 +34,11 @@ attend with the pyramid only. Cost per raw query: the pyramid's W + L·(K - 1) +
 k·K raw keys: O(W + k·K + N/K).
 
 Three executions of one rule, the selection shared (`select_chunks`):
-  `zoom_dense`      - the reference: one SDPA over the packed sequence whose float mask opens the raw keys of
-                      the selected chunks to query i. O(T²); on CPU the fastest at training lengths;
-  `zoom_sparse`     - the pyramid block-sparse (CPU) or with flex_attention (CUDA), returning its log-sum-exp, plus
-                      a gather of the selected chunks' keys/values with theirs, merged by `merge`.
-                      O(T·(W + k·K + N/K)).
+  `zoom_dense`      - the reference: explicit logits over the packed sequence, the selected chunks' raw keys at
+                      their chunk-frame logits, one softmax. O(T²); on CPU the fastest at training lengths;
+  `zoom_sparse`     - the pyramid block-sparse (CPU) or with flex_attention (CUDA; beyond the reach as two parts,
+                      within and beyond, merged by `merge_lse`), returning its log-sum-exp, plus a gather of the
+                      selected chunks' keys/values with theirs, merged by `merge`. O(T·(W + k·K + N/K)).
 `ZoomAttention` picks one for a layout and device and is what the GPT calls (GPT.forward(attn_fn=...)).
 """
 
@@ -51,7 +57,7 @@ from megacontext.mega_attention import (
     mega_block_mask,
     plan_blocksparse,
 )
-from nanochat.gpt import apply_rotary_emb, rotary_cos_sin
+from megacontext.positional import at_reach, rotate
 
 # Packed lengths up to this run the dense reference on CPU, longer ones the block-sparse path: dense holds a
 # [B, H, T, T] score tensor (T = 2k: 16 MB per row and head in fp32).
@@ -69,10 +75,15 @@ def candidates(anchors: torch.Tensor, K: int, W: int) -> torch.Tensor:
     return (anchors - W).clamp(min=0) // K
 
 
-def _rotate(x: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
-    """x [B, H, n, D], already rotated, rotated on by `by` [n] positions (rotations add up)."""
-    cos, sin = rotary_cos_sin(by.to(device=x.device, dtype=torch.float32), x.size(-1))
-    return apply_rotary_emb(x, cos[:, 0], sin[:, 0])
+def training_reach(seq_len: int, K: int) -> float:
+    """The farthest a query ever lies from the centre of a node it sees in rows of seq_len: the last query
+    and the first wLOD1 node (centre K / 2). The pyramid reads a pair farther apart at this distance."""
+    return seq_len - 1 - K / 2
+
+
+def beyond_reach(lay: MegaLayout, reach: float | None) -> bool:
+    """Does any pair of the layout lie farther apart than `reach`? (Never at the training length.)"""
+    return reach is not None and lay.levels > 0 and not lay.window_only and lay.N - 1 - lay.K / 2 > reach
 
 
 def chunk_frame(
@@ -82,7 +93,7 @@ def chunk_frame(
     k [B, H_kv, n, D] rotated at 0..n-1 turned to their offsets in their chunk, so a read's logit is the one
     a query W + K after the chunk's start would have."""
     pos = torch.arange(k.size(2), device=k.device)
-    return _rotate(q, (W + K) - anchors), _rotate(k, -(pos // K * K))
+    return rotate(q, (W + K) - anchors), rotate(k, -(pos // K * K))
 
 
 def chunk_bounds(raw_k: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,17 +208,25 @@ def merge(
     return out.to(y.dtype)
 
 
-def zoom_dense(q, k, v, lay: MegaLayout, topk: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def zoom_dense(
+    q, k, v, lay: MegaLayout, topk: int, mask: torch.Tensor | None = None, reach: float | None = None
+) -> torch.Tensor:
     """The reference: one softmax per query over the packed sequence [B, H, T, D], the pyramid's keys at their
-    logits and the raw keys of query i's selected chunks at their chunk-frame logits, -inf elsewhere (`mask`:
-    the pyramid's [T, T] bool mask, built from the layout when None)."""
+    logits (a pair farther apart than `reach` at that distance) and the raw keys of query i's selected chunks
+    at their chunk-frame logits, -inf elsewhere (`mask`: the pyramid's [T, T] bool mask, built from the layout
+    when None)."""
     if lay.levels == 0 or lay.window_only:
         raise ValueError("the zoom needs a MegaAttention layout with node levels")
     B, H, T, D = q.shape
     N, K, n1 = lay.N, lay.K, lay.counts[1]
     mask = _cached_mask(lay, str(q.device)) if mask is None else mask
     k, v = _repeat_kv(k, H), _repeat_kv(v, H)
-    s = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    if beyond_reach(lay, reach):
+        mu = _cached_mu(lay, str(q.device))
+        qf, kf = at_reach(q, k, mu, mu, reach)
+        s = torch.where(mu[:, None] - mu[None, :] > reach, qf @ kf.transpose(-1, -2) / math.sqrt(D), s)
+    s = s.masked_fill(~mask, float("-inf"))
     anchors = torch.arange(N, device=q.device)
     q_read, k_read = chunk_frame(q[:, :, :N], k[:, :, : n1 * K], anchors, K, lay.W)
     bounds, index = select_chunks(q_read, anchors, k_read, K, lay.W, topk)
@@ -241,8 +260,27 @@ def _cached_plan(lay: MegaLayout, device: str):
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_block_mask(lay: MegaLayout, device: str):
-    return mega_block_mask(lay, device)
+def _cached_block_mask(lay: MegaLayout, device: str, reach: float | None = None, far: bool = False):
+    """The pyramid's BlockMask; with a reach, that of its pairs within it (far False) or beyond it (True)."""
+    if reach is None:
+        return mega_block_mask(lay, device)
+    mu = _cached_mu(lay, device)
+    keep = lambda q_idx, kv_idx: (mu[q_idx] - mu[kv_idx] > reach) == far
+    return mega_block_mask(lay, device, keep=keep)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_mu(lay: MegaLayout, device: str) -> torch.Tensor:
+    """Each packed position's rotary centre (mega_attention.mega_rotary's μ)."""
+    return lay.mu_sigma()[0].to(device)
+
+
+def merge_lse(y1, lse1, y2, lse2):
+    """One softmax from two disjoint parts' outputs [B, H, T, D] and log-sum-exps [B, H, T] (a part with no
+    key: lse -inf, weight 0)."""
+    lse = torch.logaddexp(lse1.float(), lse2.float())
+    w1, w2 = (lse1.float() - lse).exp()[..., None], (lse2.float() - lse).exp()[..., None]
+    return (w1 * y1.float() + w2 * y2.float()).to(y1.dtype), lse
 
 
 class ZoomAttention:
@@ -251,32 +289,52 @@ class ZoomAttention:
     path "dense" | "blocksparse" | "flex"; None picks by device: flex_attention on CUDA, on CPU the dense
     reference up to DENSE_MAX_LEN packed positions and the block-sparse path beyond."""
 
-    def __init__(self, lay: MegaLayout, topk: int, device, path: str | None = None):
+    def __init__(
+        self, lay: MegaLayout, topk: int, device, path: str | None = None, reach: float | None = None
+    ):
         device = torch.device(device)
         if path is None:
             path = "flex" if device.type == "cuda" else "dense" if lay.T <= DENSE_MAX_LEN else "blocksparse"
         if path not in ("dense", "blocksparse", "flex"):
             raise ValueError(f"unknown zoom path {path!r}")
         self.lay, self.topk, self.path, self.device = lay, topk, path, str(device)
+        self.reach = reach if beyond_reach(lay, reach) else None  # None: every pair at its real distance
 
     def pyramid(self, q, k, v):
-        """(y, lse) of the pyramid alone."""
-        if self.path == "flex":
-            return flex_mega_attention(q, k, v, _cached_block_mask(self.lay, self.device), return_lse=True)
-        return blocksparse_mega_attention(q, k, v, _cached_plan(self.lay, self.device), return_lse=True)
+        """(y, lse) of the pyramid alone; a pair beyond the reach read at the reach (`at_reach`)."""
+        lay, dev, reach = self.lay, self.device, self.reach
+        if self.path == "blocksparse":
+            at = None if reach is None else (_cached_mu(lay, dev), reach)
+            return blocksparse_mega_attention(q, k, v, _cached_plan(lay, dev), return_lse=True, reach=at)
+        if reach is None:
+            return flex_mega_attention(q, k, v, _cached_block_mask(lay, dev), return_lse=True)
+        # flex scores one q·k per pair: the pairs within the reach and those beyond run as two parts
+        near = flex_mega_attention(q, k, v, _cached_block_mask(lay, dev, reach), return_lse=True)
+        mu = _cached_mu(lay, dev)
+        qf, kf = at_reach(q, k, mu, mu, reach)
+        far = flex_mega_attention(qf, kf, v, _cached_block_mask(lay, dev, reach, True), return_lse=True)
+        return merge_lse(*near, *far)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.path == "dense":
-            return zoom_dense(q, k, v, self.lay, self.topk)
+            return zoom_dense(q, k, v, self.lay, self.topk, reach=self.reach)
         return zoom_sparse(q, k, v, self.lay, self.topk, self.pyramid)
 
 
-def cached_zoom(q, k, v, mask, rows, raw_k, raw_v, K: int, W: int, topk: int) -> torch.Tensor:
+def cached_zoom(q, k, v, mask, rows, raw_k, raw_v, K: int, W: int, topk: int, reach=None) -> torch.Tensor:
     """The zoom for a KV cache's refresh (megacontext/kv_cache.py): q [1, H, R, D] the recomputed rows (the raw
     ones first, at raw positions `rows`), k, v [1, H_kv, C, D] the key columns the pyramid `mask` [R, C] is over;
-    raw_k, raw_v the raw keys/values [1, H_kv, *, D] of this layer, as cached (rotated at their positions)."""
+    raw_k, raw_v the raw keys/values [1, H_kv, *, D] of this layer, as cached (rotated at their positions);
+    reach (mu of the rows [R], of the columns [C], r): a pyramid pair farther apart than r read at r."""
     H, D = q.size(1), q.size(-1)
-    s = q @ _repeat_kv(k, H).transpose(-1, -2) / math.sqrt(D)
+    k_all = _repeat_kv(k, H)
+    s = q @ k_all.transpose(-1, -2) / math.sqrt(D)
+    if reach is not None:
+        mu_q, mu_k, r = (x.to(q.device) if torch.is_tensor(x) else x for x in reach)
+        far = mu_q[:, None] - mu_k[None, :] > r
+        if bool(far.any()):
+            qf, kf = at_reach(q, k_all, mu_q, mu_k, r)
+            s = torch.where(far, qf @ kf.transpose(-1, -2) / math.sqrt(D), s)
     s = s.masked_fill(~mask, float("-inf"))
     lse = s.logsumexp(-1)
     y = (s - lse[..., None]).exp() @ _repeat_kv(v, H)

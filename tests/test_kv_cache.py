@@ -149,7 +149,7 @@ class Recorder:
 
 
 @torch.no_grad()
-def reference(model, gistnet, ids, overrides, levels=L, zoom_k=0):
+def reference(model, gistnet, ids, overrides, levels=L, zoom_k=0, reach=None):
     """Full recompute: the whole packed sequence in one forward under mega_mask (with zoom_k: the zoom's dense
     reference). Nodes are GistNet of their children, bottom-up, except the re-summarised ones in `overrides`
     {(level, index): embed}.
@@ -165,7 +165,7 @@ def reference(model, gistnet, ids, overrides, levels=L, zoom_k=0):
         per_level.append(nodes)
     rec = Recorder()
     rotary = mega_rotary(lay, model.config.head_dim)
-    zoom = ZoomAttention(lay, zoom_k, "cpu", "dense") if zoom_k else None
+    zoom = ZoomAttention(lay, zoom_k, "cpu", "dense", reach=reach) if zoom_k else None
     mask = None if zoom else mega_mask(lay)[None, None]
     logits = model(
         embeds=torch.cat(per_level)[None], rotary=rotary, kv_cache=rec, attn_mask=mask, attn_fn=zoom
@@ -181,7 +181,7 @@ def drop_ancestor_overrides(overrides, level, index):
 
 
 def assert_matches_reference(cache, model, gistnet, ids, overrides, logits):
-    kv_ref, logits_ref = reference(model, gistnet, ids, overrides, zoom_k=cache.zoom_k)
+    kv_ref, logits_ref = reference(model, gistnet, ids, overrides, zoom_k=cache.zoom_k, reach=cache.reach)
     for layer in range(model.config.n_layer):
         k, v = cache.packed_kv(layer)
         torch.testing.assert_close(k, kv_ref[layer][0], rtol=1e-5, atol=1e-5)
@@ -190,16 +190,19 @@ def assert_matches_reference(cache, model, gistnet, ids, overrides, logits):
     assert not any(bool(d.any()) for d in cache.dirty())
 
 
-@pytest.mark.parametrize("seed,zoom_k", [(0, 0), (1, 0), (2, 0), (3, 2), (4, 3)])
-def test_incremental_refocus_equals_full_recompute_over_random_edits(model, gistnet, seed, zoom_k):
+@pytest.mark.parametrize(
+    "seed,zoom_k,reach", [(0, 0, None), (1, 0, None), (2, 0, None), (3, 2, None), (4, 3, None), (5, 3, 20.0)]
+)
+def test_incremental_refocus_equals_full_recompute_over_random_edits(model, gistnet, seed, zoom_k, reach):
     """With the zoom too: its raw rows read any complete chunk, yet the dirty sets stay those of the pyramid (a
     chunk's tokens are seen from the same anchor on as its node, and each such anchor is dirtied by a raw edit
-    anyway), and every read comes from the cache's K/V of that layer."""
+    anyway), and every read comes from the cache's K/V of that layer; with a reach (pyramid pairs farther apart
+    read at it) as well."""
     g = torch.Generator().manual_seed(seed)
     rint = lambda hi: int(torch.randint(hi, (1,), generator=g))
     ids = torch.randint(0, 50, (70,), generator=g)
     overrides = {}
-    cache = MegaKVCache(model, gistnet, K, W, L, capacity=16, zoom_k=zoom_k)  # small: growth runs too
+    cache = MegaKVCache(model, gistnet, K, W, L, capacity=16, zoom_k=zoom_k, reach=reach)  # small: growth too
     cache.append(ids)
     assert_matches_reference(cache, model, gistnet, ids, overrides, cache.refresh())
     kinds = ["token", "token", "node", "append", "early"] * 3

@@ -250,6 +250,28 @@ def test_runcpu_dry_run_trains_both_models_through_every_stage(quick, tmp_path):
         assert mc or base[base.index("--longctx-frac") + 1] == "0.5"
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_runcpu_mega_adds_the_zoom_model_scored_through_its_own_attention(quick, tmp_path):
+    """--mega trains d4-mega under --attention mega (the zoom at its defaults: no other attention flag), scores
+    its text and the long-context suite at its window of 32, before the MC model's suite (the report's headline)."""
+    plain = commands("runcpu.sh", tmp_path, *(["--quick"] if quick else []))
+    assert not any("d4-mega" in c for c in plain)
+    cmds = commands("runcpu.sh", tmp_path, "--mega", *(["--quick"] if quick else []))
+    mega = [c for c in cmds if "--model-tag" in c and c[c.index("--model-tag") + 1] == "d4-mega"]
+    assert [module(c) for c in mega] == ["scripts.base_train", "scripts.base_loss", "scripts.mc_eval"]
+    train, _, suite = mega
+    assert [a for a in train if a.startswith(("--attention", "--mega-", "--mc"))] == ["--attention"]
+    assert (
+        train[train.index("--attention") + 1] == "mega" and train[train.index("--max-seq-len") + 1] == "256"
+    )
+    assert (
+        suite[suite.index("--views") + 1] == "full,window" and suite[suite.index("--wc-budget") + 1] == "32"
+    )
+    mc_suite = next(c for c in cmds if module(c) == "scripts.mc_eval" and "d4-mc" in c)
+    assert cmds.index(suite) < cmds.index(mc_suite)
+    assert len(cmds) == len(plain) + 3
+
+
 def test_runcpu_rerun_skips_done_stages_and_resumes(tmp_path):
     state = tmp_path / "recipe_state"
     state.mkdir()

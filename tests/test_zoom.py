@@ -14,14 +14,17 @@ import torch.nn.functional as F
 
 import megacontext.zoom as zoom
 from megacontext.attention_modes import AttentionConfig, AttentionModel
-from megacontext.mega_attention import build_mega_layout, mega_mask
+from megacontext.mega_attention import build_mega_layout, mega_mask, mega_rotary
+from megacontext.positional import gaussian_rotary
 from megacontext.zoom import (
     ZoomAttention,
+    beyond_reach,
     bound_scores,
     candidates,
     chunk_frame,
     read_chunks,
     select_chunks,
+    training_reach,
     zoom_dense,
 )
 from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb, rotary_cos_sin
@@ -157,6 +160,69 @@ def test_a_chunk_read_carries_no_distance():
         frames.append((q_read, k_read[:, :, start:]))
     for near, far in zip(*frames):
         torch.testing.assert_close(near, far, rtol=0, atol=2e-3)  # float32 phases at position 9000
+
+
+@pytest.mark.parametrize("N,K,W,levels,topk", CASES[:4])
+def test_the_three_paths_agree_beyond_the_reach(N, K, W, levels, topk):
+    """A reach short enough that many pyramid pairs lie beyond it: block-sparse (with gradients) and flex
+    (forward, CPU) equal the dense reference, which differs from the same zoom without the reach."""
+    lay = build_mega_layout(N, K, W, levels)
+    reach = 2.5 * W + K
+    assert beyond_reach(lay, reach)
+    q, k, v = qkv(lay.T, H=4, H_kv=2)
+    ref = zoom_dense(q, k, v, lay, topk, reach=reach)
+    assert not torch.allclose(ref, zoom_dense(q, k, v, lay, topk), atol=1e-3)
+    out = ZoomAttention(lay, topk, "cpu", "blocksparse", reach=reach)(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(9))
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    q, k, v = (x.detach() for x in (q, k, v))
+    flex = ZoomAttention(lay, topk, "cpu", "flex", reach=reach)(q, k, v)
+    torch.testing.assert_close(flex, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pyramid_pair_beyond_the_reach_reads_at_the_reach():
+    """By hand, the pyramid alone (top-k 0) with RoPE'd q/k (nodes Gaussian at their spans): a key whose centre
+    lies within the reach of the query at its real distance, one farther at the logit of the query at position
+    `reach` and the key at 0 (same damping); a reach beyond every pair changes nothing."""
+    lay = build_mega_layout(120, 4, 8, 1)  # one node level, as the recipe trains at its length
+    qu, ku, v = qkv(lay.T, requires_grad=False)
+    cos, sin = mega_rotary(lay, 8)
+    q, k = apply_rotary_emb(qu, cos[:, :, 0], sin[:, :, 0]), apply_rotary_emb(ku, cos[:, :, 0], sin[:, :, 0])
+    mu, sigma = lay.mu_sigma()
+    reach = 30.0
+    out = zoom_dense(q, k, v, lay, 0, reach=reach)
+    i, b, h = 110, 0, 1
+    logits = q[b, h, i] @ k[b, h].T * 8**-0.5
+    c0, s0 = gaussian_rotary(torch.zeros(lay.T), sigma, 8)  # each key at 0 with its own damping
+    k0 = apply_rotary_emb(ku[b, h][None, :, None], c0[None], s0[None])[0, :, 0]
+    q_at = rope(qu[b, h, i : i + 1], torch.tensor([reach]))[0]
+    far = mu[i] - mu > reach
+    assert 5 < int((far & mega_mask(lay)[i]).sum())  # nodes beyond the reach are visible to query i
+    logits = torch.where(far, k0 @ q_at * 8**-0.5, logits).masked_fill(~mega_mask(lay)[i], float("-inf"))
+    torch.testing.assert_close(out[b, h, i], torch.softmax(logits, 0) @ v[b, h], rtol=1e-5, atol=1e-6)
+    assert not beyond_reach(lay, 119 - 2) and beyond_reach(lay, 119 - 2.5)
+    torch.testing.assert_close(
+        zoom_dense(q, k, v, lay, 2, reach=117.0), zoom_dense(q, k, v, lay, 2), rtol=0, atol=0
+    )
+
+
+def test_the_reach_never_binds_at_the_training_length():
+    """The model's reach is the farthest pair its training rows held: at the training length every pair reads
+    at its real distance (training is what it was); beyond it the far nodes read at the reach."""
+    for seq_len, K, W in ((256, 16, 32), (2048, 32, 256), (64, 4, 8)):
+        reach = training_reach(seq_len, K)
+        assert not beyond_reach(build_mega_layout(seq_len, K, W), reach)
+        assert beyond_reach(build_mega_layout(seq_len + K, K, W), reach)
+    _, model = tiny(zoom_k=2, N=48)
+    x = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        near = model(x[:, :48])
+        far = model(x)
+    torch.testing.assert_close(far[:, :48], near, rtol=1e-5, atol=1e-5)  # causal, reach or not
+    lay = model.layout(160)
+    assert beyond_reach(lay, training_reach(48, 4)) and model.zoom(lay, "cpu").reach == training_reach(48, 4)
 
 
 def test_read_chunks_in_slices_equals_plain_autograd_with_gradients(monkeypatch):
