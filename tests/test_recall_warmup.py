@@ -2,11 +2,13 @@
 base_train's --recall-warmup-steps / --recall-frac and the defaults each objective brings."""
 
 import random
+import re
 import sys
 
 import pytest
 import torch
 from test_base_train import make_corpus
+from test_longctx import UUID_RE
 
 from nanochat.common import run_main
 from nanochat.tasks import recall_warmup as rw
@@ -61,14 +63,17 @@ def test_task_row_asks_a_long_context_task_with_its_evidence_in_the_band(tokeniz
         assert row.shape == (length,) and targets.shape == (length - 1,)
         text = tokenizer.decode(row.tolist())
         kind = "pass key" if "pass key" in text else rw.MQAR_CUE if rw.MQAR_CUE in text else "VAR"
-        seen.add(kind)
         # the answer's tokens end the row; the other targets are the values an MQAR question repeats
         t = targets.tolist()
         n = next(i for i, v in enumerate(reversed(t)) if v < 0)
         answer_ids = t[length - 1 - n :]
         assert n >= 1 and answer_ids == row[length - n :].tolist()
         answer = tokenizer.decode(answer_ids)
-        assert answer.strip().isdigit() and text.endswith(answer)
+        uuid = (
+            re.fullmatch(UUID_RE, answer.strip()) is not None
+        )  # passkeys of both kinds (the zoom reads UUIDs)
+        assert (answer.strip().isdigit() or (uuid and kind == "pass key")) and text.endswith(answer)
+        seen.add(kind + " uuid" * uuid)
         repeated = [i for i, v in enumerate(t[: length - 1 - n]) if v >= 0]
         if kind == rw.MQAR_CUE:
             cue = len(tokenizer.encode(text[: text.rindex(rw.MQAR_CUE)]))
@@ -77,10 +82,11 @@ def test_task_row_asks_a_long_context_task_with_its_evidence_in_the_band(tokeniz
         else:
             assert not repeated
         # the answer's first mention (in the evidence) lies beyond a window of a fifth of the row, and after
-        # its middle less a passkey statement (the BAND holds the evidence's end)
+        # its middle less a passkey statement (the BAND holds the evidence's end; a UUID's states it twice)
         first = len(tokenizer.encode(text[: text.index(answer.strip())]))
-        assert length * rw.BAND[0] - 40 <= first and length - first >= length / 5, (kind, first)
-    assert seen == {"pass key", rw.MQAR_CUE, "VAR"}
+        statement = 40 + 2 * len(answer_ids) * uuid
+        assert length * rw.BAND[0] - statement <= first and length - first >= length / 5, (kind, first)
+    assert seen == {"pass key", "pass key uuid", rw.MQAR_CUE, "VAR"}
 
 
 def test_recall_batch_replaces_every_row_by_a_task_row_seeded_by_content(tokenizer):

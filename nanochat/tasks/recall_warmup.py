@@ -3,7 +3,8 @@
 Under `--attention mega` everything older than the window W reaches a query only through the summary nodes, and
 reading them is a circuit of its own. In the long-context documents of the text mix the few answer tokens are
 ~1 % of a row's loss: too little to grow that circuit in a CPU-sized run. A task row is one of the suite's tasks
-(longctx.py: passkeys with distractor locks, MQAR, variable tracking; fresh keys, synthetic filler) cropped to
+(longctx.py: passkeys of digits or UUIDs with distractor locks, MQAR, variable tracking; fresh keys, synthetic
+filler) cropped to
 end at its answer, its evidence ending in the BAND of the row, with the answer's tokens (and MQAR's repeated
 values) as the only targets, so nothing but looking back far predicts them. ~700 steps of whole task-row batches
 from scratch grew the circuit for the tasks themselves (docs/mega_attention.md); planted-id rows grew it faster
@@ -27,7 +28,7 @@ MIN_LENGTH = 256  # shortest row: room for the evidence in the band and for the 
 MQAR_CUE = "Now recall the pairs."  # longctx.mqar's question opens with it
 # the suite's tasks at the sizes a 512-token row holds with its evidence in the band (mc_eval asks more pairs)
 TASK_KWARGS = {
-    "passkey": lambda rng: {"n_distractors": rng.randint(1, 4)},
+    "passkey": lambda rng: {"key_kind": rng.choice(("digits", "uuid")), "n_distractors": rng.randint(1, 4)},
     "mqar": lambda rng: {"n_pairs": rng.choice((4, 8))},
     "vartrack": lambda rng: {"n_hops": rng.randint(1, 3), "n_distractor_chains": rng.randint(0, 2)},
 }
@@ -45,7 +46,7 @@ def task_row(
         task = rng.choice(sorted(TASK_KWARGS))
     elif task not in TASK_KWARGS:
         raise ValueError(f"task rows are one of {', '.join(sorted(TASK_KWARGS))}; got {task!r}")
-    kwargs = TASK_KWARGS[task](rng)  # digit passkeys (the default kind): a UUID does not fit a 16-token node
+    kwargs = TASK_KWARGS[task](rng)
     count = lambda s: len(tokenizer.encode(s))
     # tokens from the evidence's end to the row's end: in the band's complement; the question's own length
     # (MQAR repeats asked pairs in it) is measured by a first draw and taken off the distance in a second
