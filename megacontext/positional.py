@@ -91,3 +91,13 @@ def at_reach(
     turned to 0: q'·k' is the logit of the pair as if its centres lay `reach` apart (ReRoPE's clamp, Su 2023),
     what the zoom's pyramid reads a pair at that lies farther apart than training ever showed."""
     return rotate(q, reach - mu_q), rotate(k, -mu_k)
+
+
+def reach_logits(
+    s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mu_q: torch.Tensor, mu_k: torch.Tensor, reach: float
+) -> torch.Tensor:
+    """Logits s [B, H, R, C] of q [B, H, R, D] against k [B, H, C, D] with every pair whose centres lie more than
+    `reach` apart replaced by its logit at the reach (`at_reach`)."""
+    qf, kf = at_reach(q, k, mu_q, mu_k, reach)
+    far = mu_q[:, None] - mu_k[None, :] > reach
+    return torch.where(far, qf @ kf.transpose(-1, -2) / math.sqrt(q.size(-1)), s)

@@ -57,7 +57,7 @@ from megacontext.mega_attention import (
     mega_block_mask,
     plan_blocksparse,
 )
-from megacontext.positional import at_reach, rotate
+from megacontext.positional import at_reach, reach_logits, rotate
 
 # Packed lengths up to this run the dense reference on CPU, longer ones the block-sparse path: dense holds a
 # [B, H, T, T] score tensor (T = 2k: 16 MB per row and head in fp32).
@@ -224,8 +224,7 @@ def zoom_dense(
     s = q @ k.transpose(-1, -2) / math.sqrt(D)
     if beyond_reach(lay, reach):
         mu = _cached_mu(lay, str(q.device))
-        qf, kf = at_reach(q, k, mu, mu, reach)
-        s = torch.where(mu[:, None] - mu[None, :] > reach, qf @ kf.transpose(-1, -2) / math.sqrt(D), s)
+        s = reach_logits(s, q, k, mu, mu, reach)
     s = s.masked_fill(~mask, float("-inf"))
     anchors = torch.arange(N, device=q.device)
     q_read, k_read = chunk_frame(q[:, :, :N], k[:, :, : n1 * K], anchors, K, lay.W)
@@ -330,11 +329,8 @@ def cached_zoom(q, k, v, mask, rows, raw_k, raw_v, K: int, W: int, topk: int, re
     k_all = _repeat_kv(k, H)
     s = q @ k_all.transpose(-1, -2) / math.sqrt(D)
     if reach is not None:
-        mu_q, mu_k, r = (x.to(q.device) if torch.is_tensor(x) else x for x in reach)
-        far = mu_q[:, None] - mu_k[None, :] > r
-        if bool(far.any()):
-            qf, kf = at_reach(q, k_all, mu_q, mu_k, r)
-            s = torch.where(far, qf @ kf.transpose(-1, -2) / math.sqrt(D), s)
+        mu_q, mu_k, r = reach
+        s = reach_logits(s, q, k_all, mu_q.to(q.device), mu_k.to(q.device), r)
     s = s.masked_fill(~mask, float("-inf"))
     lse = s.logsumexp(-1)
     y = (s - lse[..., None]).exp() @ _repeat_kv(v, H)

@@ -4,9 +4,8 @@ Under `--attention mega` everything older than the window W reaches a query only
 reading them is a circuit of its own. In the long-context documents of the text mix the few answer tokens are
 ~1 % of a row's loss: too little to grow that circuit in a CPU-sized run. A task row is one of the suite's tasks
 (longctx.py: passkeys of digits or UUIDs with distractor locks, MQAR, variable tracking; fresh keys, synthetic
-filler) cropped to
-end at its answer, its evidence ending in the BAND of the row, with the answer's tokens (and MQAR's repeated
-values) as the only targets, so nothing but looking back far predicts them. ~700 steps of whole task-row batches
+filler) cropped to end at its answer, its evidence ending in the BAND of the row, with the answer's tokens (and
+MQAR's repeated values) as the only targets, so nothing but looking back far predicts them. ~700 steps of whole task-row batches
 from scratch grew the circuit for the tasks themselves (docs/mega_attention.md); planted-id rows grew it faster
 but it stayed specific to them and was removed (docs/log.md).
 
